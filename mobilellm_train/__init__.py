@@ -1,0 +1,1 @@
+"""mobilellm_train: FSDP2 pretraining of MobileLLM models."""

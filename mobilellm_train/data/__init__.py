@@ -1,0 +1,1 @@
+"""Data: the original JSONL layout, packing, the stateful loader, the built-in demo corpus."""
