@@ -1,0 +1,257 @@
+"""The MobileLLM model: a Llama-style decoder as a plain nn.Module, its size presets and its
+analytic parameter count.
+
+Deep-and-thin pre-norm transformer with RMSNorm, rotary embeddings (Hugging Face Llama's
+rotate_half convention, so weights map 1:1 onto `LlamaForCausalLM`; see hf.py), grouped-query
+attention, a SwiGLU feed-forward, tied input/output embeddings and optional layer sharing
+(MobileLLM-LS: each block runs twice in a row with the same weights).
+
+Parallelism (FSDP2, activation checkpointing, torch.compile) is applied from outside, in
+parallelize.py. The only distribution-aware code here is `MobileLLM.init_weights`, which must give
+the same weights whether parameters are whole tensors or DTensor shards.
+
+Typical construction, with no memory spent before sharding:
+
+    with torch.device("meta"):
+        model = MobileLLM(MODEL_PRESETS["125M"])
+    ...  # parallelize(model, ...)
+    model.to_empty(device="cuda")
+    model.init_weights(seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a MobileLLM. The presets below are shared: copy with `dataclasses.replace`."""
+
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    ffn_dim: int = 1536
+    vocab_size: int = 32000
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    layer_sharing: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_passes(self) -> int:
+        """How many times each block runs per forward: 2 for MobileLLM-LS."""
+        return 2 if self.layer_sharing else 1
+
+
+MODEL_PRESETS: dict[str, ModelArgs] = {
+    "debug": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384),
+    "125M": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536),
+    "350M": ModelArgs(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
+    "600M": ModelArgs(dim=1152, n_layers=40, n_heads=18, n_kv_heads=6, ffn_dim=3072),
+    "1B": ModelArgs(dim=1280, n_layers=54, n_heads=20, n_kv_heads=5, ffn_dim=3584),
+    "1.5B": ModelArgs(dim=1600, n_layers=54, n_heads=25, n_kv_heads=5, ffn_dim=4352),
+}
+
+
+def count_params(args: ModelArgs) -> int:
+    """Parameters of `MobileLLM(args)`, norms included, a tied embedding counted once.
+
+    Layer sharing changes compute, not parameters, so LS and non-LS counts are equal.
+    """
+    q_dim = args.n_heads * args.head_dim
+    kv_dim = args.n_kv_heads * args.head_dim
+    attention = 2 * args.dim * q_dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
+    feed_forward = 3 * args.dim * args.ffn_dim
+    block = attention + feed_forward + 2 * args.dim
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    return embeddings + args.n_layers * block + args.dim
+
+
+def precompute_rope(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, head_dim], fp32, in HF Llama's layout: the frequencies
+    repeat across the two halves of the head (cat(freqs, freqs)), to pair with `rotate_half`."""
+    # Same arithmetic as HF's LlamaRotaryEmbedding (int64 arange -> float) so tables match bitwise.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; cos, sin: [T, head_dim]."""
+    # The tables are fp32; cast them (as HF does) so bf16 activations stay bf16 rather than
+    # being promoted to fp32 for the rest of the attention.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares is taken in fp32 because bf16 loses it; normalising, casting back,
+        # and only then scaling is HF Llama's order, which the parity tests rely on.
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, rope_cos, rope_sin)
+        k = apply_rope(k, rope_cos, rope_sin)
+        # enable_gqa lets the kernel share each k/v head across its query group instead of
+        # materialising n_heads / n_kv_heads copies of k and v (HF's repeat_kv).
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_passes = args.n_passes
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        # Layer sharing repeats the block here, inside one forward call, rather than having the
+        # root call the block twice: FSDP2 wraps each block, so one call means one all-gather
+        # (and one reduce-scatter in backward) serving both passes, and activation checkpointing
+        # and torch.compile, which also wrap the block, see both passes as one unit.
+        for _ in range(self.n_passes):
+            x = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
+            x = x + self.feed_forward(self.ffn_norm(x))
+        return x
+
+
+class MobileLLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent: derived from args, so checkpoints need not carry them; init_weights
+        # recomputes them after a meta-device build.
+        cos, sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, *apply_args, **apply_kwargs):
+        # nn.Module._apply gives each module its own new Parameter when the tensor type changes
+        # (meta -> cpu/cuda in to_empty), which silently unties output from tok_embeddings:
+        # two parameters, trained apart. Re-tie after every conversion. Under FSDP2 this runs
+        # inside FSDPModule._apply, before it re-registers its sharded parameters.
+        ret = super()._apply(*apply_args, **apply_kwargs)
+        if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        return ret
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: LongTensor [B, T] -> logits [B, T, vocab_size]."""
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds max_seq_len {self.args.max_seq_len} "
+                "(the rotary tables are precomputed up to max_seq_len)"
+            )
+        rope_cos, rope_sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, rope_cos, rope_sin)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0):
+        """Linear and embedding weights ~ N(0, 0.02), norm weights 1 (as the original code), and
+        the rotary tables recomputed (they hold garbage after `to_empty`).
+
+        Each parameter is drawn whole from its own generator, seeded by its position in
+        `named_parameters()`, and a DTensor keeps only its shard of that full draw. So the
+        weights are the same on 1 rank or N ranks, whatever the sharding, for a given seed and
+        device type (CPU and CUDA generators give different streams).
+        """
+        norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for index, (_, p) in enumerate(self.named_parameters()):
+            if id(p) in norm_params:
+                full = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+            else:
+                gen = torch.Generator(device=p.device).manual_seed(seed + index)
+                full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                full.normal_(mean=0.0, std=0.02, generator=gen)
+            if isinstance(p, DTensor):
+                # src_data_rank=None: every rank drew the same full tensor, so each just slices
+                # its own shard with no communication.
+                shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(shard.to_local())
+            else:
+                p.copy_(full)
+        cos, sin = precompute_rope(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope_cos.device
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
