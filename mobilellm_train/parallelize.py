@@ -1,0 +1,85 @@
+"""Wrap a MobileLLM for training: activation checkpointing, then per-block compile, then FSDP2.
+
+The model itself knows nothing of this; `parallelize` applies the three in the one order that
+works, and each `apply_*` modifies the model in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from mobilellm_train.config import ActivationCheckpointConfig, CompileConfig, ParallelismConfig
+
+
+def build_mesh(device_type: str, world_size: int, dp_replicate: int) -> DeviceMesh:
+    """1-D mesh for FSDP, or (replicate, shard) for HSDP: shard within a node, replicate across."""
+    if dp_replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(
+        device_type, (dp_replicate, world_size // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def apply_ac(model: nn.Module, cfg: ActivationCheckpointConfig) -> None:
+    """Recompute a block's activations in backward instead of keeping them.
+
+    A layer-sharing block runs both of its passes inside one forward, so one checkpoint covers
+    both and the recompute repeats both.
+    """
+    if cfg.mode == "none":
+        return
+    for i, (name, block) in enumerate(model.layers.named_children()):
+        if cfg.mode == "full" or i % cfg.selective_every == 0:
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+
+
+def apply_compile(model: nn.Module, cfg: CompileConfig) -> None:
+    """Compile each block on its own: the blocks are identical, so one graph is compiled and
+    reused, and FSDP's hooks stay outside the compiled region (compile wraps the block, FSDP
+    then wraps the compiled block)."""
+    if not cfg.enable:
+        return
+    for name, block in model.layers.named_children():
+        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    cfg: ParallelismConfig,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+) -> None:
+    """fully_shard every block, then the root (embedding, final norm and the tied output).
+
+    Each block is its own all-gather/reduce-scatter unit so communication overlaps the
+    neighbouring blocks' compute. The last block is not resharded after forward: backward
+    starts with it and would gather it again at once.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = list(model.layers.children())
+    for i, block in enumerate(blocks):
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    parallelism: ParallelismConfig,
+    ac: ActivationCheckpointConfig,
+    compile_cfg: CompileConfig,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+) -> nn.Module:
+    # Order matters: checkpoint_wrapper must sit inside the compiled module so compile sees the
+    # recompute region, and FSDP must wrap the compiled module so its hooks run eagerly.
+    apply_ac(model, ac)
+    apply_compile(model, compile_cfg)
+    apply_fsdp(model, mesh, parallelism, param_dtype, reduce_dtype)
+    return model

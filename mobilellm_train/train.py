@@ -1,0 +1,290 @@
+"""Pretrain a MobileLLM: the whole run, top to bottom, in `train()`.
+
+    mobilellm-train --config train_configs/debug.toml               # CPU, demo corpus, a minute
+    NGPU=8 launch/run_train.sh --config train_configs/125M.toml --data.path /data/tokens
+    python -m mobilellm_train.train --help                          # every config field
+
+Restarting the same command in the same --job.dump_folder resumes from its newest complete
+checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from mobilellm_train import config as C
+from mobilellm_train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    ModelState,
+    OptimizerState,
+    PerRankState,
+    RNGState,
+    SchedulerState,
+    TrainState,
+    model_args_fingerprint,
+)
+from mobilellm_train.data.demo import build_demo_corpus
+from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
+from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
+from mobilellm_train.model import MobileLLM, count_params
+from mobilellm_train.optim import build_lr_scheduler, build_optimizer
+from mobilellm_train.parallelize import build_mesh, parallelize
+
+logger = logging.getLogger("mobilellm_train")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes, or make a group of one for a plain `python` run.
+
+    A one-rank group keeps a single code path: FSDP2 and DCP work the same on 1 or N ranks.
+    """
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def write_effective_config(cfg: C.Config, dump_folder: str) -> None:
+    """<dump_folder>/config.toml is the config of the latest start; an earlier, different one
+    is kept beside it rather than overwritten."""
+    os.makedirs(dump_folder, exist_ok=True)
+    path = os.path.join(dump_folder, "config.toml")
+    text = C.to_toml(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        os.replace(path, os.path.join(dump_folder, f"config.{int(os.path.getmtime(path))}.toml"))
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
+    """(token folder, tokenizer): data.path, or the demo corpus built once by rank 0."""
+    if cfg.path:
+        return cfg.path, cfg.tokenizer_path
+    out_dir = os.path.join(dump_folder, "demo_data")
+    if rank == 0:
+        build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
+    dist.barrier()
+    return build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)  # finished: returns at once
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all shards (and clipping to max_norm when > 0)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        # Each rank holds a partial norm of its shards; full_tensor() reduces them.
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), max_norm, norm, foreach=True)
+    return norm
+
+
+def train(cfg: C.Config) -> None:
+    rank, world_size, device = init_distributed()
+    setup_logging(rank)
+    tcfg = cfg.training
+    dump_folder = cfg.job.dump_folder
+    if rank == 0:
+        write_effective_config(cfg, dump_folder)
+    logger.info("%s: %d rank(s) on %s, run folder %s", cfg.job.description, world_size, device.type, dump_folder)
+
+    torch.manual_seed(tcfg.seed)
+    global_batch = C.global_batch_size(tcfg, world_size)
+    accum_steps = C.grad_accum_steps(tcfg, world_size)
+    global_batch_tokens = global_batch * tcfg.seq_len
+    total_steps = C.total_steps(tcfg, world_size)
+    lr = C.peak_lr(cfg.optimizer, global_batch_tokens)
+
+    # Model: built on the meta device (no memory), wrapped, and only then materialised, so each
+    # rank allocates its shard only: a 1.5B model never exists whole on one rank.
+    model_args = C.build_model_args(cfg.model)
+    with torch.device("meta"):
+        model = MobileLLM(model_args)
+    mesh = build_mesh(device.type, world_size, cfg.parallelism.dp_replicate)
+    on_gpu = device.type == "cuda"
+    param_dtype = getattr(torch, tcfg.mixed_precision_param) if on_gpu else torch.float32
+    reduce_dtype = getattr(torch, tcfg.mixed_precision_reduce) if on_gpu else torch.float32
+    parallelize(model, mesh, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, param_dtype, reduce_dtype)
+    model.to_empty(device=device)
+    model.init_weights(seed=tcfg.seed)
+    model.train()
+    n_flops_per_token = flops_per_token(model_args, tcfg.seq_len)
+    logger.info(
+        "model %s%s: %s parameters, %.2f GFLOPs/token; global batch %d x %d tokens (%d micro-batches of %d "
+        "per rank), %d steps = %.3g tokens, peak lr %.3g",
+        "LS-" if model_args.layer_sharing else "", cfg.model.flavor, f"{count_params(model_args):,}",
+        n_flops_per_token / 1e9, global_batch, tcfg.seq_len, accum_steps, tcfg.local_batch_size,
+        total_steps, total_steps * global_batch_tokens, lr,
+    )
+
+    optimizer = build_optimizer(model, cfg.optimizer, lr)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, total_steps)
+
+    data_path, tokenizer_path = resolve_data(cfg.data, dump_folder, rank)
+    dataset = JsonlTokenDataset(
+        data_path,
+        seq_len=tcfg.seq_len,
+        vocab_size=model_args.vocab_size,
+        dp_rank=rank,
+        dp_world_size=world_size,
+        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        skip_bad_lines=cfg.data.skip_bad_lines,
+    )
+    loader = build_dataloader(dataset, tcfg.local_batch_size, cfg.data.num_workers, pin_memory=on_gpu)
+
+    train_state = TrainState(dp_world_size=world_size, model_args=model_args_fingerprint(model_args))
+    checkpointer = Checkpointer(
+        cfg.checkpoint,
+        dump_folder,
+        {
+            "model": ModelState(model),
+            "optimizer": OptimizerState(model, optimizer),
+            "lr_scheduler": SchedulerState(scheduler),
+            "dataloader": PerRankState(rank, loader),
+            "train_state": train_state,
+            "rng": PerRankState(rank, RNGState()),
+        },
+        rank,
+        tokenizer_path=tokenizer_path,
+    )
+    checkpointer.maybe_resume(train_state)
+    if train_state.step >= total_steps:
+        logger.info("step %d already reaches the budget of %d steps; nothing to do", train_state.step, total_steps)
+        dist.destroy_process_group()
+        return
+
+    metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard)
+    peak_flops = detect_peak_flops(device, cfg.metrics.peak_tflops)
+    data_iter = iter(loader)  # after the resume, so it starts at the restored position
+
+    # Python's cyclic GC pauses at random points and stalls every rank at the next collective;
+    # collect at fixed steps instead.
+    gc.disable()
+    gc.collect()
+    train_begin = last_log_time = time.perf_counter()
+    data_wait_s = 0.0
+    steps_since_log = 0
+    while train_state.step < total_steps:
+        step = train_state.step + 1
+        if step % tcfg.gc_freq == 0:
+            gc.collect()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum_steps):
+            wait_begin = time.perf_counter()
+            batch = next(data_iter)
+            data_wait_s += time.perf_counter() - wait_begin
+            inputs = batch["input"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            logits = model(inputs)
+            # Mean over this micro-batch's tokens; dividing by accum_steps makes the summed
+            # gradients the mean over the global batch (FSDP averages over ranks).
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accum_steps
+            del logits
+            loss.backward()
+            loss_sum += loss.detach()
+
+        grad_norm = clip_grad_norm_(model, tcfg.max_norm)
+        # One host sync per step: the norm is global, so every rank takes the same decision.
+        if not torch.isfinite(grad_norm).item():
+            raise NonFiniteError(
+                f"step {step}: non-finite gradient norm ({grad_norm.item()}) with local loss "
+                f"{loss_sum.item()}; stopped before the optimizer step. The last checkpoint is intact."
+            )
+        step_lr = scheduler.get_last_lr()[0]  # the lr this step used, before the schedule moves on
+        optimizer.step()
+        scheduler.step()
+        train_state.step = step
+        train_state.tokens_seen += global_batch_tokens
+        steps_since_log += 1
+
+        if step % cfg.metrics.log_freq == 0 or step == total_steps:
+            dist.all_reduce(loss_sum)
+            now = time.perf_counter()
+            interval = now - last_log_time
+            tokens_per_second = steps_since_log * global_batch_tokens / world_size / interval
+            metrics.log({
+                "step": step,
+                "loss": loss_sum.item() / world_size,
+                "lr": step_lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_second": tokens_per_second,
+                "mfu": None if peak_flops is None else tokens_per_second * n_flops_per_token / peak_flops,
+                "peak_memory_gib": peak_memory_gib(device),
+                "data_wait_fraction": data_wait_s / interval,
+                "step_time_s": interval / steps_since_log,
+                "tokens_seen": train_state.tokens_seen,
+                "elapsed_s": now - train_begin,
+                "eta_s": (total_steps - step) * interval / steps_since_log,
+            })
+            last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
+
+        stopping = step == tcfg.stop_at_step
+        if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == total_steps or stopping):
+            checkpointer.save(step)
+            last_log_time = time.perf_counter()  # keep save time out of the throughput figure
+        if stopping:
+            logger.info("stopping at step %d as training.stop_at_step asks; rerun to resume", step)
+            break
+
+    logger.info("%s at step %d of %d, %.3g tokens seen", "finished" if train_state.step >= total_steps else "stopped",
+                train_state.step, total_steps, train_state.tokens_seen)
+    metrics.close()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = C.load_config(argv)
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        train(cfg)
+    except (DataError, CheckpointError, NonFiniteError) as e:
+        logging.getLogger("mobilellm_train").error("%s: %s", type(e).__name__, e)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

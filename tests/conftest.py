@@ -1,0 +1,70 @@
+"""Shared fixtures: a small learnable corpus in the original layout, and runners for the trainer
+in-process (one rank) and under torchrun (several gloo ranks on CPU)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model small enough that a step takes milliseconds on CPU.
+TINY_MODEL = [
+    "--model.flavor", "debug", "--model.vocab_size", "64", "--model.dim", "64", "--model.n_layers", "2",
+    "--model.n_heads", "4", "--model.n_kv_heads", "2", "--model.ffn_dim", "128",
+]
+
+
+def make_corpus(path, n_docs=400, vocab=64, folders=1, seed=0):
+    """Documents of arithmetic progressions mod (vocab - 3): easy to learn, so loss falls fast."""
+    rng = random.Random(seed)
+    for folder in range(1, folders + 1):
+        os.makedirs(os.path.join(path, str(folder)), exist_ok=True)
+        with open(os.path.join(path, str(folder), "part-0.jsonl"), "w") as f:
+            for _ in range(n_docs):
+                start, stride, n = rng.randrange(vocab - 3), rng.choice([1, 2, 3]), rng.randrange(20, 80)
+                ids = [1] + [3 + (start + i * stride) % (vocab - 3) for i in range(n)] + [2]
+                f.write(json.dumps({"token_ids": ids}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(tmp_path / "data")
+
+
+def base_args(data_path, dump_folder, steps=20, **overrides):
+    args = TINY_MODEL + [
+        "--data.path", str(data_path), "--job.dump_folder", str(dump_folder),
+        "--training.steps", str(steps), "--training.seq_len", "32", "--training.local_batch_size", "4",
+        "--optimizer.lr", "3e-3", "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
+        "--metrics.enable_tensorboard", "false", "--data.num_workers", "0", "--checkpoint.interval", "10",
+    ]
+    for key, value in overrides.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return args
+
+
+def run_trainer(args, nproc=1, expect_rc=0, timeout=300):
+    """Run mobilellm_train.train in fresh processes (torchrun for nproc > 1); return the output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mobilellm_train.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "mobilellm_train.train", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == expect_rc, f"exit {r.returncode}, expected {expect_rc}:\n{out[-6000:]}"
+    return out
+
+
+def read_metrics(dump_folder):
+    """metrics.jsonl as {step: record}; a resumed run's records replace the ones it repeats."""
+    with open(os.path.join(dump_folder, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
