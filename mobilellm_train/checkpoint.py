@@ -263,7 +263,7 @@ def read_model_args(path: str) -> ModelArgs:
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata)")
     saved = TrainState()
-    dcp.load({"train_state": saved}, checkpoint_id=path)
+    dcp.load({"train_state": saved}, checkpoint_id=path, no_dist=not dist.is_initialized())
     return ModelArgs(**json.loads(saved.model_args))
 
 
@@ -276,6 +276,6 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     model.to_empty(device=device)
     model.init_weights()  # RoPE tables; every weight is overwritten below
     state = model.state_dict()
-    dcp.load({"model": state}, checkpoint_id=path)
+    dcp.load({"model": state}, checkpoint_id=path, no_dist=not dist.is_initialized())
     model.load_state_dict(state)
     return model.eval()

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from mobilellm_train import config as C
@@ -37,7 +38,7 @@ from mobilellm_train.checkpoint import (
 from mobilellm_train.data.demo import build_demo_corpus
 from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
 from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
-from mobilellm_train.model import MobileLLM, count_params
+from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
 from mobilellm_train.parallelize import build_mesh, parallelize
 
@@ -119,6 +120,65 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def build_model(
+    model_args: ModelArgs,
+    mesh: DeviceMesh,
+    device: torch.device,
+    training: C.TrainingConfig,
+    parallelism: C.ParallelismConfig,
+    ac: C.ActivationCheckpointConfig,
+    compile_cfg: C.CompileConfig,
+) -> torch.nn.Module:
+    """The model wrapped for training and initialised.
+
+    Built on the meta device (no memory), wrapped, and only then materialised, so each rank
+    allocates only its shard: a 1.5B model never exists whole on one rank.
+    """
+    with torch.device("meta"):
+        model = MobileLLM(model_args)
+    on_gpu = device.type == "cuda"
+    param_dtype = getattr(torch, training.mixed_precision_param) if on_gpu else torch.float32
+    reduce_dtype = getattr(torch, training.mixed_precision_reduce) if on_gpu else torch.float32
+    parallelize(model, mesh, parallelism, ac, compile_cfg, param_dtype, reduce_dtype)
+    model.to_empty(device=device)
+    model.init_weights(seed=training.seed)
+    model.train()
+    return model
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], max_norm: float, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches.
+
+    Returns (loss summed over the micro-batches, each divided by their count, still on device;
+    global gradient norm). Raises NonFiniteError before the optimizer step if the norm is not finite.
+    """
+    device = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        inputs = batch["input"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        logits = model(inputs)
+        # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
+        # gradients the mean over the global batch (FSDP averages over ranks).
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / len(batches)
+        del logits  # the largest activation; free it before backward allocates
+        loss.backward()
+        loss_sum += loss.detach()
+
+    grad_norm = clip_grad_norm_(model, max_norm)
+    # One host sync per step: the norm is global, so every rank takes the same decision.
+    if not torch.isfinite(grad_norm).item():
+        raise NonFiniteError(
+            f"step {step}: non-finite gradient norm ({grad_norm.item()}) with local loss "
+            f"{loss_sum.item()}; stopped before the optimizer step. The last checkpoint is intact."
+        )
+    optimizer.step()
+    return loss_sum, grad_norm
+
+
 def train(cfg: C.Config) -> None:
     rank, world_size, device = init_distributed()
     setup_logging(rank)
@@ -135,19 +195,12 @@ def train(cfg: C.Config) -> None:
     total_steps = C.total_steps(tcfg, world_size)
     lr = C.peak_lr(cfg.optimizer, global_batch_tokens)
 
-    # Model: built on the meta device (no memory), wrapped, and only then materialised, so each
-    # rank allocates its shard only: a 1.5B model never exists whole on one rank.
-    model_args = C.build_model_args(cfg.model)
-    with torch.device("meta"):
-        model = MobileLLM(model_args)
-    mesh = build_mesh(device.type, world_size, cfg.parallelism.dp_replicate)
     on_gpu = device.type == "cuda"
-    param_dtype = getattr(torch, tcfg.mixed_precision_param) if on_gpu else torch.float32
-    reduce_dtype = getattr(torch, tcfg.mixed_precision_reduce) if on_gpu else torch.float32
-    parallelize(model, mesh, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, param_dtype, reduce_dtype)
-    model.to_empty(device=device)
-    model.init_weights(seed=tcfg.seed)
-    model.train()
+    model_args = C.build_model_args(cfg.model)
+    mesh = build_mesh(device.type, world_size, cfg.parallelism.dp_replicate)
+    model = build_model(
+        model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile
+    )
     n_flops_per_token = flops_per_token(model_args, tcfg.seq_len)
     logger.info(
         "model %s%s: %s parameters, %.2f GFLOPs/token; global batch %d x %d tokens (%d micro-batches of %d "
@@ -208,31 +261,11 @@ def train(cfg: C.Config) -> None:
         step = train_state.step + 1
         if step % tcfg.gc_freq == 0:
             gc.collect()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum_steps):
-            wait_begin = time.perf_counter()
-            batch = next(data_iter)
-            data_wait_s += time.perf_counter() - wait_begin
-            inputs = batch["input"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            logits = model(inputs)
-            # Mean over this micro-batch's tokens; dividing by accum_steps makes the summed
-            # gradients the mean over the global batch (FSDP averages over ranks).
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accum_steps
-            del logits
-            loss.backward()
-            loss_sum += loss.detach()
-
-        grad_norm = clip_grad_norm_(model, tcfg.max_norm)
-        # One host sync per step: the norm is global, so every rank takes the same decision.
-        if not torch.isfinite(grad_norm).item():
-            raise NonFiniteError(
-                f"step {step}: non-finite gradient norm ({grad_norm.item()}) with local loss "
-                f"{loss_sum.item()}; stopped before the optimizer step. The last checkpoint is intact."
-            )
+        wait_begin = time.perf_counter()
+        batches = [next(data_iter) for _ in range(accum_steps)]
+        data_wait_s += time.perf_counter() - wait_begin
+        loss_sum, grad_norm = train_step(model, optimizer, batches, tcfg.max_norm, step)
         step_lr = scheduler.get_last_lr()[0]  # the lr this step used, before the schedule moves on
-        optimizer.step()
         scheduler.step()
         train_state.step = step
         train_state.tokens_seen += global_batch_tokens

@@ -129,3 +129,32 @@ def test_non_finite_loss_stops_before_the_step(corpus, tmp_path):
     out = run_trainer(base_args(corpus, tmp_path / "run", steps=10, **{
         "optimizer.lr": "1e30", "lr_scheduler.warmup_steps": 0, "training.max_norm": 0}), expect_rc=1)
     assert "NonFiniteError: step" in out and "non-finite gradient norm" in out
+
+
+def test_checkpoint_folder_is_self_contained(corpus, tmp_path):
+    """A step folder alone gives back the model (shape from its train state) and the tokenizer."""
+    import torch
+    import torch.nn.functional as F
+
+    from mobilellm_train.checkpoint import CheckpointError, load_model_from_checkpoint, read_model_args
+
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"not really a sentencepiece model, but copied verbatim")
+    run = tmp_path / "run"
+    run_trainer(base_args(corpus, run, steps=20, **{"data.tokenizer_path": tokenizer}))
+    step = run / "checkpoints" / "step-20"
+    assert (step / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    args = read_model_args(str(step))
+    assert (args.vocab_size, args.dim, args.n_layers) == (64, 64, 2)
+
+    model = load_model_from_checkpoint(str(step))
+    assert model.output.weight is model.tok_embeddings.weight
+    with open(os.path.join(corpus, "1", "part-0.jsonl")) as f:
+        ids = [t for line in f for t in json.loads(line)["token_ids"]][: 8 * 33]
+    batch = torch.tensor(ids).view(8, 33)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert loss < read_metrics(run)[1]["loss"] - 1.0  # trained weights, not a fresh init
+
+    with pytest.raises(CheckpointError, match="not a complete DCP checkpoint"):
+        read_model_args(str(run / "checkpoints"))
