@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -258,12 +259,22 @@ def model_args_fingerprint(args: ModelArgs) -> str:
     return json.dumps(dataclasses.asdict(args), sort_keys=True)
 
 
+def _load_anywhere(state: dict, path: str) -> None:
+    """dcp.load inside a process group, or in a lone process (where DCP warns that it assumes so)."""
+    if dist.is_initialized():
+        dcp.load(state, checkpoint_id=path)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+
+
 def read_model_args(path: str) -> ModelArgs:
     """The ModelArgs a checkpoint was written with; needs no process group."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata)")
     saved = TrainState()
-    dcp.load({"train_state": saved}, checkpoint_id=path, no_dist=not dist.is_initialized())
+    _load_anywhere({"train_state": saved}, path)
     return ModelArgs(**json.loads(saved.model_args))
 
 
@@ -276,6 +287,6 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     model.to_empty(device=device)
     model.init_weights()  # RoPE tables; every weight is overwritten below
     state = model.state_dict()
-    dcp.load({"model": state}, checkpoint_id=path, no_dist=not dist.is_initialized())
+    _load_anywhere({"model": state}, path)
     model.load_state_dict(state)
     return model.eval()
