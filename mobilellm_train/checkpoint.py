@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mobilellm_train.config import CheckpointConfig
@@ -154,16 +158,47 @@ def list_checkpoints(folder: str) -> tuple[list[int], list[int]]:
 
 
 class Checkpointer:
-    """Saves and restores the run's `Stateful` objects; rank 0 does the folder bookkeeping."""
+    """Saves and restores the run's `Stateful` objects; rank 0 does the folder bookkeeping.
+
+    `per_rank` names the states that belong to one rank (RNG; the JSONL reader's position).
+    `required_per_rank` are those that cannot be carried to another number of ranks: resuming
+    such a checkpoint on a different rank count is refused. The others are left fresh there,
+    with a warning.
+    """
 
     def __init__(
-        self, cfg: CheckpointConfig, dump_folder: str, states: dict[str, Stateful], rank: int, tokenizer_path: str = ""
+        self,
+        cfg: CheckpointConfig,
+        dump_folder: str,
+        states: dict[str, Stateful],
+        rank: int,
+        tokenizer_path: str = "",
+        per_rank: frozenset[str] = frozenset(),
+        required_per_rank: frozenset[str] = frozenset(),
     ):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.states = states
         self.rank = rank
         self.tokenizer_path = tokenizer_path
+        self.per_rank, self.required_per_rank = per_rank, required_per_rank
+        self.async_mode = cfg.async_mode
+        if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            logger.warning("checkpoint.async_mode=async_with_pinned_mem needs CUDA; using async")
+            self.async_mode = "async"
+        self.pg = None
+        self.stager = None
+        if cfg.enable and self.async_mode != "disabled":
+            # The background writer runs collectives of its own; a separate gloo group keeps them
+            # from interleaving with the training collectives of the main thread.
+            self.pg = dist.new_group(backend="gloo")
+        if self.async_mode == "async_with_pinned_mem":
+            self.stager = DefaultStager(StagingOptions(
+                use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
+            ))
+        self.pending: Future | None = None  # the write of the save in flight
+        self.staging: Future | None = None  # its copy to host memory (pinned mode)
+        self.pending_step = 0
 
     def path(self, step: int) -> str:
         return os.path.join(self.folder, f"step-{step}")
@@ -200,14 +235,19 @@ class Checkpointer:
         self.load(step, train_state)
         return True
 
+    def newest_complete_step(self) -> int | None:
+        complete, _ = list_checkpoints(self.folder)
+        return complete[-1] if complete else None
+
     def load(self, step: int, train_state: TrainState) -> None:
+        self.wait()
         path = self.path(step)
         begin = time.perf_counter()
         expected_args, expected_world = train_state.model_args, train_state.dp_world_size
         # Read the train state alone first, so a mismatch is reported in words, not as a
         # shape error from deep inside DCP.
         saved = TrainState()
-        dcp.load({"train_state": saved}, checkpoint_id=path)
+        _checked_load({"train_state": saved}, path)
         ours, theirs = json.loads(expected_args), json.loads(saved.model_args or "{}")
         # max_seq_len only sizes the RoPE tables, so a checkpoint may continue at another length.
         diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "max_seq_len" and theirs.get(k) != v}
@@ -215,43 +255,110 @@ class Checkpointer:
             raise CheckpointError(
                 f"{path} was written for another model: (checkpoint, this run) differ in {diff}"
             )
+        states = self.states
         if saved.dp_world_size != expected_world:
-            raise CheckpointError(
-                f"{path} was written by {saved.dp_world_size} data-parallel ranks and this run has "
-                f"{expected_world}: the JSONL data reader cannot continue its position on another "
-                "rank count. Resume on the same number of ranks, or start a new run folder with "
-                f"--checkpoint.initial_load_path {path} to keep the weights only."
+            if self.required_per_rank:
+                raise CheckpointError(
+                    f"{path} was written by {saved.dp_world_size} data-parallel ranks and this run has "
+                    f"{expected_world}: the JSONL data reader cannot continue its position on another "
+                    "rank count. Resume on the same number of ranks, convert the data to shards "
+                    "(mobilellm-prepare) whose position moves between rank counts, or start a new run "
+                    f"folder with --checkpoint.initial_load_path {path} to keep the weights only."
+                )
+            states = {k: v for k, v in states.items() if k not in self.per_rank}
+            logger.warning(
+                "resuming a checkpoint of %d ranks on %d: model and optimizer reshard; %s start fresh",
+                saved.dp_world_size, expected_world, ", ".join(sorted(self.per_rank)) or "nothing",
             )
-        dcp.load(self.states, checkpoint_id=path)
+        _checked_load(states, path)
+        train_state.dp_world_size = expected_world
         logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
 
     def load_model_only(self, path: str) -> None:
         if not is_complete(path):
             raise CheckpointError(f"checkpoint.initial_load_path={path} is not a complete DCP checkpoint (no .metadata)")
-        dcp.load({"model": self.states["model"]}, checkpoint_id=path)
+        _checked_load({"model": self.states["model"]}, path)
         logger.info("initialised model weights from %s", path)
 
-    def save(self, step: int) -> None:
-        path = self.path(step)
+    def save(self, step: int) -> float:
+        """Save (or start saving) step `step`; returns the seconds training was blocked."""
         begin = time.perf_counter()
-        if self.rank == 0 and os.path.isdir(path) and not is_complete(path):
-            shutil.rmtree(path)  # the remains of a save that was killed
+        self.wait()  # one save in flight at a time
+        path = self.path(step)
+        if self.rank == 0 and os.path.isdir(path):
+            # The remains of a killed save, or (after a rewind) an older save of this step:
+            # unmark it first, so that no crash in between leaves a "complete" mix of two saves.
+            if is_complete(path):
+                os.remove(os.path.join(path, ".metadata"))
+            shutil.rmtree(path)
         dist.barrier()
-        dcp.save(self.states, checkpoint_id=path)
-        logger.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - begin)
+        if self.async_mode == "disabled":
+            dcp.save(self.states, checkpoint_id=path)
+            self.pending_step = step
+            self._finish()
+        else:
+            result = dcp.async_save(self.states, checkpoint_id=path, process_group=self.pg, async_stager=self.stager)
+            if isinstance(result, AsyncSaveResponse):
+                self.staging, self.pending = result.staging_completion, result.upload_completion
+            else:
+                self.pending = result
+            self.pending_step = step
+        blocked = time.perf_counter() - begin
+        logger.info("checkpoint %s: training blocked %.2fs (%s)", path, blocked, self.async_mode)
+        return blocked
+
+    def wait_for_staging(self) -> None:
+        """Pinned mode: parameters may change only once the copy of the last save is done."""
+        if self.staging is not None:
+            self.staging.result()
+            self.staging = None
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete on disk."""
+        self.wait_for_staging()
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            pending.result()
+        except Exception as e:
+            raise CheckpointError(f"saving {self.path(self.pending_step)} failed: {type(e).__name__}: {e}") from e
+        self._finish()
+
+    def _finish(self) -> None:
+        path = self.path(self.pending_step)
         if self.rank == 0:
             if self.tokenizer_path:
                 # A step folder is then all that evaluation and export need.
                 shutil.copyfile(self.tokenizer_path, os.path.join(path, TOKENIZER_FILE))
             self._purge()
+        logger.info("checkpoint %s complete", path)
 
     def _purge(self) -> None:
-        """Delete the oldest complete checkpoints beyond keep_latest_k; the newest always stays."""
+        """Delete the oldest complete checkpoints beyond keep_latest_k. It runs only after a save
+        completed, so the newest complete checkpoint is always kept and none is in flight."""
         if self.cfg.keep_latest_k == 0:
             return
         complete, _ = list_checkpoints(self.folder)
         for step in complete[: -self.cfg.keep_latest_k]:
             shutil.rmtree(self.path(step), ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+
+
+def _checked_load(states: dict, path: str) -> None:
+    """dcp.load that reports a damaged checkpoint as such."""
+    try:
+        dcp.load(states, checkpoint_id=path)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e)[:500]}): a shard may be truncated or "
+            "missing, or the checkpoint was written for another model. Move this folder away to resume "
+            "from the one before it."
+        ) from e
 
 
 def model_args_fingerprint(args: ModelArgs) -> str:

@@ -40,6 +40,9 @@ class JobConfig:
     """Run folder: checkpoints/, metrics.jsonl, tb/ and the effective config.toml go here."""
     description: str = "MobileLLM pretraining"
     """Free text, logged at start."""
+    stop_file: str = ""
+    """If this file appears, all ranks save a checkpoint at the next step and exit cleanly
+    (launch/train.slurm creates it on its time-limit signal). Empty: no such file is watched."""
 
 
 @dataclass
@@ -92,6 +95,19 @@ class TrainingConfig:
     """Dtype of gradient reduce-scatter on GPU."""
     gc_freq: int = 50
     """Run Python's garbage collector every N steps (it is disabled in between to avoid random stalls)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf gradient norm either stops the run before the optimizer step, or skips the step."""
+    max_skipped_steps: int = 10
+    """on_nonfinite = "skip": stop anyway once this many steps of the run were skipped."""
+    spike_threshold: float = 0.0
+    """Report a loss spike when a step's loss exceeds this multiple of the mean of the previous
+    `spike_window` steps (e.g. 2.0); 0 disables (it costs a small all-reduce per step)."""
+    spike_window: int = 50
+    """Steps whose mean loss a spike is measured against."""
+    spike_rewind: bool = False
+    """On a spike, reload the newest checkpoint and skip the data of the steps since it."""
+    max_rewinds: int = 3
+    """Stop after this many spike rewinds in one process instead of looping."""
 
 
 @dataclass
@@ -170,6 +186,10 @@ class CompileConfig:
 class CheckpointConfig:
     enable: bool = True
     """Save DCP checkpoints and resume from them."""
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "async"
+    """disabled: training waits for each save. async: training waits only while the state is
+    copied, then continues while a thread writes it. async_with_pinned_mem (GPU): the copy to
+    pinned host memory also overlaps training, and a separate process writes."""
     folder: str = "checkpoints"
     """Sub-folder of the run folder holding step-<N>/ checkpoints."""
     interval: int = 100
@@ -181,6 +201,17 @@ class CheckpointConfig:
     initial_load_path: str = ""
     """A DCP checkpoint folder whose model weights start a new run (continued pretraining). Used
     only when the run folder holds no checkpoint of its own."""
+
+
+@dataclass
+class CommConfig:
+    init_timeout_seconds: int = 600
+    """Collective timeout until the first step ends (start-up, compile, checkpoint load)."""
+    train_timeout_seconds: int = 300
+    """Collective timeout after the first step: a hung or dead rank stops the job this fast."""
+    trace_buf_size: int = 0
+    """NCCL flight recorder: keep this many collective records per rank and dump them to
+    <dump_folder>/comm_traces/ on a timeout. 0 disables."""
 
 
 @dataclass
@@ -205,6 +236,7 @@ class Config:
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
@@ -407,6 +439,10 @@ def validate(cfg: Config, world_size: int) -> None:
     check(t.stop_at_step >= 0, f"training.stop_at_step must be >= 0 (got {t.stop_at_step})")
     check(t.max_norm >= 0, f"training.max_norm must be >= 0 (got {t.max_norm})")
     check(t.gc_freq > 0, f"training.gc_freq must be positive (got {t.gc_freq})")
+    check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0 (got {t.max_skipped_steps})")
+    check(t.spike_threshold == 0 or t.spike_threshold > 1,
+          f"training.spike_threshold must be 0 (off) or above 1 (got {t.spike_threshold})")
+    check(t.spike_window > 0 and t.max_rewinds >= 0, "training.spike_window must be > 0 and training.max_rewinds >= 0")
     per_step = t.local_batch_size * world_size
     check(global_batch_size(t, world_size) % per_step == 0,
           f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
@@ -445,6 +481,10 @@ def validate(cfg: Config, world_size: int) -> None:
     check(c.load_step >= -1, f"checkpoint.load_step must be -1, 0 or a step (got {c.load_step})")
     check(not c.initial_load_path or os.path.isdir(c.initial_load_path),
           f"checkpoint.initial_load_path: {c.initial_load_path} is not a folder")
+
+    cm = cfg.comm
+    check(cm.init_timeout_seconds > 0 and cm.train_timeout_seconds > 0, "comm timeouts must be positive")
+    check(cm.trace_buf_size >= 0, f"comm.trace_buf_size must be >= 0 (got {cm.trace_buf_size})")
 
     check(cfg.metrics.log_freq > 0, f"metrics.log_freq must be positive (got {cfg.metrics.log_freq})")
     check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")

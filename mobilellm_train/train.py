@@ -10,17 +10,20 @@ checkpoint, data position included.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 
 from mobilellm_train import config as C
@@ -41,6 +44,7 @@ from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
 from mobilellm_train.parallelize import build_mesh, parallelize
+from mobilellm_train.resilience import SpikeDetector, StopRequest, set_flight_recorder_env, set_train_timeout
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -49,11 +53,14 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes, or make a group of one for a plain `python` run.
 
     A one-rank group keeps a single code path: FSDP2 and DCP work the same on 1 or N ranks.
     """
+    comm = comm or C.CommConfig()
+    set_flight_recorder_env(comm, dump_folder)
+    timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -63,10 +70,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -147,12 +154,17 @@ def build_model(
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], max_norm: float, step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[dict],
+    max_norm: float,
+    before_update: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over this rank's micro-batches.
 
     Returns (loss summed over the micro-batches, each divided by their count, still on device;
-    global gradient norm). Raises NonFiniteError before the optimizer step if the norm is not finite.
+    global gradient norm; whether the update was applied). A non-finite norm skips the update.
+    `before_update` runs just before the parameters change (a checkpoint copy may still read them).
     """
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -171,16 +183,15 @@ def train_step(
     grad_norm = clip_grad_norm_(model, max_norm)
     # One host sync per step: the norm is global, so every rank takes the same decision.
     if not torch.isfinite(grad_norm).item():
-        raise NonFiniteError(
-            f"step {step}: non-finite gradient norm ({grad_norm.item()}) with local loss "
-            f"{loss_sum.item()}; stopped before the optimizer step. The last checkpoint is intact."
-        )
+        return loss_sum, grad_norm, False
+    if before_update is not None:
+        before_update()
     optimizer.step()
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, True
 
 
 def train(cfg: C.Config) -> None:
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.comm, cfg.job.dump_folder)
     setup_logging(rank)
     tcfg = cfg.training
     dump_folder = cfg.job.dump_folder
@@ -239,15 +250,20 @@ def train(cfg: C.Config) -> None:
         },
         rank,
         tokenizer_path=tokenizer_path,
+        per_rank=frozenset({"dataloader", "rng"}),
+        required_per_rank=frozenset({"dataloader"}),
     )
     checkpointer.maybe_resume(train_state)
     if train_state.step >= total_steps:
         logger.info("step %d already reaches the budget of %d steps; nothing to do", train_state.step, total_steps)
+        checkpointer.close()
         dist.destroy_process_group()
         return
 
     metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard)
     peak_flops = detect_peak_flops(device, cfg.metrics.peak_tflops)
+    stop = StopRequest(cfg.job.stop_file)
+    spikes = SpikeDetector(tcfg.spike_threshold, tcfg.spike_window)
     data_iter = iter(loader)  # after the resume, so it starts at the restored position
 
     # Python's cyclic GC pauses at random points and stalls every rank at the next collective;
@@ -255,8 +271,9 @@ def train(cfg: C.Config) -> None:
     gc.disable()
     gc.collect()
     train_begin = last_log_time = time.perf_counter()
-    data_wait_s = 0.0
-    steps_since_log = 0
+    data_wait_s = checkpoint_blocked_s = 0.0
+    steps_since_log = skipped_steps = rewinds = 0
+    first_step = True
     while train_state.step < total_steps:
         step = train_state.step + 1
         if step % tcfg.gc_freq == 0:
@@ -264,12 +281,50 @@ def train(cfg: C.Config) -> None:
         wait_begin = time.perf_counter()
         batches = [next(data_iter) for _ in range(accum_steps)]
         data_wait_s += time.perf_counter() - wait_begin
-        loss_sum, grad_norm = train_step(model, optimizer, batches, tcfg.max_norm, step)
+        loss_sum, grad_norm, applied = train_step(
+            model, optimizer, batches, tcfg.max_norm, before_update=checkpointer.wait_for_staging
+        )
+        if not applied:
+            problem = f"step {step}: non-finite gradient norm ({grad_norm.item()}), local loss {loss_sum.item()}"
+            skipped_steps += 1
+            if tcfg.on_nonfinite == "stop" or skipped_steps > tcfg.max_skipped_steps:
+                raise NonFiniteError(
+                    f"{problem}; stopped before the optimizer step"
+                    + (f" ({skipped_steps - 1} steps already skipped)" if tcfg.on_nonfinite == "skip" else "")
+                    + ". The last checkpoint is intact."
+                )
+            logger.warning("%s; update skipped (%d of at most %d)", problem, skipped_steps, tcfg.max_skipped_steps)
+        if first_step:
+            set_train_timeout(cfg.comm)
+            first_step = False
         step_lr = scheduler.get_last_lr()[0]  # the lr this step used, before the schedule moves on
         scheduler.step()
         train_state.step = step
         train_state.tokens_seen += global_batch_tokens
         steps_since_log += 1
+
+        if spikes.enabled and applied:
+            global_loss = loss_sum.clone()
+            dist.all_reduce(global_loss)
+            is_spike, mean = spikes.is_spike(global_loss.item() / world_size)
+            if is_spike:
+                logger.warning("step %d: loss spike, %.4f against a mean of %.4f over the last %d steps",
+                               step, global_loss.item() / world_size, mean, tcfg.spike_window)
+                target = checkpointer.newest_complete_step() if tcfg.spike_rewind else None
+                if target is not None and rewinds < tcfg.max_rewinds:
+                    # Back to the newest checkpoint, then past the data that led to the spike.
+                    checkpointer.load(target, train_state)
+                    data_iter = iter(loader)
+                    for _ in range((step - target) * accum_steps):
+                        next(data_iter)
+                    rewinds += 1
+                    spikes.reset()
+                    logger.warning("rewound to step %d and skipped the data of steps %d-%d (rewind %d of %d)",
+                                   target, target + 1, step, rewinds, tcfg.max_rewinds)
+                    last_log_time, data_wait_s, steps_since_log = time.perf_counter(), 0.0, 0
+                    continue
+                if tcfg.spike_rewind:
+                    logger.warning("not rewinding: %s", "no checkpoint yet" if target is None else "max_rewinds reached")
 
         if step % cfg.metrics.log_freq == 0 or step == total_steps:
             dist.all_reduce(loss_sum)
@@ -289,23 +344,31 @@ def train(cfg: C.Config) -> None:
                 "tokens_seen": train_state.tokens_seen,
                 "elapsed_s": now - train_begin,
                 "eta_s": (total_steps - step) * interval / steps_since_log,
+                "checkpoint_blocked_s": checkpoint_blocked_s,
+                "skipped_steps": skipped_steps,
             })
             last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
 
-        stopping = step == tcfg.stop_at_step
+        stop_requested = stop.agreed()
+        stopping = stop_requested or step == tcfg.stop_at_step
         if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == total_steps or stopping):
-            checkpointer.save(step)
-            last_log_time = time.perf_counter()  # keep save time out of the throughput figure
+            save_begin = time.perf_counter()
+            checkpoint_blocked_s = checkpointer.save(step)
+            last_log_time += time.perf_counter() - save_begin  # keep save time out of the throughput figure
         if stopping:
-            logger.info("stopping at step %d as training.stop_at_step asks; rerun to resume", step)
+            reason = stop.reason if stop_requested else "training.stop_at_step"
+            logger.info("stopping after step %d (%s); rerun the same command to resume", step, reason)
             break
 
+    checkpointer.close()  # the last save must be on disk before the process ends
+    stop.restore()
     logger.info("%s at step %d of %d, %.3g tokens seen", "finished" if train_state.step >= total_steps else "stopped",
                 train_state.step, total_steps, train_state.tokens_seen)
     metrics.close()
     dist.destroy_process_group()
 
 
+@record  # under torchrun, an unexpected exception's traceback lands in the failure summary
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = C.load_config(argv)
@@ -315,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg)
     except (DataError, CheckpointError, NonFiniteError) as e:
-        logging.getLogger("mobilellm_train").error("%s: %s", type(e).__name__, e)
+        # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
+        logger.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None
 
 

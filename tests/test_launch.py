@@ -1,0 +1,89 @@
+"""The launch scripts, run for real: run_train.sh under torchrun, and train.slurm with stand-ins for
+srun and scontrol, including its time-limit signal -> checkpoint -> requeue -> resume cycle."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, base_args, read_metrics
+
+SRUN = """#!/bin/bash
+# srun stand-in: drop srun's own options, run the command once (one node).
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+
+SCONTROL = """#!/bin/bash
+# scontrol stand-in: this machine is the only node; a requeue is recorded in a file.
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1 ;;
+  requeue*) echo "$2" > "$REQUEUE_MARKER" ;;
+esac
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env(tmp_path, **extra):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+           "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(key, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.mark.slow
+def test_run_train_sh_two_ranks(corpus, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(["bash", "launch/run_train.sh", *base_args(corpus, run, steps=4)], cwd=ROOT,
+                       env=script_env(tmp_path, NGPU=2), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "2 rank(s)" in r.stdout + r.stderr
+    assert sorted(read_metrics(run)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_slurm_script_checkpoints_requeues_and_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    marker = tmp_path / "requeued"
+    env = script_env(tmp_path, SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES=1,
+                     GPUS_PER_NODE=1, MASTER_PORT=free_port(), REQUEUE_MARKER=marker, SLURM_SUBMIT_DIR=tmp_path)
+    args = base_args(corpus, run, steps=5000, **{"checkpoint.interval": 1000})
+    proc = subprocess.Popen(["bash", "launch/train.slurm", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (os.path.exists(run / "metrics.jsonl") and read_metrics(run) and max(read_metrics(run)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what slurm sends 300 s before the time limit
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = max(read_metrics(run))
+    assert stopped < 5000 and "asking every rank to checkpoint and stop" in out
+    assert marker.read_text().strip() == "4242"
+    assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
+    assert not os.path.exists(tmp_path / ".mobilellm-stop-4242")
+
+    # The requeued job: same command, finds the checkpoint, ends normally and does not requeue.
+    marker.unlink()
+    env["MASTER_PORT"] = str(free_port())
+    r = subprocess.run(["bash", "launch/train.slurm", *base_args(corpus, run, steps=stopped + 3)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"step-{stopped}" in r.stdout and "resumed from" in r.stdout
+    assert max(read_metrics(run)) == stopped + 3 and not marker.exists()

@@ -1,0 +1,181 @@
+"""Interruptions cost only the steps since the last checkpoint: kill -9, signals, stop files,
+damaged checkpoints, dead ranks, non-finite steps and loss spikes, on CPU with gloo."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer
+
+STEPS = 60
+COMMON = {"checkpoint.interval": 5, "training.global_batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("data") / "tokens", n_docs=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """Per-step losses of a 2-rank run that nothing interrupts."""
+    run = tmp_path_factory.mktemp("straight")
+    run_trainer(base_args(data, run, steps=STEPS, **COMMON), nproc=2)
+    metrics = read_metrics(run)
+    return [metrics[s]["loss"] for s in range(1, STEPS + 1)]
+
+
+def start_trainer(args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mobilellm_train.train", *args]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(run, step, proc, timeout=120):
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()[-4000:]}"
+        if os.path.exists(path) and read_metrics(run) and max(read_metrics(run)) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def children(pid):
+    """Process ids whose parent is `pid` (the torchrun agent's workers)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def losses(run):
+    metrics = read_metrics(run)
+    return [metrics[s]["loss"] for s in range(1, STEPS + 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_mode", ["async", "disabled"])
+def test_kill_9_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, async_mode):
+    run = tmp_path / "run"
+    args = base_args(data, run, steps=STEPS, **COMMON, **{"checkpoint.async_mode": async_mode})
+    proc = start_trainer(args)
+    wait_for_step(run, random.Random(async_mode).randrange(8, 20), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the agent, at whatever they were doing
+    proc.wait()
+    assert max(read_metrics(run)) < STEPS
+    out = run_trainer(args, nproc=2)
+    assert "resumed from" in out
+    assert losses(run) == uninterrupted
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    args = base_args(data, run, steps=STEPS, **COMMON)
+    proc = start_trainer(args)
+    wait_for_step(run, 6, proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = max(read_metrics(run))
+    assert stopped < STEPS
+    assert f"stopping after step {stopped}" in out
+    assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
+    run_trainer(args, nproc=2)
+    assert losses(run) == uninterrupted
+
+
+def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
+    stop_file = tmp_path / "STOP"
+    stop_file.touch()
+    run = tmp_path / "run"
+    out = run_trainer(base_args(corpus, run, steps=30, **{"job.stop_file": stop_file}))
+    assert "stopping after step 1 (stop file" in out
+    assert os.path.isfile(run / "checkpoints" / "step-1" / ".metadata")
+
+    stop_file.unlink()
+    args = base_args(corpus, run, steps=3000, **{"checkpoint.interval": 1000})
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mobilellm_train.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(read_metrics(run))
+    assert "received SIGTERM" in out and stopped < 3000
+    assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
+
+
+def test_truncated_shard_is_reported(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_trainer(base_args(corpus, run, steps=10, **{"checkpoint.async_mode": "disabled"}))
+    step = run / "checkpoints" / "step-10"
+    shard = max((p for p in step.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = run_trainer(base_args(corpus, run, steps=20), expect_rc=1)
+    assert "CheckpointError" in out and "step-10 cannot be read" in out and "truncated" in out
+
+
+def test_other_flavor_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_trainer(base_args(corpus, run, steps=10))
+    out = run_trainer(base_args(corpus, run, steps=20, **{"model.layer_sharing": "true"}), expect_rc=1)
+    assert "was written for another model" in out and "'layer_sharing': (False, True)" in out
+
+
+@pytest.mark.slow
+def test_a_dying_rank_takes_the_job_down_with_its_reason(tmp_path):
+    data = make_corpus(tmp_path / "data", n_docs=200)
+    path = tmp_path / "data" / "1" / "part-0.jsonl"
+    lines = path.read_text().splitlines()
+    lines[39] = '{"token_ids": [1, 2, oops]}'  # line 40: an odd line, read by rank 1 only
+    path.write_text("\n".join(lines) + "\n")
+    begin = time.time()
+    out = run_trainer(base_args(data, tmp_path / "run", steps=50), nproc=2, expect_rc=1, timeout=180)
+    assert f"[rank1] ERROR DataError: {path}:40: invalid JSON" in out
+    assert time.time() - begin < 120
+
+
+def test_non_finite_steps_are_skipped_up_to_a_budget(corpus, tmp_path):
+    out = run_trainer(base_args(corpus, tmp_path / "run", steps=20, **{
+        "optimizer.lr": "1e30", "lr_scheduler.warmup_steps": 0, "training.max_norm": 0,
+        "training.on_nonfinite": "skip", "training.max_skipped_steps": 2}), expect_rc=1)
+    assert out.count("update skipped") == 2
+    assert "(2 steps already skipped)" in out
+
+
+def test_loss_spike_rewinds_and_skips_the_data(tmp_path):
+    # After ~60 learnable documents come 12 of random tokens: the loss jumps when they arrive.
+    data = make_corpus(tmp_path / "data", n_docs=400)
+    path = tmp_path / "data" / "1" / "part-0.jsonl"
+    lines = path.read_text().splitlines()
+    rng = random.Random(1)
+    noise = [json.dumps({"token_ids": [1] + [rng.randrange(3, 64) for _ in range(60)] + [2]}) for _ in range(12)]
+    path.write_text("\n".join(lines[:60] + noise + lines[60:]) + "\n")
+    run = tmp_path / "run"
+    out = run_trainer(base_args(data, run, steps=40, **{
+        "training.spike_threshold": 1.5, "training.spike_window": 5, "training.spike_rewind": "true",
+        "checkpoint.interval": 5, "checkpoint.async_mode": "disabled", "optimizer.lr": "1e-2"}))
+    assert "loss spike" in out and "rewound to step" in out
+    assert max(read_metrics(run)) == 40
