@@ -179,3 +179,17 @@ def test_loss_spike_rewinds_and_skips_the_data(tmp_path):
         "checkpoint.interval": 5, "checkpoint.async_mode": "disabled", "optimizer.lr": "1e-2"}))
     assert "loss spike" in out and "rewound to step" in out
     assert max(read_metrics(run)) == 40
+
+
+def test_checkpoint_bench_reports_blocking_time(tmp_path):
+    out_json = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mobilellm_train.checkpoint_bench", "--flavor", "debug", "--repeats", "1",
+                        "--out", str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    modes = report["flavors"]["debug"]["modes"]
+    assert set(modes) == {"disabled", "async"}  # pinned staging needs CUDA
+    for m in modes.values():
+        assert 0 < m["blocked_s"] <= m["total_s"] + 1e-3
+    assert report["torch"] == __import__("torch").__version__
