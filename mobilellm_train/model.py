@@ -109,11 +109,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, head_dim]; cos, sin: [T, head_dim]."""
+    """x: [B, H, T, head_dim]; cos, sin: [T, head_dim], or [B, 1, T, head_dim] for per-sequence
+    positions."""
     # The tables are fp32; cast them (as HF does) so bf16 activations stay bf16 rather than
     # being promoted to fp32 for the rest of the attention.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: token i may attend to token j iff j <= i and both are in the same
+    document, documents starting where position_ids is 0."""
+    doc_ids = (position_ids == 0).cumsum(dim=1)
+    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same_doc & causal).unsqueeze(1)
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +152,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def forward(
+        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,7 +163,10 @@ class Attention(nn.Module):
         k = apply_rope(k, rope_cos, rope_sin)
         # enable_gqa lets the kernel share each k/v head across its query group instead of
         # materialising n_heads / n_kv_heads copies of k and v (HF's repeat_kv).
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -174,13 +190,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def forward(
+        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ):
         # Layer sharing repeats the block here, inside one forward call, rather than having the
         # root call the block twice: FSDP2 wraps each block, so one call means one all-gather
         # (and one reduce-scatter in backward) serving both passes, and activation checkpointing
         # and torch.compile, which also wrap the block, see both passes as one unit.
         for _ in range(self.n_passes):
-            x = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
+            x = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, attn_mask)
             x = x + self.feed_forward(self.ffn_norm(x))
         return x
 
@@ -211,18 +229,27 @@ class MobileLLM(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         return ret
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: LongTensor [B, T] -> logits [B, T, vocab_size]."""
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: LongTensor [B, T] -> logits [B, T, vocab_size].
+
+        position_ids [B, T], when given, restart at 0 at each document packed into a sequence:
+        RoPE then uses them and attention stays within each document (block-diagonal causal).
+        """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds max_seq_len {self.args.max_seq_len} "
                 "(the rotary tables are precomputed up to max_seq_len)"
             )
-        rope_cos, rope_sin = self.rope_cos[:T], self.rope_sin[:T]
+        attn_mask = None
+        if position_ids is None:
+            rope_cos, rope_sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            rope_cos, rope_sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+            attn_mask = document_causal_mask(position_ids)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, rope_cos, rope_sin)
+            h = layer(h, rope_cos, rope_sin, attn_mask)
         return self.output(self.norm(h))
 
     @torch.no_grad()

@@ -172,7 +172,10 @@ def train_step(
     for batch in batches:
         inputs = batch["input"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        logits = model(inputs)
+        positions = batch.get("position_ids")  # present when documents are masked apart
+        if positions is not None:
+            positions = positions.to(device, non_blocking=True)
+        logits = model(inputs, position_ids=positions)
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / len(batches)

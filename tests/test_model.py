@@ -389,3 +389,26 @@ def test_hf_config_import():
         args_from_hf_config(dict(cfg, num_hidden_layers=31), layer_sharing=True)
     with pytest.raises(ValueError, match="rope_type"):
         args_from_hf_config(dict(cfg, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+
+
+def test_document_masking_equals_separate_documents():
+    """Two documents packed in one sequence with restarting position ids give each document the
+    logits it has alone: positions restart and attention does not cross the boundary."""
+    args = replace(MODEL_PRESETS["debug"], vocab_size=97, max_seq_len=64, layer_sharing=True)
+    torch.manual_seed(0)
+    model = MobileLLM(args)
+    model.init_weights(seed=3)
+    doc_a, doc_b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 21))
+    packed = torch.cat([doc_a, doc_b], dim=1)
+    positions = torch.cat([torch.arange(11), torch.arange(21)]).unsqueeze(0)
+    with torch.no_grad():
+        masked = model(packed, position_ids=positions)
+        alone_a, alone_b = model(doc_a), model(doc_b)
+        unmasked = model(packed)
+    torch.testing.assert_close(masked[:, :11], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked[:, 11:], alone_b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked[:, 11:], alone_b, atol=1e-3)  # packing without masking leaks
+    # A single document with explicit positions 0..T-1 is plain causal attention.
+    with torch.no_grad():
+        torch.testing.assert_close(model(packed, position_ids=torch.arange(32).unsqueeze(0)), unmasked,
+                                   rtol=1e-5, atol=1e-5)
