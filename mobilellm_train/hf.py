@@ -4,14 +4,36 @@ A non-LS MobileLLM is a Llama model with tied embeddings; an LS model (L blocks,
 is a Llama model of 2L layers whose layer 2i+1 repeats layer 2i. The rotary embeddings in model.py
 follow HF's rotate_half convention, so q/k weights map with no permutation.
 
-Pure tensor and dict plumbing: transformers is an optional dependency and is not imported here.
+`load_hf_checkpoint` reads a Hugging Face folder (config.json and safetensors or
+pytorch_model.bin weights, sharded or not) into our ModelArgs and state dict, for evaluation,
+generation and continued pretraining. export.py writes such folders.
+
+Pure tensor, dict and file plumbing: transformers is an optional dependency and is not imported
+here (safetensors is imported only when a folder holds .safetensors files).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+
+import torch
 from torch import Tensor
 
 from mobilellm_train.model import ModelArgs
+
+logger = logging.getLogger("mobilellm_train")
+
+CONFIG_FILE = "config.json"
+# config.json key that records an exported model's layer sharing, so importing it back needs no
+# flag. transformers keeps unknown config keys as plain attributes and ignores them.
+LAYER_SHARING_KEY = "mobilellm_layer_sharing"
+# Weight files in the order from_pretrained prefers them: (single file, index of shards).
+_WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 
 # (our name inside layers.{i}, HF name inside model.layers.{j})
 _BLOCK_KEYS = (
@@ -46,8 +68,9 @@ def _check_keys(got: set[str], expected: set[str], what: str):
         raise ValueError(f"{what} state dict: missing keys {missing}, unexpected keys {unexpected}")
 
 
-def hf_llama_config(args: ModelArgs) -> dict:
-    """A config.json dict for `LlamaForCausalLM` equivalent to `MobileLLM(args)`."""
+def hf_llama_config(args: ModelArgs, dtype: str = "float32") -> dict:
+    """A config.json dict for `LlamaForCausalLM` equivalent to `MobileLLM(args)`, for weights
+    stored in `dtype` ("float32" or "bfloat16")."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -68,7 +91,9 @@ def hf_llama_config(args: ModelArgs) -> dict:
         "bos_token_id": 1,
         "eos_token_id": 2,
         "initializer_range": 0.02,
-        "torch_dtype": "float32",
+        # transformers >= 4.56 reads "dtype"; 5.x warns that the older "torch_dtype" is deprecated.
+        "dtype": dtype,
+        LAYER_SHARING_KEY: args.layer_sharing,
     }
 
 
@@ -159,3 +184,174 @@ def from_hf_state_dict(hf_state_dict: dict[str, Tensor], args: ModelArgs) -> dic
     if args.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
+
+
+# --- Reading a Hugging Face folder ------------------------------------------------------------
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face folder is missing files, holds an unsupported model or inconsistent weights."""
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_hf_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isdir(folder):
+        raise HFCheckpointError(f"{folder}: not a folder")
+    if not os.path.isfile(path):
+        raise HFCheckpointError(f"{folder}: no {CONFIG_FILE} (not a Hugging Face model folder)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFCheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise HFCheckpointError(f"{path}: expected a JSON object")
+    model_type = cfg.get("model_type", "llama")
+    architectures = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if model_type != "llama" or "LlamaForCausalLM" not in architectures:
+        raise HFCheckpointError(
+            f"{path}: model_type {model_type!r}, architectures {architectures}; only Llama "
+            "(LlamaForCausalLM) models map onto MobileLLM"
+        )
+    return cfg
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The weight files of a folder, per the first layout found (see _WEIGHT_FILES)."""
+    for single, index in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+        index_path = os.path.join(folder, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HFCheckpointError(f"{index_path}: not a shard index with a weight_map ({e!r})") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+            if missing:
+                raise HFCheckpointError(f"{index_path} lists shards that are not in {folder}: {missing}")
+            return [os.path.join(folder, s) for s in shards]
+    expected = ", ".join(name for pair in _WEIGHT_FILES for name in pair)
+    raise HFCheckpointError(f"{folder}: no weights; expected one of {expected}")
+
+
+def read_hf_state_dict(folder: str) -> dict[str, Tensor]:
+    """Every tensor of a folder's weight files (HF names, as stored, on CPU)."""
+    state: dict[str, Tensor] = {}
+    for path in _weight_files(folder):
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            try:
+                part = load_file(path, device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise HFCheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        else:
+            try:
+                # weights_only: a .bin is a pickle, and unpickling runs code; tensors need none.
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise HFCheckpointError(f"{path}: cannot read torch weights ({e})") from None
+        duplicated = sorted(set(part) & set(state))
+        if duplicated:
+            raise HFCheckpointError(f"{path}: tensors also found in another shard: {duplicated[:5]}")
+        state.update(part)
+    return state
+
+
+def _pairs_equal(hf_state_dict: dict[str, Tensor], num_hidden_layers: int) -> bool:
+    """Whether every HF layer 2i+1 repeats layer 2i (a layer-shared model exported as 2L layers)."""
+    if num_hidden_layers % 2:
+        return False
+    for i in range(0, num_hidden_layers, 2):
+        for _, theirs in _BLOCK_KEYS:
+            a = hf_state_dict.get(f"model.layers.{i}.{theirs}")
+            b = hf_state_dict.get(f"model.layers.{i + 1}.{theirs}")
+            if a is None or b is None or a.shape != b.shape or not a.equal(b):
+                return False
+    return True
+
+
+def load_hf_checkpoint(
+    folder: str, layer_sharing: bool | None = None
+) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """ModelArgs and an fp32 state dict (our names, loadable with `MobileLLM.load_state_dict`)
+    from a Hugging Face LlamaForCausalLM folder.
+
+    layer_sharing: True reads the 2L HF layers as L shared blocks (pairs 2i, 2i+1 must be equal),
+    False as 2L independent blocks (always possible: the same function, twice the parameters).
+    None decides: the `mobilellm_layer_sharing` key that export.py writes, or else True exactly
+    when every pair of layers is equal.
+    """
+    cfg = read_hf_config(folder)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    hf_sd = read_hf_state_dict(folder)
+    # Older transformers saved the rotary inverse frequencies; they are derived, not weights.
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    cfg = dict(cfg)
+    if "lm_head.weight" not in hf_sd and not cfg.get("tie_word_embeddings", False):
+        # MobileLLM's own release marks embedding sharing with a custom `share_embedding` flag
+        # and tie_word_embeddings false; either way one matrix is stored, so the head is tied.
+        logger.warning(
+            "%s: tie_word_embeddings is false but there is no lm_head.weight; importing the "
+            "output projection as tied to the input embedding", config_path,
+        )
+        cfg["tie_word_embeddings"] = True
+    num_hidden_layers = cfg.get("num_hidden_layers")
+    if layer_sharing is None:
+        hint = cfg.get(LAYER_SHARING_KEY)
+        layer_sharing = bool(hint) if hint is not None else _pairs_equal(hf_sd, num_hidden_layers or 0)
+        if layer_sharing:
+            logger.info("%s: importing %s layers as %s shared blocks (MobileLLM-LS)", folder,
+                        num_hidden_layers, (num_hidden_layers or 0) // 2)
+    try:
+        args = args_from_hf_config(cfg, layer_sharing=layer_sharing)
+    except KeyError as e:
+        raise HFCheckpointError(f"{config_path}: missing key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise HFCheckpointError(f"{config_path}: {e}") from None
+    bad_dtype = sorted({str(v.dtype) for v in hf_sd.values() if not v.is_floating_point()})
+    if bad_dtype:
+        raise HFCheckpointError(f"{folder}: non-float weights ({bad_dtype}); quantized checkpoints are not supported")
+    try:
+        state = from_hf_state_dict(hf_sd, args)
+    except ValueError as e:
+        raise HFCheckpointError(f"{folder}: {e}") from None
+    expected = _expected_shapes(args)
+    for key, value in state.items():
+        if tuple(value.shape) != expected[key]:
+            raise HFCheckpointError(
+                f"{folder}: {key} has shape {tuple(value.shape)}, but {CONFIG_FILE} implies {expected[key]}"
+            )
+    # Cast once per tensor, so a tied head stays the same tensor as the embedding.
+    fp32: dict[int, Tensor] = {}
+    for value in state.values():
+        if id(value) not in fp32:
+            fp32[id(value)] = value.float()
+    return args, {key: fp32[id(value)] for key, value in state.items()}
+
+
+def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    block = {
+        "attention.wq.weight": (q_dim, args.dim),
+        "attention.wk.weight": (kv_dim, args.dim),
+        "attention.wv.weight": (kv_dim, args.dim),
+        "attention.wo.weight": (args.dim, q_dim),
+        "feed_forward.w1.weight": (args.ffn_dim, args.dim),
+        "feed_forward.w3.weight": (args.ffn_dim, args.dim),
+        "feed_forward.w2.weight": (args.dim, args.ffn_dim),
+        "attention_norm.weight": (args.dim,),
+        "ffn_norm.weight": (args.dim,),
+    }
+    shapes = {f"layers.{i}.{k}": v for i in range(args.n_layers) for k, v in block.items()}
+    shapes["tok_embeddings.weight"] = (args.vocab_size, args.dim)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    shapes["norm.weight"] = (args.dim,)
+    return shapes
