@@ -1,0 +1,517 @@
+"""Token shards: the on-disk format of prepared data, with its writer, manifest and reader.
+
+A prepared dataset is one folder (``mobilellm-prepare`` writes it, see docs/DATA.md)::
+
+    <dir>/manifest.json      written last, atomically: a folder without one is not a dataset
+    <dir>/shard-00000.bin    token ids, raw little-endian uint16 (vocab <= 65536) or uint32
+    <dir>/shard-00000.idx    end offset of each document in the shard, raw little-endian int64
+    <dir>/tokenizer.model    the SentencePiece model the data was made with, when there was one
+
+A shard holds whole documents: its last .idx entry equals its token count. The manifest lists
+every shard with its token and document counts, largest token id and the sha256 of both files
+(sha256 rather than blake2b: with SHA-NI it is the faster one, see docs/DATA.md). Reading
+memory-maps the shards, so training parses no JSON and copies only the tokens it uses.
+``TokenStream`` is the concatenation of a folder's shards, in manifest order, as one token
+sequence: the loader cuts it into windows.
+
+Writing is atomic per file (a temporary name, then ``os.replace``), so a killed run leaves
+``*.tmp.<pid>`` files that no reader opens, never a half shard under a shard's name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import mmap
+import os
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mobilellm_train.data.jsonl import DataError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+FORMAT_NAME = "mobilellm-token-shards"
+FORMAT_VERSION = 1
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+INDEX_DTYPE = np.dtype("<i8")
+
+_HASH_CHUNK_BYTES = 8 << 20
+_WRITE_BUFFER_TOKENS = 4 << 20
+# Every open memmap holds a file descriptor; past this many a reader closes the least recently
+# used one (a 1T-token dataset can have thousands of shards, times the loader's processes).
+MAX_OPEN_SHARDS = 1024
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The smallest token dtype that holds ids [0, vocab_size)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_file_atomic(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+@dataclass
+class ShardInfo:
+    """One shard as the manifest records it."""
+
+    name: str
+    """File stem: <name>.bin and <name>.idx."""
+    num_tokens: int
+    num_documents: int
+    max_token_id: int
+    bin_sha256: str
+    idx_sha256: str
+
+
+class ShardWriter:
+    """Streams documents into one shard; <name>.bin/.idx exist only once finish() returns.
+
+    Use as a context manager: leaving the block by an exception removes the temporary files.
+    The checksums are computed while writing, so finishing a shard never re-reads it.
+    """
+
+    def __init__(self, folder: str, name: str, dtype: str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.folder, self.name = folder, name
+        self._dtype = DTYPES[dtype]
+        self._max_id = np.iinfo(self._dtype).max
+        suffix = f".tmp.{os.getpid()}"
+        self._bin_tmp = os.path.join(folder, f"{name}.bin{suffix}")
+        self._idx_tmp = os.path.join(folder, f"{name}.idx{suffix}")
+        self._bin_file = self._idx_file = None
+        self._bin_hash, self._idx_hash = hashlib.sha256(), hashlib.sha256()
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self._doc_ends: list[int] = []
+        self.num_tokens = 0
+        self.num_documents = 0
+        self.max_token_id = -1
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        """Append one document (an int array, already validated against the vocabulary)."""
+        if tokens.size == 0:
+            raise ValueError("a document must hold at least one token")
+        top = int(tokens.max())
+        if top > self._max_id or int(tokens.min()) < 0:
+            raise ValueError(f"token ids must be in [0, {self._max_id}] for {self._dtype.name}; got {top}")
+        self.max_token_id = max(self.max_token_id, top)
+        self._pending.append(tokens)
+        self._pending_tokens += tokens.size
+        self.num_tokens += tokens.size
+        self.num_documents += 1
+        self._doc_ends.append(self.num_tokens)
+        if self._pending_tokens >= _WRITE_BUFFER_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._bin_file is None:
+            os.makedirs(self.folder, exist_ok=True)
+            self._bin_file = open(self._bin_tmp, "wb")
+            self._idx_file = open(self._idx_tmp, "wb")
+        if self._pending:
+            data = np.concatenate(self._pending).astype(self._dtype, copy=False).tobytes()
+            self._bin_file.write(data)
+            self._bin_hash.update(data)
+            self._pending, self._pending_tokens = [], 0
+        if self._doc_ends:
+            data = np.asarray(self._doc_ends, dtype=INDEX_DTYPE).tobytes()
+            self._idx_file.write(data)
+            self._idx_hash.update(data)
+            self._doc_ends = []
+
+    def finish(self) -> ShardInfo | None:
+        """Close and rename into place; None (and no files) when no document was added."""
+        if self.num_documents == 0:
+            self.abort()
+            return None
+        self._flush()
+        for f in (self._bin_file, self._idx_file):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        # The .idx goes first: a .bin under its final name therefore always has its index.
+        os.replace(self._idx_tmp, os.path.join(self.folder, f"{self.name}.idx"))
+        os.replace(self._bin_tmp, os.path.join(self.folder, f"{self.name}.bin"))
+        return ShardInfo(
+            name=self.name,
+            num_tokens=self.num_tokens,
+            num_documents=self.num_documents,
+            max_token_id=self.max_token_id,
+            bin_sha256=self._bin_hash.hexdigest(),
+            idx_sha256=self._idx_hash.hexdigest(),
+        )
+
+    def abort(self) -> None:
+        for f in (self._bin_file, self._idx_file):
+            if f is not None and not f.closed:
+                f.close()
+        for path in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def tokenizer_info(path: str) -> dict:
+    """What the manifest records of a SentencePiece model: sha256, vocab size, bos/eos ids."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{path}: not a readable SentencePiece model ({e})") from None
+    return {
+        "sha256": file_sha256(path),
+        "vocab_size": sp.get_piece_size(),
+        "bos_id": sp.bos_id(),
+        "eos_id": sp.eos_id(),
+    }
+
+
+def write_manifest(
+    folder: str,
+    shards: list[ShardInfo],
+    dtype: str,
+    vocab_size: int,
+    tokenizer: dict | None,
+    extra: dict | None = None,
+) -> dict:
+    """Write <folder>/manifest.json (atomically, as the last file) and return its content."""
+    if not shards:
+        raise DataError(f"{folder}: no tokens to write a dataset of")
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": vocab_size,
+        "num_tokens": sum(s.num_tokens for s in shards),
+        "num_documents": sum(s.num_documents for s in shards),
+        "max_token_id": max(s.max_token_id for s in shards),
+        "tokenizer": tokenizer,
+        "checksum": "sha256",
+        "shards": [dataclasses.asdict(s) for s in shards],
+        **(extra or {}),
+    }
+    write_json_atomic(os.path.join(folder, MANIFEST_FILE), manifest)
+    return manifest
+
+
+@dataclass
+class Manifest:
+    """A prepared dataset's manifest.json, checked for form when read."""
+
+    folder: str
+    dtype: str
+    vocab_size: int
+    num_tokens: int
+    num_documents: int
+    max_token_id: int
+    tokenizer: dict | None
+    shards: list[ShardInfo]
+    raw: dict
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, MANIFEST_FILE)
+
+    def fingerprint(self) -> str:
+        """Identity of the data (not of where it lies): a hash of the shards' checksums."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.name}:{s.num_tokens}:{s.bin_sha256}:{s.idx_sha256};".encode())
+        return h.hexdigest()[:16]
+
+
+def is_dataset(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST_FILE))
+
+
+def read_manifest(folder: str) -> Manifest:
+    """Parse and check <folder>/manifest.json; a DataError names the file and the key at fault."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: data folder does not exist")
+    if not os.path.isfile(path):
+        stale = [n for n in os.listdir(folder) if n.endswith(".bin") or ".tmp." in n]
+        hint = (
+            " It holds shard files, so preparing it was interrupted or is still running; run the same "
+            "mobilellm-prepare command again to finish it." if stale else ""
+        )
+        raise DataError(f"{path}: no manifest, so {folder} is not a prepared dataset.{hint}")
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise DataError(f"{path}: not a {FORMAT_NAME} manifest (no \"format\": \"{FORMAT_NAME}\")")
+    if raw.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format version {raw.get('version')!r}; this code reads version {FORMAT_VERSION}")
+
+    def get(obj: dict, key: str, typ, where: str):
+        if key not in obj:
+            raise DataError(f"{path}: missing key {where}{key!r}")
+        value = obj[key]
+        if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+            raise DataError(f"{path}: {where}{key!r} must be {typ.__name__}, got {value!r}")
+        return value
+
+    dtype = get(raw, "dtype", str, "")
+    if dtype not in DTYPES:
+        raise DataError(f"{path}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    shards = []
+    names = set()
+    for i, s in enumerate(get(raw, "shards", list, "")):
+        where = f"shards[{i}]."
+        if not isinstance(s, dict):
+            raise DataError(f"{path}: shards[{i}] must be an object")
+        info = ShardInfo(
+            name=get(s, "name", str, where),
+            num_tokens=get(s, "num_tokens", int, where),
+            num_documents=get(s, "num_documents", int, where),
+            max_token_id=get(s, "max_token_id", int, where),
+            bin_sha256=get(s, "bin_sha256", str, where),
+            idx_sha256=get(s, "idx_sha256", str, where),
+        )
+        if info.num_tokens <= 0 or info.num_documents <= 0 or os.sep in info.name or info.name in names:
+            raise DataError(f"{path}: shards[{i}] ({info.name!r}) has no tokens, no documents or a bad/duplicate name")
+        names.add(info.name)
+        shards.append(info)
+    if not shards:
+        raise DataError(f"{path}: the manifest lists no shards")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        raise DataError(f"{path}: 'tokenizer' must be an object or null")
+    manifest = Manifest(
+        folder=folder,
+        dtype=dtype,
+        vocab_size=get(raw, "vocab_size", int, ""),
+        num_tokens=get(raw, "num_tokens", int, ""),
+        num_documents=get(raw, "num_documents", int, ""),
+        max_token_id=get(raw, "max_token_id", int, ""),
+        tokenizer=tokenizer,
+        shards=shards,
+        raw=raw,
+    )
+    if manifest.num_tokens != sum(s.num_tokens for s in shards):
+        raise DataError(f"{path}: 'num_tokens' ({manifest.num_tokens}) is not the sum over its shards")
+    return manifest
+
+
+def check_shard_sizes(manifest: Manifest) -> None:
+    """Every shard file exists with the size the manifest implies (a stat per file, no reading)."""
+    itemsize = DTYPES[manifest.dtype].itemsize
+    for s in manifest.shards:
+        for ext, expected in ((".bin", s.num_tokens * itemsize), (".idx", s.num_documents * INDEX_DTYPE.itemsize)):
+            file = os.path.join(manifest.folder, s.name + ext)
+            try:
+                size = os.path.getsize(file)
+            except OSError:
+                raise DataError(f"{file}: missing (listed in {manifest.path})") from None
+            if size != expected:
+                raise DataError(
+                    f"{file}: {size} bytes, but {manifest.path} implies {expected}; the file was truncated "
+                    f"or replaced after preparing"
+                )
+
+
+def verify_shards(manifest: Manifest, shard_indices: Iterable[int] | None = None) -> float:
+    """Recompute the sha256 of the given shards (default all) against the manifest, and check each
+    index is increasing and ends at the shard's token count. Returns the seconds it took."""
+    begin = time.perf_counter()
+    indices = range(len(manifest.shards)) if shard_indices is None else shard_indices
+    for i in indices:
+        s = manifest.shards[i]
+        for ext, expected in ((".bin", s.bin_sha256), (".idx", s.idx_sha256)):
+            file = os.path.join(manifest.folder, s.name + ext)
+            actual = file_sha256(file)
+            if actual != expected:
+                raise DataError(
+                    f"{file}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
+                    f"{manifest.path}; the shard is corrupt or from another preparation"
+                )
+        ends = np.fromfile(os.path.join(manifest.folder, s.name + ".idx"), dtype=INDEX_DTYPE)
+        if ends[-1] != s.num_tokens or (ends.size > 1 and not np.all(ends[1:] > ends[:-1])) or ends[0] <= 0:
+            raise DataError(f"{manifest.folder}/{s.name}.idx: document ends are not increasing up to {s.num_tokens}")
+    return time.perf_counter() - begin
+
+
+def check_tokenizer(manifest: Manifest, tokenizer_path: str) -> None:
+    """The tokenizer a run uses must be the one the data was made with (compared by sha256)."""
+    if not tokenizer_path:
+        return
+    recorded = manifest.tokenizer
+    if recorded is None or "sha256" not in recorded:
+        logger.warning(
+            "%s records no tokenizer (converted from token ids), so it cannot be checked against %s",
+            manifest.path, tokenizer_path,
+        )
+        return
+    actual = file_sha256(tokenizer_path)
+    if actual != recorded["sha256"]:
+        raise DataError(
+            f"tokenizer {tokenizer_path} (sha256 {actual[:16]}...) is not the one {manifest.folder} was "
+            f"prepared with (sha256 {recorded['sha256'][:16]}... in {manifest.path}; that tokenizer is "
+            f"saved as {os.path.join(manifest.folder, TOKENIZER_FILE)} when preparing had one)"
+        )
+
+
+def write_token_dataset(
+    folder: str,
+    documents: Iterable[np.ndarray],
+    vocab_size: int,
+    tokens_per_shard: int,
+    tokenizer_path: str = "",
+    extra: dict | None = None,
+) -> Manifest:
+    """A dataset from documents already tokenized (in memory): shards of about tokens_per_shard
+    tokens (documents are not split), then the manifest. For small conversions, tests, benchmarks."""
+    if is_dataset(folder):
+        raise DataError(f"{folder}: already holds a prepared dataset; refusing to overwrite it")
+    os.makedirs(folder, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    shards: list[ShardInfo] = []
+    writer = None
+    try:
+        for doc in documents:
+            doc = np.asarray(doc)
+            if doc.size and (int(doc.min()) < 0 or int(doc.max()) >= vocab_size):
+                raise DataError(f"document {sum(s.num_documents for s in shards)}: token id outside [0, {vocab_size})")
+            if doc.size == 0:
+                continue
+            if writer is None:
+                writer = ShardWriter(folder, f"shard-{len(shards):05d}", dtype)
+            writer.add_document(doc)
+            if writer.num_tokens >= tokens_per_shard:
+                shards.append(writer.finish())
+                writer = None
+        if writer is not None:
+            shards.append(writer.finish())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    tokenizer = None
+    if tokenizer_path:
+        tokenizer = tokenizer_info(tokenizer_path)
+        with open(tokenizer_path, "rb") as f:
+            write_file_atomic(os.path.join(folder, TOKENIZER_FILE), f.read())
+    write_manifest(folder, shards, dtype, vocab_size, tokenizer, extra)
+    return read_manifest(folder)
+
+
+def _raise_open_file_limit() -> None:
+    # Many memmaps mean many descriptors; the soft limit is often 1024 while the hard one is far higher.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class TokenStream:
+    """The shards of one dataset, in manifest order, as one token sequence.
+
+    Shards are memory-mapped on first use, in the process that reads them (loader workers each open
+    their own), at most MAX_OPEN_SHARDS at a time. Pickling drops the open maps.
+    """
+
+    def __init__(self, manifest: Manifest):
+        self.folder = manifest.folder
+        self.dtype = DTYPES[manifest.dtype]
+        self.names = [s.name for s in manifest.shards]
+        counts = np.array([s.num_tokens for s in manifest.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate(([0], np.cumsum(counts)))
+        self.num_tokens = int(self.shard_starts[-1])
+        self._bins: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._idxs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_bins"], state["_idxs"] = collections.OrderedDict(), collections.OrderedDict()
+        return state
+
+    def _open(self, cache: collections.OrderedDict, shard: int, ext: str, dtype: np.dtype) -> np.ndarray:
+        arr = cache.get(shard)
+        if arr is not None:
+            cache.move_to_end(shard)
+            return arr
+        if not cache and not self._bins and not self._idxs:
+            _raise_open_file_limit()
+        if len(self._bins) + len(self._idxs) >= MAX_OPEN_SHARDS:
+            # Evict from the larger cache; dropping the memmap closes its descriptor.
+            victim = self._bins if len(self._bins) >= len(self._idxs) else self._idxs
+            victim.popitem(last=False)
+        with open(os.path.join(self.folder, self.names[shard] + ext), "rb") as f:
+            # A plain ndarray over the map: slicing an np.memmap costs several times more per call.
+            arr = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=dtype)
+        cache[shard] = arr
+        return arr
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        """Fill out (1-D, any int dtype) with tokens [start, start + len(out)) of the stream."""
+        n = out.shape[0]
+        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        done = 0
+        while done < n:
+            local = start + done - int(self.shard_starts[shard])
+            bin_ = self._open(self._bins, shard, ".bin", self.dtype)
+            take = min(n - done, bin_.shape[0] - local)
+            out[done : done + take] = bin_[local : local + take]
+            done += take
+            shard += 1
+
+    def document_starts(self, start: int, length: int) -> np.ndarray:
+        """Offsets o in (0, length) such that a document starts at stream position start + o."""
+        stop = start + length
+        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        found = []
+        while shard < len(self.names) and self.shard_starts[shard] < stop:
+            base = int(self.shard_starts[shard])
+            ends = self._open(self._idxs, shard, ".idx", INDEX_DTYPE)
+            # Document ends e with start < base + e < stop are the starts of the next documents;
+            # a shard's last end is its boundary with the next shard, also a document start.
+            lo = int(np.searchsorted(ends, start - base, side="right"))
+            hi = int(np.searchsorted(ends, stop - base, side="left"))
+            if hi > lo:
+                found.append(np.asarray(ends[lo:hi]) + (base - start))
+            shard += 1
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
