@@ -27,6 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.data.loader import parse_sources
 from mobilellm_train.model import MODEL_PRESETS, ModelArgs
 
 
@@ -93,6 +95,9 @@ class TrainingConfig:
     """Dtype of parameters in forward/backward on GPU (CPU always runs float32)."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """Dtype of gradient reduce-scatter on GPU."""
+    loss_chunk_tokens: int = 4096
+    """The output projection and cross-entropy run over this many tokens at a time, so the full
+    logits never exist; 0 computes them whole (the original way, more memory)."""
     gc_freq: int = 50
     """Run Python's garbage collector every N steps (it is disabled in between to avoid random stalls)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -145,8 +150,22 @@ class LRSchedulerConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Folder in the original layout, path/<node>/*.jsonl with {"token_ids": [...]} lines.
-    Empty: build the built-in demo corpus (Python's own docstrings) under the run folder."""
+    """Training data: a folder prepared by mobilellm-prepare (holding manifest.json), or one in the
+    original layout, path/<node>/*.jsonl with {"token_ids": [...]} lines. Empty: build the built-in
+    demo corpus (Python's own docstrings) under the run folder."""
+    sources: str = ""
+    """Prepared folders to mix instead of `path`, 'path1:0.7,path2:0.3' (a bare path weighs 1)."""
+    doc_mask: bool = False
+    """Prepared data: attend within each document only, positions restarting at each document
+    (slower attention). Off: documents are packed across, as in the original code."""
+    verify_checksums: bool = True
+    """Prepared data: check every shard's sha256 at start-up (spread over the ranks); off: sizes only."""
+    val_path: str = ""
+    """Prepared folder of held-out data (e.g. <out>/val of mobilellm-prepare); empty: no validation."""
+    val_interval: int = 0
+    """Compute the validation loss every N steps and at the last step; 0: never."""
+    val_sequences: int = 512
+    """Validation sequences over all ranks: the same fixed set at every evaluation and rank count."""
     tokenizer_path: str = ""
     """SentencePiece model the data was tokenized with; copied into every checkpoint so that
     evaluation and export find it. Empty with the demo corpus: the demo's own."""
@@ -438,6 +457,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check(t.tokens >= 0 and t.global_batch_size >= 0, "training.tokens and training.global_batch_size must be >= 0")
     check(t.stop_at_step >= 0, f"training.stop_at_step must be >= 0 (got {t.stop_at_step})")
     check(t.max_norm >= 0, f"training.max_norm must be >= 0 (got {t.max_norm})")
+    check(t.loss_chunk_tokens >= 0, f"training.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens})")
     check(t.gc_freq > 0, f"training.gc_freq must be positive (got {t.gc_freq})")
     check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0 (got {t.max_skipped_steps})")
     check(t.spike_threshold == 0 or t.spike_threshold > 1,
@@ -467,6 +487,17 @@ def validate(cfg: Config, world_size: int) -> None:
     check(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
     check(d.skip_bad_lines >= 0, f"data.skip_bad_lines must be >= 0 (got {d.skip_bad_lines})")
     check(not d.path or os.path.exists(d.path), f"data.path: {d.path} does not exist")
+    if d.sources:
+        try:
+            sources = parse_sources(d.sources)
+        except DataError as e:
+            raise ConfigError(f"data.sources: {e}") from None
+        for source, _ in sources:
+            check(os.path.isdir(source), f"data.sources: {source} is not a folder")
+    check(d.val_interval >= 0 and d.val_sequences > 0, "data.val_interval must be >= 0 and data.val_sequences > 0")
+    check(not d.val_path or os.path.isdir(d.val_path), f"data.val_path: {d.val_path} is not a folder")
+    check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path")
+    check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")
     check(d.path or d.demo_vocab_size <= m.vocab_size,

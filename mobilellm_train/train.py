@@ -17,13 +17,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from mobilellm_train import config as C
@@ -40,6 +41,9 @@ from mobilellm_train.checkpoint import (
 )
 from mobilellm_train.data.demo import build_demo_corpus
 from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
+from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
+from mobilellm_train.data.shards import TOKENIZER_FILE as SHARDS_TOKENIZER_FILE
+from mobilellm_train.data.shards import is_dataset
 from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
@@ -149,6 +153,9 @@ def build_model(
     parallelize(model, mesh, parallelism, ac, compile_cfg, param_dtype, reduce_dtype)
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
+    model.loss_chunk_tokens = training.loss_chunk_tokens
+    # The per-chunk softmax arithmetic fuses into a few kernels when compiled.
+    model.compile_loss = compile_cfg.enable and on_gpu
     model.train()
     return model
 
@@ -175,11 +182,9 @@ def train_step(
         positions = batch.get("position_ids")  # present when documents are masked apart
         if positions is not None:
             positions = positions.to(device, non_blocking=True)
-        logits = model(inputs, position_ids=positions)
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / len(batches)
-        del logits  # the largest activation; free it before backward allocates
+        loss = model(inputs, labels=labels, position_ids=positions) / len(batches)
         loss.backward()
         loss_sum += loss.detach()
 
@@ -191,6 +196,69 @@ def train_step(
         before_update()
     optimizer.step()
     return loss_sum, grad_norm, True
+
+
+def build_train_data(
+    cfg: C.DataConfig,
+    data_path: str,
+    tokenizer_path: str,
+    training: C.TrainingConfig,
+    vocab_size: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+) -> tuple[Iterable[dict], Stateful, str]:
+    """(batches, their checkpoint state, the tokenizer) for prepared shards or the JSONL layout.
+
+    Prepared shards have one global position, the same on every rank, so a checkpoint continues
+    on any number of ranks. The JSONL reader's position is per rank.
+    """
+    global_batch = C.global_batch_size(training, world_size)
+    sources = cfg.sources or (data_path if is_dataset(data_path) else "")
+    if sources:
+        if not tokenizer_path:  # a prepared folder carries its tokenizer
+            candidate = os.path.join(parse_sources(sources)[0][0], SHARDS_TOKENIZER_FILE)
+            tokenizer_path = candidate if os.path.isfile(candidate) else ""
+        loader = build_token_loader(
+            sources, seq_len=training.seq_len, local_batch_size=training.local_batch_size,
+            global_batch_size=global_batch, dp_rank=rank, dp_world_size=world_size, seed=training.seed,
+            num_workers=cfg.num_workers, pin_memory=pin_memory, doc_mask=cfg.doc_mask, vocab_size=vocab_size,
+            tokenizer_path=tokenizer_path, verify_checksums=cfg.verify_checksums,
+        )
+        return loader, loader, tokenizer_path
+    if cfg.doc_mask:
+        raise DataError(f"data.doc_mask needs prepared data (mobilellm-prepare); {data_path} is in the JSONL layout")
+    dataset = JsonlTokenDataset(
+        data_path,
+        seq_len=training.seq_len,
+        vocab_size=vocab_size,
+        dp_rank=rank,
+        dp_world_size=world_size,
+        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        skip_bad_lines=cfg.skip_bad_lines,
+    )
+    loader = build_dataloader(dataset, training.local_batch_size, cfg.num_workers, pin_memory=pin_memory)
+    return loader, PerRankState(rank, loader), tokenizer_path
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
+    """Mean token loss over the fixed validation set, on all ranks (every rank runs the same
+    number of forwards, as FSDP needs; padding rows carry labels -100)."""
+    device = next(model.parameters()).device
+    model.eval()
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    for batch in batches:
+        labels = batch["label"].to(device, non_blocking=True)
+        positions = batch.get("position_ids")
+        loss = model(batch["input"].to(device, non_blocking=True), labels=labels,
+                     position_ids=None if positions is None else positions.to(device, non_blocking=True))
+        count = (labels != -100).sum()
+        sums[0] += torch.where(count > 0, loss.double() * count, 0.0)  # an all-padding batch's mean is NaN
+        sums[1] += count
+    model.train()
+    dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def train(cfg: C.Config) -> None:
@@ -228,16 +296,16 @@ def train(cfg: C.Config) -> None:
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, total_steps)
 
     data_path, tokenizer_path = resolve_data(cfg.data, dump_folder, rank)
-    dataset = JsonlTokenDataset(
-        data_path,
-        seq_len=tcfg.seq_len,
-        vocab_size=model_args.vocab_size,
-        dp_rank=rank,
-        dp_world_size=world_size,
-        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-        skip_bad_lines=cfg.data.skip_bad_lines,
+    loader, data_state, tokenizer_path = build_train_data(
+        cfg.data, data_path, tokenizer_path, tcfg, model_args.vocab_size, rank, world_size, on_gpu
     )
-    loader = build_dataloader(dataset, tcfg.local_batch_size, cfg.data.num_workers, pin_memory=on_gpu)
+    val_batches = None
+    if cfg.data.val_interval:
+        val_batches = build_val_batches(
+            cfg.data.val_path, tcfg.seq_len, tcfg.local_batch_size, rank, world_size, cfg.data.val_sequences,
+            doc_mask=cfg.data.doc_mask, vocab_size=model_args.vocab_size, tokenizer_path=tokenizer_path,
+            verify_checksums=cfg.data.verify_checksums,
+        )
 
     train_state = TrainState(dp_world_size=world_size, model_args=model_args_fingerprint(model_args))
     checkpointer = Checkpointer(
@@ -247,14 +315,14 @@ def train(cfg: C.Config) -> None:
             "model": ModelState(model),
             "optimizer": OptimizerState(model, optimizer),
             "lr_scheduler": SchedulerState(scheduler),
-            "dataloader": PerRankState(rank, loader),
+            "dataloader": data_state,
             "train_state": train_state,
             "rng": PerRankState(rank, RNGState()),
         },
         rank,
         tokenizer_path=tokenizer_path,
-        per_rank=frozenset({"dataloader", "rng"}),
-        required_per_rank=frozenset({"dataloader"}),
+        per_rank=frozenset({"rng", "dataloader"} if isinstance(data_state, PerRankState) else {"rng"}),
+        required_per_rank=frozenset({"dataloader"} if isinstance(data_state, PerRankState) else set()),
     )
     checkpointer.maybe_resume(train_state)
     if train_state.step >= total_steps:
@@ -329,7 +397,12 @@ def train(cfg: C.Config) -> None:
                 if tcfg.spike_rewind:
                     logger.warning("not rewinding: %s", "no checkpoint yet" if target is None else "max_rewinds reached")
 
-        if step % cfg.metrics.log_freq == 0 or step == total_steps:
+        val_loss = None
+        if val_batches is not None and (step % cfg.data.val_interval == 0 or step == total_steps):
+            val_loss = validation_loss(model, val_batches)
+            logger.info("step %d  validation loss %.4f", step, val_loss)
+
+        if step % cfg.metrics.log_freq == 0 or step == total_steps or val_loss is not None:
             dist.all_reduce(loss_sum)
             now = time.perf_counter()
             interval = now - last_log_time
@@ -349,6 +422,7 @@ def train(cfg: C.Config) -> None:
                 "eta_s": (total_steps - step) * interval / steps_since_log,
                 "checkpoint_blocked_s": checkpoint_blocked_s,
                 "skipped_steps": skipped_steps,
+                **({} if val_loss is None else {"val_loss": val_loss}),
             })
             last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
 

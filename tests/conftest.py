@@ -50,7 +50,8 @@ def base_args(data_path, dump_folder, steps=20, **overrides):
 
 def run_trainer(args, nproc=1, expect_rc=0, timeout=300):
     """Run mobilellm_train.train in fresh processes (torchrun for nproc > 1); return the output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc == 1:
