@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU script: everything the CPU could not measure, in about 9 minutes on one H100/H200.
 #   OUT=bench_results launch/gpu_bench.sh            # from the repository root
+#   WORK=/tmp/gpu_work OUT=$OUT launch/gpu_bench.sh  # only summary.md and all_results.tar.gz in OUT
 #
 # 1. installs the wheels of a .whl/ folder when there is one (a machine without internet),
 # 2. benchmarks every preset TOML (LS variants included) against the original-style HF Llama,
@@ -15,19 +16,26 @@
 #
 # A dry run on CPU with tiny shapes checks the script itself:
 #   ALLOW_CPU=1 BENCH_PRESETS=debug BENCH_ARGS="--steps 2 --warmup-steps 1 --seq-len 64 --local-batch-size 2" \
-#   LOSS_PRESETS=debug LOSS_ARGS="--seq-len 64 --local-batch-size 2" SWEEPS=0 OUT=/tmp/gpu_bench_dry launch/gpu_bench.sh
+#   LOSS_PRESETS=debug LOSS_ARGS="--seq-len 64 --local-batch-size 2" SWEEPS=0 CKPT_FLAVORS=debug GPU_CHECK=0 \
+#   OUT=/tmp/gpu_bench_dry launch/gpu_bench.sh
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "${ROOT}"
 OUT=${OUT:-bench_results}
-mkdir -p "${OUT}"
+# WORK holds every intermediate file; OUT receives summary.md and all_results.tar.gz at the end
+# (set WORK elsewhere when OUT must stay small). By default they are the same folder.
+FINAL_OUT=${OUT}
+OUT=${WORK:-${OUT}}
+mkdir -p "${OUT}" "${FINAL_OUT}"
 BUDGET_S=${BUDGET_S:-540}
 BENCH_PRESETS=${BENCH_PRESETS:-"125M 1B 350M 600M 1.5B 125M_ls 350M_ls"}
 BENCH_ARGS=${BENCH_ARGS:-"--steps 8 --warmup-steps 3"}
 LOSS_PRESETS=${LOSS_PRESETS:-"125M 1.5B"}
 LOSS_ARGS=${LOSS_ARGS:-""}
 SWEEPS=${SWEEPS:-1}
+CKPT_FLAVORS=${CKPT_FLAVORS:-"125M 1.5B"}
+GPU_CHECK=${GPU_CHECK:-1}
 PY=python3
 
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
@@ -86,7 +94,12 @@ else
     echo "== gpu_tests: skipped, pytest is not installed" | tee -a "${OUT}/skipped.txt"
 fi
 
-# 5. Sweeps, most informative first. Each is its own process (a fresh compile cache).
+# 5. How long a checkpoint save blocks training, per async mode (the fault-tolerance figures).
+# shellcheck disable=SC2086
+stage checkpoint_bench 60 0 ${PY} -m mobilellm_train.checkpoint_bench --flavor ${CKPT_FLAVORS} --repeats 2 \
+    --out "${OUT}/checkpoint_bench.json"
+
+# 6. Sweeps, most informative first. Each is its own process (a fresh compile cache).
 if [ "${SWEEPS}" = 1 ]; then
     stage sweep_1B_ac 90 0 ${PY} -m mobilellm_train.bench --presets 1B --no-baseline --steps 6 --warmup-steps 3 \
         --activation_checkpoint.mode selective --out "${OUT}" --name sweep_1B_selective
@@ -99,6 +112,9 @@ if [ "${SWEEPS}" = 1 ]; then
     stage sweep_600M_reshard 60 0 ${PY} -m mobilellm_train.bench --presets 600M --no-baseline --steps 6 \
         --warmup-steps 3 --parallelism.reshard_after_forward false --out "${OUT}" --name sweep_600M_noreshard
 fi
+
+# 7. The whole trainer (data loader, logging, metrics.jsonl) on the 125M and 1B presets, if time is left.
+[ "${GPU_CHECK}" = 1 ] && stage gpu_check 150 0 ${PY} launch/gpu_check.py --presets 125M 1B --steps 30 --out "${OUT}/gpu_check"
 
 {
     echo "# GPU bench $(date -u +%Y-%m-%d)"
@@ -113,6 +129,9 @@ fi
         echo
         cat "${f}"
     done
+    for f in "${OUT}"/checkpoint_bench.json "${OUT}"/gpu_check/gpu_check.json; do
+        [ -f "${f}" ] && { echo; echo "## $(basename "${f}")"; echo; echo '```'; cat "${f}"; echo '```'; }
+    done
     if [ -f "${OUT}/gpu_tests.log" ]; then
         echo
         echo "## gpu tests"
@@ -125,4 +144,8 @@ fi
         [ -f "${OUT}/${f}.txt" ] && { echo; echo "## ${f}"; echo; cat "${OUT}/${f}.txt"; }
     done
 } > "${OUT}/summary.md"
-echo "gpu_bench: done in ${SECONDS}s; see ${OUT}/summary.md"
+# A machine that sends back only a few files: everything else travels as one archive.
+tar czf /tmp/gpu_bench_results.tar.gz -C "${OUT}" --exclude synthetic_tokens --exclude all_results.tar.gz . \
+    && mv /tmp/gpu_bench_results.tar.gz "${FINAL_OUT}/all_results.tar.gz"
+[ "${FINAL_OUT}" = "${OUT}" ] || cp "${OUT}/summary.md" "${FINAL_OUT}/summary.md"
+echo "gpu_bench: done in ${SECONDS}s; see ${FINAL_OUT}/summary.md (everything in ${FINAL_OUT}/all_results.tar.gz)"
