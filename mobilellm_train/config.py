@@ -185,6 +185,9 @@ class ParallelismConfig:
     reshard_after_forward: bool = True
     """Free gathered block weights after forward (saves memory, costs a second all-gather in
     backward). Off suits small models."""
+    explicit_prefetch: bool = False
+    """Issue block i+1's all-gather when block i starts (and i-1's in backward), instead of
+    FSDP2's implicit prefetching."""
 
 
 @dataclass

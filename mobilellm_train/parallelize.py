@@ -66,6 +66,11 @@ def apply_fsdp(
         reshard = cfg.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    if cfg.explicit_prefetch:
+        # Gather the next block while this one computes, in both directions.
+        for prev, nxt in zip(blocks, blocks[1:]):
+            prev.set_modules_to_forward_prefetch([nxt])
+            nxt.set_modules_to_backward_prefetch([prev])
 
 
 def parallelize(

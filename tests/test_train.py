@@ -59,6 +59,7 @@ def test_two_ranks_fsdp_resume_equals_uninterrupted(tmp_path):
     # reshard_after_forward off and HSDP-free FSDP over 2 gloo ranks.
     data = make_corpus(tmp_path / "data", folders=2)
     common = {"activation_checkpoint.mode": "selective", "activation_checkpoint.selective_every": 2,
+              "parallelism.explicit_prefetch": "true",
               "training.global_batch_size": 16, "parallelism.reshard_after_forward": "false",
               "model.layer_sharing": "true"}
     straight, split = tmp_path / "straight", tmp_path / "split"
