@@ -5,15 +5,17 @@ is a Llama model of 2L layers whose layer 2i+1 repeats layer 2i. The rotary embe
 follow HF's rotate_half convention, so q/k weights map with no permutation.
 
 `load_hf_checkpoint` reads a Hugging Face folder (config.json and safetensors or
-pytorch_model.bin weights, sharded or not) into our ModelArgs and state dict, for evaluation,
-generation and continued pretraining. export.py writes such folders.
+pytorch_model.bin weights, sharded or not) into our ModelArgs and state dict, for evaluation and
+generation; `load_hf_into_model` puts such a folder's weights into a (sharded) training model, for
+continued pretraining. export.py writes such folders.
 
-Pure tensor, dict and file plumbing: transformers is an optional dependency and is not imported
-here (safetensors is imported only when a folder holds .safetensors files).
+Tensor, dict and file plumbing: transformers is an optional dependency and is not imported here
+(safetensors is imported only when a folder holds .safetensors files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -287,7 +289,9 @@ def load_hf_checkpoint(
     layer_sharing: True reads the 2L HF layers as L shared blocks (pairs 2i, 2i+1 must be equal),
     False as 2L independent blocks (always possible: the same function, twice the parameters).
     None decides: the `mobilellm_layer_sharing` key that export.py writes, or else True exactly
-    when every pair of layers is equal.
+    when every pair of layers is equal. A config with MobileLLM's own `"layer_sharing": true`
+    (its modeling code stores L blocks and runs each twice) imports as L shared blocks unless
+    layer_sharing is False.
     """
     cfg = read_hf_config(folder)
     config_path = os.path.join(folder, CONFIG_FILE)
@@ -304,14 +308,23 @@ def load_hf_checkpoint(
         )
         cfg["tie_word_embeddings"] = True
     num_hidden_layers = cfg.get("num_hidden_layers")
-    if layer_sharing is None:
+    # MobileLLM's own modeling code stores L blocks and runs each twice when its config says
+    # "layer_sharing": true; plain transformers would run them once, another function.
+    repeats_stored_blocks = cfg.get("layer_sharing") is True
+    if repeats_stored_blocks and layer_sharing is False:
+        logger.warning("%s: config.json says layer_sharing (each stored block runs twice); importing "
+                       "without the repeat as asked, which computes a different function", config_path)
+    elif repeats_stored_blocks:
+        layer_sharing = True
+    elif layer_sharing is None:
         hint = cfg.get(LAYER_SHARING_KEY)
         layer_sharing = bool(hint) if hint is not None else _pairs_equal(hf_sd, num_hidden_layers or 0)
         if layer_sharing:
             logger.info("%s: importing %s layers as %s shared blocks (MobileLLM-LS)", folder,
                         num_hidden_layers, (num_hidden_layers or 0) // 2)
+    split_pairs = layer_sharing and not repeats_stored_blocks
     try:
-        args = args_from_hf_config(cfg, layer_sharing=layer_sharing)
+        stored_args = args_from_hf_config(cfg, layer_sharing=split_pairs)
     except KeyError as e:
         raise HFCheckpointError(f"{config_path}: missing key {e}") from None
     except (ValueError, TypeError) as e:
@@ -320,9 +333,11 @@ def load_hf_checkpoint(
     if bad_dtype:
         raise HFCheckpointError(f"{folder}: non-float weights ({bad_dtype}); quantized checkpoints are not supported")
     try:
-        state = from_hf_state_dict(hf_sd, args)
+        state = from_hf_state_dict(hf_sd, stored_args)
     except ValueError as e:
         raise HFCheckpointError(f"{folder}: {e}") from None
+    # Our parameter names do not depend on the repeat, so the stored blocks map as they are.
+    args = dataclasses.replace(stored_args, layer_sharing=bool(layer_sharing))
     expected = _expected_shapes(args)
     for key, value in state.items():
         if tuple(value.shape) != expected[key]:
@@ -355,3 +370,38 @@ def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes["output.weight"] = (args.vocab_size, args.dim)
     shapes["norm.weight"] = (args.dim,)
     return shapes
+
+
+def load_hf_into_model(model, folder: str) -> None:
+    """Copy a Hugging Face folder's weights into `model`, a MobileLLM, plain or FSDP-sharded.
+
+    Under a process group this is a collective, called on every rank: rank 0 reads the folder
+    and broadcasts tensor by tensor, each rank keeps its shard, so no other rank holds the whole
+    model. The folder must describe the model's shape, layer sharing as the model has it
+    (max_seq_len may differ: it only sizes the rotary tables). For `checkpoint.initial_load_path`.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    distributed = dist.is_available() and dist.is_initialized()
+    state: dict[str, Tensor] = {}
+    error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            args, state = load_hf_checkpoint(folder, layer_sharing=model.args.layer_sharing)
+            ours, theirs = dataclasses.asdict(model.args), dataclasses.asdict(args)
+            diff = {k: (theirs[k], v) for k, v in ours.items() if k != "max_seq_len" and theirs[k] != v}
+            if diff:
+                raise HFCheckpointError(f"{folder} holds another model: (folder, this model) differ in {diff}")
+        except HFCheckpointError as e:
+            error = str(e)
+    if distributed:
+        # Every rank raises together rather than waiting forever for rank 0's broadcast.
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise HFCheckpointError(error)
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    )

@@ -1,0 +1,227 @@
+"""mobilellm-eval: the MobileLLM results table, WikiText-2 and token-data perplexity for your
+own checkpoints, offline, on one GPU or on CPU.
+
+    mobilellm-eval --checkpoint outputs/125M/checkpoints/step-480000 --data-dir ~/eval_data
+    mobilellm-eval --checkpoint exported/125M --checkpoint exported/LS-125M --names ours,ours-LS \
+        --tasks all --data-dir ~/eval_data --reference MobileLLM-125M,MobileLLM-LS-125M --out results.json
+    python -m mobilellm_train.evaluation.cli --checkpoint STEP --tasks tokens --token-data outputs/debug/demo_data/val
+
+--checkpoint takes a DCP step folder or a Hugging Face folder and may be repeated (a table row
+each). --tasks is a comma list of arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, obqa,
+winogrande (or `commonsense` for the eight), wikitext, tokens; `all` is the eight plus wikitext.
+docs/EVALUATION.md describes the data layout under --data-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from mobilellm_train.checkpoint import CheckpointError, is_complete
+from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.evaluation.loading import load_model, load_tokenizer
+from mobilellm_train.evaluation.perplexity import (
+    evaluate_perplexity,
+    find_wikitext,
+    pack_windows,
+    read_wikitext_rows,
+    token_documents,
+    wikitext_windows,
+)
+from mobilellm_train.evaluation.report import PAPER_RESULTS, average, format_table
+from mobilellm_train.evaluation.scoring import evaluate_tasks
+from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, find_task_files
+from mobilellm_train.hf import HFCheckpointError
+
+logger = logging.getLogger("mobilellm_train")
+
+PERPLEXITY_TASKS = ("wikitext", "tokens")
+TASK_GROUPS = {"commonsense": tuple(TASKS), "all": (*TASKS, "wikitext")}
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together; reported before any model is loaded."""
+
+
+def parse_tasks(spec: str) -> list[str]:
+    tasks: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        expanded = TASK_GROUPS.get(item, (item,))
+        for name in expanded:
+            if name not in TASKS and name not in PERPLEXITY_TASKS:
+                known = ", ".join([*TASKS, *PERPLEXITY_TASKS, *TASK_GROUPS])
+                raise UsageError(f"--tasks: unknown task {name!r}; known: {known}")
+            if name not in tasks:
+                tasks.append(name)
+    if not tasks:
+        raise UsageError("--tasks is empty")
+    return tasks
+
+
+def default_name(checkpoint: str) -> str:
+    """<run folder>/step-N for a DCP step folder, the folder's name for an HF folder."""
+    path = os.path.abspath(checkpoint)
+    if is_complete(path) and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}/{os.path.basename(path)}"
+    return os.path.basename(path)
+
+
+def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
+    """Everything about the data that can fail, before minutes are spent loading a model."""
+    mc_tasks = [t for t in tasks if t in TASKS]
+    if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
+        raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
+    for name in mc_tasks:
+        find_task_files(name, args.data_dir)
+    if "wikitext" in tasks:
+        if args.wikitext and not os.path.isfile(args.wikitext):
+            raise UsageError(f"--wikitext {args.wikitext}: no such file")
+        if not args.wikitext:
+            find_wikitext(args.data_dir)
+    if "tokens" in tasks and not args.token_data:
+        raise UsageError("--tasks tokens needs --token-data PATH (a prepared shard dataset, or PATH/<node>/*.jsonl)")
+    if "tokens" in tasks and not os.path.isdir(args.token_data):
+        raise UsageError(f"--token-data {args.token_data}: no such folder")
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists; choose another file or pass --overwrite")
+    for name in args.reference:
+        if name not in PAPER_RESULTS:
+            raise UsageError(f"--reference {name!r}: the paper's rows are {', '.join(PAPER_RESULTS)}")
+
+
+def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
+    begin = time.perf_counter()
+    layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
+    model = load_model(checkpoint, device=device, layer_sharing=layer_sharing)
+    tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
+    if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
+        raise UsageError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{model.args.vocab_size}: they do not belong together"
+        )
+    logger.info("loaded %s (%s) in %.1fs", checkpoint, type(model).__name__, time.perf_counter() - begin)
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    record: dict = {"checkpoint": os.path.abspath(checkpoint), "tasks": {}, "perplexity": {}}
+    seq_len = args.seq_len or model.args.max_seq_len
+    if seq_len > model.args.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
+    with autocast:
+        mc_tasks = [t for t in tasks if t in TASKS]
+        if mc_tasks:
+            results = evaluate_tasks(
+                model, tokenizer, mc_tasks, args.data_dir, args.batch_size, args.limit, add_bos=not args.no_bos
+            )
+            for name, r in results.items():
+                record["tasks"][name] = {
+                    "acc": r.acc, "acc_norm": r.acc_norm, "num_examples": r.num_examples,
+                    "metric": r.metric, "score": 100.0 * r.score,
+                }
+        if "wikitext" in tasks:
+            path = args.wikitext or find_wikitext(args.data_dir)
+            windows = wikitext_windows(read_wikitext_rows(path), tokenizer, seq_len, add_bos=not args.no_bos)
+            if args.max_windows:
+                windows = windows[: args.max_windows]
+            result = evaluate_perplexity(model, windows, args.ppl_batch_size, description="wikitext")
+            record["perplexity"]["wikitext"] = {**vars(result), "perplexity": result.perplexity,
+                                                "mean_nll": result.mean_nll, "seq_len": seq_len, "file": path}
+        if "tokens" in tasks:
+            documents = token_documents(args.token_data, model.args.vocab_size)
+            windows = pack_windows(documents, seq_len + 1, args.max_windows)
+            result = evaluate_perplexity(model, windows, args.ppl_batch_size, description="tokens")
+            record["perplexity"]["tokens"] = {**vars(result), "perplexity": result.perplexity,
+                                              "mean_nll": result.mean_nll, "seq_len": seq_len, "path": args.token_data}
+    record["seconds"] = round(time.perf_counter() - begin, 1)
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mobilellm-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="DCP step folder or Hugging Face folder; repeat for several models (a row each)")
+    p.add_argument("--names", default="", help="comma list of row names, one per --checkpoint")
+    p.add_argument("--tasks", default="commonsense",
+                   help="comma list; commonsense = the eight table tasks, all = those + wikitext")
+    p.add_argument("--data-dir", default="", help="folder with one subfolder per task (docs/EVALUATION.md)")
+    p.add_argument("--wikitext", default="",
+                   help="WikiText-2 test file (.parquet or wiki.test.raw) instead of <data-dir>/wikitext")
+    p.add_argument("--token-data", default="",
+                   help="token data for --tasks tokens: a prepared shard dataset or the JSONL layout")
+    p.add_argument("--limit", type=int, default=0, help="only the first N examples of each task (0: all)")
+    p.add_argument("--max-windows", type=int, default=0, help="only the first N perplexity windows (0: all)")
+    p.add_argument("--seq-len", type=int, default=0, help="perplexity window (0: the model's max_seq_len, 2048)")
+    p.add_argument("--batch-size", type=int, default=32, help="choice sequences per forward")
+    p.add_argument("--ppl-batch-size", type=int, default=4, help="perplexity windows per forward")
+    p.add_argument("--device", default="", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (older harness versions)")
+    p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto",
+                   help="HF folders: read layers 2i, 2i+1 as one shared block (auto: from config.json or the weights)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
+    p.add_argument("--reference", default="", help="comma list of paper rows to print below, e.g. MobileLLM-125M")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
+    try:
+        tasks = parse_tasks(args.tasks)
+        names = [n.strip() for n in args.names.split(",")] if args.names else [default_name(c) for c in args.checkpoint]
+        if len(names) != len(args.checkpoint):
+            raise UsageError(f"--names has {len(names)} names for {len(args.checkpoint)} checkpoints")
+        if min(args.batch_size, args.ppl_batch_size) < 1 or min(args.limit, args.max_windows, args.seq_len) < 0:
+            raise UsageError("batch sizes must be >= 1 and --limit, --max-windows, --seq-len >= 0")
+        _check_inputs(args, tasks)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        records = {}
+        for name, checkpoint in zip(names, args.checkpoint):
+            records[name] = evaluate_checkpoint(args, checkpoint, tasks, device)
+    except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError) as e:
+        print(f"eval error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+    rows = {name: {t: r["score"] for t, r in rec["tasks"].items()} for name, rec in records.items()}
+    for rec, scores in zip(records.values(), rows.values()):
+        rec["average"] = average(scores)
+    table = format_table(rows, tuple(args.reference)) if any(rows.values()) or args.reference else ""
+    if table:
+        print(table)
+    for name, rec in records.items():
+        for kind, r in rec["perplexity"].items():
+            print(f"{name}: {kind} perplexity {r['perplexity']:.3f} (mean NLL {r['mean_nll']:.4f}, "
+                  f"{r['num_windows']} windows of {r['seq_len']} tokens)")
+    if args.out:
+        report = {
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "names", "out", "overwrite")},
+            "models": records,
+            "table": table,
+        }
+        tmp = f"{args.out}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Loading a model and its tokenizer for evaluation and generation, from either kind of folder:
+
+- a DCP step folder of a training run (`<run>/checkpoints/step-N`, recognised by `.metadata`),
+  whose tokenizer the trainer copied in as `tokenizer.model`;
+- a Hugging Face folder (recognised by `config.json`): one that export.py wrote, or any Llama
+  model whose shape MobileLLM can express (hf.load_hf_checkpoint).
+
+The tokenizer is a SentencePiece `tokenizer.model` read with sentencepiece (identical ids to
+transformers' LlamaTokenizer), or, for an HF folder that only has `tokenizer.json`, the folder's
+tokenizer through transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mobilellm_train.checkpoint import TOKENIZER_FILE, is_complete, load_model_from_checkpoint
+from mobilellm_train.hf import is_hf_folder, load_hf_checkpoint
+from mobilellm_train.model import MobileLLM
+
+
+class Tokenizer:
+    """What evaluation and generation need of a tokenizer: text <-> ids, without special tokens
+    (callers add BOS themselves), and the BOS/EOS ids (-1 when the tokenizer has none)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._sp = None
+        self._hf = None
+        if os.path.isdir(path):
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise FileNotFoundError(
+                    f"{path} has no {TOKENIZER_FILE}; reading its tokenizer.json needs transformers"
+                ) from None
+            self._hf = AutoTokenizer.from_pretrained(path)
+            self.bos_id = self._hf.bos_token_id if self._hf.bos_token_id is not None else -1
+            self.eos_id = self._hf.eos_token_id if self._hf.eos_token_id is not None else -1
+            self.vocab_size = len(self._hf)
+        else:
+            import sentencepiece as spm
+
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=path)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+            self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+            self.vocab_size = self._sp.vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        if self._sp is not None:
+            return self._sp.encode(text)
+        return self._hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        if self._sp is not None:
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+
+def find_tokenizer(checkpoint: str) -> str:
+    """The tokenizer stored with a checkpoint: its tokenizer.model, or an HF folder's own
+    tokenizer files; "" when there is none."""
+    if os.path.isfile(os.path.join(checkpoint, TOKENIZER_FILE)):
+        return os.path.join(checkpoint, TOKENIZER_FILE)
+    if is_hf_folder(checkpoint) and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
+        return checkpoint
+    return ""
+
+
+def load_tokenizer(checkpoint: str, tokenizer_path: str = "") -> Tokenizer:
+    """`tokenizer_path` when given, else the checkpoint's own; a FileNotFoundError names both."""
+    path = tokenizer_path or find_tokenizer(checkpoint)
+    if not path:
+        raise FileNotFoundError(
+            f"{checkpoint} holds no {TOKENIZER_FILE} (nor tokenizer.json); pass --tokenizer PATH"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--tokenizer {path}: no such file")
+    return Tokenizer(path)
+
+
+def load_model(
+    checkpoint: str, device: str | torch.device = "cpu", layer_sharing: bool | None = None
+) -> MobileLLM:
+    """A plain fp32 MobileLLM in eval mode from a DCP step folder or a Hugging Face folder.
+
+    layer_sharing applies to HF folders only (see hf.load_hf_checkpoint); a DCP checkpoint
+    records its own.
+    """
+    if is_complete(checkpoint):
+        return load_model_from_checkpoint(checkpoint, device=device)
+    if is_hf_folder(checkpoint):
+        args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
+        with torch.device("meta"):
+            model = MobileLLM(args)
+        model.to_empty(device=device)
+        model.init_weights()  # the RoPE tables; every weight is overwritten next
+        model.load_state_dict(state)
+        return model.eval()
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
+    raise FileNotFoundError(
+        f"--checkpoint {checkpoint}: neither a complete DCP step folder (no .metadata) nor a "
+        "Hugging Face folder (no config.json)"
+    )

@@ -1,0 +1,240 @@
+"""Export a training checkpoint (a DCP step folder) as a Hugging Face `LlamaForCausalLM` folder.
+
+    mobilellm-export --checkpoint outputs/125M/checkpoints/step-480000 --out exported/125M
+    python -m mobilellm_train.export --checkpoint STEP_FOLDER --out FOLDER \
+        [--dtype float32|bfloat16] [--format safetensors|torch] [--tokenizer tokenizer.model] [--overwrite]
+
+The folder holds config.json (a Llama config with tied embeddings, hf.hf_llama_config), the
+weights (model.safetensors, or pytorch_model.bin with --format torch), generation_config.json and
+the tokenizer: tokenizer.model with tokenizer_config.json and special_tokens_map.json for
+LlamaTokenizer. It loads with `AutoModelForCausalLM.from_pretrained(FOLDER)` and
+`AutoTokenizer.from_pretrained(FOLDER)`. A layer-sharing model becomes a Llama model of 2L layers
+whose layers 2i and 2i+1 are equal; `hf.load_hf_checkpoint` reads it back as L shared blocks.
+
+The tokenizer comes from the step folder (the trainer copies it there), else from --tokenizer;
+without either the model is exported alone, with a warning. Nothing is overwritten: an existing,
+non-empty --out is refused unless --overwrite, and the folder is written under a temporary name
+and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+
+import torch
+from torch import Tensor
+
+from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model_from_checkpoint
+from mobilellm_train.hf import hf_llama_config, to_hf_state_dict
+from mobilellm_train.model import ModelArgs
+
+logger = logging.getLogger("mobilellm_train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written: its destination, tokenizer or arguments are unusable."""
+
+
+def _check_destination(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir} exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(
+            f"--out {out_dir} exists and is not empty; choose another folder or pass --overwrite "
+            "to replace it"
+        )
+
+
+def tokenizer_files(tokenizer_path: str, model_args: ModelArgs) -> dict[str, str]:
+    """tokenizer_config.json and special_tokens_map.json for a SentencePiece model, as text.
+
+    The special tokens are read from the model itself, so a tokenizer trained with other piece
+    names or ids (the demo corpus's, say) is described as it is.
+    """
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except (OSError, RuntimeError) as e:
+        raise ExportError(f"{tokenizer_path}: not a SentencePiece model ({e})") from None
+    if sp.vocab_size() > model_args.vocab_size:
+        raise ExportError(
+            f"{tokenizer_path}: {sp.vocab_size()} pieces, more than the model's vocab_size "
+            f"{model_args.vocab_size}; this tokenizer does not belong to this model"
+        )
+
+    def piece(token_id: int) -> str | None:
+        return sp.id_to_piece(token_id) if token_id >= 0 else None
+
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    config = {
+        # As MobileLLM's own release: BOS prepended, no EOS appended, the legacy (slow) Llama
+        # SentencePiece behaviour, no pad token.
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": sp.bos_id() >= 0,
+        "add_eos_token": False,
+        **special,
+        "pad_token": None,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_args.max_seq_len,
+        "sp_model_kwargs": {},
+    }
+    special_map = {k: v for k, v in special.items() if v is not None}
+    return {
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(special_map, indent=2) + "\n",
+    }
+
+
+def _special_ids(tokenizer_path: str) -> tuple[int, int]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    return sp.bos_id(), sp.eos_id()
+
+
+def write_hf_folder(
+    model_args: ModelArgs,
+    state_dict: dict[str, Tensor],
+    out_dir: str,
+    dtype: str = "float32",
+    weight_format: str = "safetensors",
+    tokenizer_path: str = "",
+    overwrite: bool = False,
+) -> str:
+    """Write `state_dict` (ours, as MobileLLM.state_dict()) as a Hugging Face folder; returns it."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if weight_format not in WEIGHT_FILES:
+        raise ExportError(f"--format {weight_format!r}: choose one of {sorted(WEIGHT_FILES)}")
+    if tokenizer_path and not os.path.isfile(tokenizer_path):
+        raise ExportError(f"--tokenizer {tokenizer_path}: no such file")
+    if weight_format == "safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise ExportError("--format safetensors needs the safetensors package (pip install safetensors), "
+                          "or use --format torch")
+    out_dir = os.path.abspath(out_dir)
+    _check_destination(out_dir, overwrite)
+
+    files: dict[str, str] = {}
+    config = hf_llama_config(model_args, dtype=dtype)
+    bos_id, eos_id = config["bos_token_id"], config["eos_token_id"]
+    if tokenizer_path:
+        files.update(tokenizer_files(tokenizer_path, model_args))
+        bos_id, eos_id = _special_ids(tokenizer_path)
+        config.update(bos_token_id=bos_id if bos_id >= 0 else None, eos_token_id=eos_id if eos_id >= 0 else None)
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
+    files["generation_config.json"] = json.dumps(
+        {"_from_model_config": True, "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+        indent=2,
+    ) + "\n"
+
+    # A fresh, contiguous tensor per HF name: safetensors refuses tensors sharing storage, and
+    # under layer sharing layers 2i and 2i+1 are one tensor until here.
+    torch_dtype = DTYPES[dtype]
+    hf_state = {
+        name: tensor.detach().to(device="cpu", dtype=torch_dtype, copy=True).contiguous()
+        for name, tensor in to_hf_state_dict(state_dict, model_args).items()
+    }
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # only ever ours: the name carries our pid
+    os.makedirs(tmp_dir)
+    try:
+        for name, text in files.items():
+            with open(os.path.join(tmp_dir, name), "w") as f:
+                f.write(text)
+        weights_path = os.path.join(tmp_dir, WEIGHT_FILES[weight_format])
+        if weight_format == "safetensors":
+            from safetensors.torch import save_file
+
+            # transformers checks this metadata entry to know the tensors are PyTorch's.
+            save_file(hf_state, weights_path, metadata={"format": "pt"})
+        else:
+            torch.save(hf_state, weights_path)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp_dir, TOKENIZER_FILE))
+        _move_into_place(tmp_dir, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _move_into_place(tmp_dir: str, out_dir: str, overwrite: bool) -> None:
+    # Checked again: the destination may have changed while the weights were written.
+    _check_destination(out_dir, overwrite)
+    if not os.path.isdir(out_dir):
+        os.rename(tmp_dir, out_dir)
+    elif not os.listdir(out_dir):
+        os.rmdir(out_dir)
+        os.rename(tmp_dir, out_dir)
+    else:
+        # --overwrite: the old folder goes only once the new one is in place.
+        old_dir = f"{out_dir}.old-{os.getpid()}"
+        os.rename(out_dir, old_dir)
+        os.rename(tmp_dir, out_dir)
+        shutil.rmtree(old_dir)
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str,
+    dtype: str = "float32",
+    weight_format: str = "safetensors",
+    tokenizer_path: str = "",
+    overwrite: bool = False,
+) -> str:
+    """Export a DCP step folder (see the module docstring); returns the written folder."""
+    _check_destination(os.path.abspath(out_dir), overwrite)  # fail before the slow load
+    if not tokenizer_path:
+        in_step = os.path.join(checkpoint, TOKENIZER_FILE)
+        if os.path.isfile(in_step):
+            tokenizer_path = in_step
+        else:
+            logger.warning(
+                "%s holds no %s and --tokenizer is not given: exporting the model without a tokenizer",
+                checkpoint, TOKENIZER_FILE,
+            )
+    model = load_model_from_checkpoint(checkpoint)
+    return write_hf_folder(
+        model.args, model.state_dict(), out_dir, dtype, weight_format, tokenizer_path, overwrite
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mobilellm-export", description="Export a DCP checkpoint step folder as a Hugging Face Llama folder."
+    )
+    parser.add_argument("--checkpoint", required=True, help="DCP step folder, e.g. <run>/checkpoints/step-1000")
+    parser.add_argument("--out", required=True, help="folder to create (refused if it exists and is not empty)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
+    parser.add_argument("--format", dest="weight_format", choices=sorted(WEIGHT_FILES), default="safetensors",
+                        help="model.safetensors (default) or pytorch_model.bin")
+    parser.add_argument("--tokenizer", default="", help="SentencePiece tokenizer.model, when the step folder has none")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite
+        )
+    except (ExportError, CheckpointError) as e:
+        print(f"export error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

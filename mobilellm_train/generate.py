@@ -1,0 +1,215 @@
+"""Sample text from a checkpoint, for a quick look: greedy, temperature and top-p, with a KV cache.
+
+    mobilellm-generate --checkpoint outputs/debug/checkpoints/step-200 --prompt "Return the"
+    python -m mobilellm_train.generate --checkpoint FOLDER --prompt "..." [--prompt ...] \
+        [--max-new-tokens 64] [--temperature 0.8] [--top-p 0.95] [--num-samples 3] [--seed 0]
+
+--checkpoint is a DCP step folder or a Hugging Face folder (export.py's, or any Llama that maps
+onto MobileLLM). Temperature 0 (the default) is greedy decoding.
+
+The cached decoding path reuses the model's own modules (embedding, norms, projections,
+feed-forward, output) and only re-implements the attention step, to append each new position's
+keys and values to a cache instead of recomputing the whole prefix: model.py stays a plain
+training model. A layer-sharing block runs twice per token, each pass with its own cache slot,
+as in the model's forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from mobilellm_train.checkpoint import CheckpointError
+from mobilellm_train.evaluation.loading import load_model, load_tokenizer
+from mobilellm_train.hf import HFCheckpointError
+from mobilellm_train.model import Attention, MobileLLM, apply_rope
+
+
+class KVCache:
+    """Keys and values of every attention pass, [passes, batch, kv_heads, max_len, head_dim];
+    allocated at the first write, in the dtype the projections produce (bf16 under autocast)."""
+
+    def __init__(self, model: MobileLLM, batch_size: int, max_len: int):
+        args = model.args
+        self.num_passes = args.n_layers * args.n_passes
+        self.shape = (self.num_passes, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, index: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv_heads, T, head_dim] at positions start..start+T of pass `index`;
+        return every key and value up to there."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = start + k.shape[2]
+        self.k[index, :, :, start:end] = k
+        self.v[index, :, :, start:end] = v
+        return self.k[index, :, :, :end], self.v[index, :, :, :end]
+
+
+def _cached_attention(
+    attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cache: KVCache, index: int, start: int, mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention.forward for positions start..start+T, attending to the cache and themselves."""
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.wv(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = cache.update(index, start, k, v)
+    if start == 0:
+        # A prompt alone: plain causal attention, the same kernel call as the model's forward.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return attn.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+@torch.no_grad()
+def forward_cached(model: MobileLLM, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    """Logits [B, T, vocab] for `tokens` at positions start..start+T, given that the cache holds
+    positions 0..start; the new keys and values are added to it."""
+    T = tokens.shape[1]
+    end = start + T
+    if end > min(cache.max_len, model.args.max_seq_len):
+        raise ValueError(
+            f"position {end} is beyond the cache ({cache.max_len}) or max_seq_len ({model.args.max_seq_len})"
+        )
+    cos, sin = model.rope_cos[start:end], model.rope_sin[start:end]
+    mask = None
+    if start > 0 and T > 1:
+        # Query i (position start+i) sees keys 0..start+i.
+        keys = torch.arange(end, device=tokens.device)
+        mask = keys[None, :] <= keys[start:, None]
+    h = model.tok_embeddings(tokens)
+    index = 0
+    for block in model.layers:
+        for _ in range(block.n_passes):
+            h = h + _cached_attention(block.attention, block.attention_norm(h), cos, sin, cache, index, start, mask)
+            h = h + block.feed_forward(block.ffn_norm(h))
+            index += 1
+    return model.output(model.norm(h))
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token ids [B] from logits [B, vocab]: greedy at temperature 0, else sampled from the
+    smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the ones before it already reach top_p; the first always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # multinomial normalises, so the truncated distribution needs no renormalising.
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: MobileLLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    eos_id: int = -1,
+    seed: int = 0,
+    vocab_limit: int = 0,
+) -> list[list[int]]:
+    """`num_samples` continuations of `prompt` (token ids), each up to max_new_tokens long and
+    ending before the first EOS; the total length stops at the model's max_seq_len.
+
+    vocab_limit > 0 never samples ids from there on: a model's vocabulary may be larger than
+    its tokenizer's, and those ids have no text."""
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    max_len = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
+    if len(prompt) >= model.args.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room within max_seq_len {model.args.max_seq_len}")
+    device = model.rope_cos.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model, num_samples, max_len)
+    tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+    logits = forward_cached(model, tokens, cache, 0)[:, -1]
+    out = []
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    for position in range(len(prompt), max_len):
+        if vocab_limit:
+            logits[:, vocab_limit:] = float("-inf")
+        next_ids = sample_next(logits, temperature, top_p, generator)
+        out.append(next_ids)
+        finished |= next_ids == eos_id
+        if finished.all() or position + 1 == max_len:
+            break
+        logits = forward_cached(model, next_ids[:, None], cache, position)[:, -1]
+    samples = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(num_samples)]
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in samples]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="mobilellm-generate", description="Sample continuations of prompts from a checkpoint."
+    )
+    p.add_argument("--checkpoint", required=True, help="DCP step folder or Hugging Face folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for several")
+    p.add_argument("--prompt-file", default="", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bos", action="store_true", help="do not start the prompt with BOS")
+    p.add_argument("--device", default="", help="cuda, cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bf16 autocast on GPU")
+    p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto", help="HF folders only")
+    p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    prompts = list(args.prompt)
+    try:
+        if args.prompt_file:
+            with open(args.prompt_file) as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError("give --prompt TEXT or --prompt-file FILE")
+        if args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
+            raise ValueError("need --max-new-tokens >= 1, --num-samples >= 1, 0 < --top-p <= 1, --temperature >= 0")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
+        model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing)
+        tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+    except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:
+        print(f"generate error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    for i, text in enumerate(prompts):
+        ids = tokenizer.encode(text)
+        if not args.no_bos and tokenizer.bos_id >= 0:
+            ids = [tokenizer.bos_id] + ids
+        with autocast:
+            samples = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p,
+                               args.num_samples, tokenizer.eos_id, args.seed + i, tokenizer.vocab_size)
+        for j, sample in enumerate(samples):
+            header = f"=== prompt {i + 1}" + (f", sample {j + 1}" if args.num_samples > 1 else "") + " ==="
+            # Decoded together with the prompt: SentencePiece drops the leading space of a
+            # sequence's first piece, which would glue the continuation to the prompt.
+            print(f"{header}\n{tokenizer.decode(ids + sample)}\n")
+
+
+if __name__ == "__main__":
+    main()
