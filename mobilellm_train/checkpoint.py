@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mobilellm_train.config import CheckpointConfig
+from mobilellm_train.hf import HFCheckpointError, is_hf_folder, load_hf_into_model
 from mobilellm_train.model import MobileLLM, ModelArgs
 
 logger = logging.getLogger("mobilellm_train")
@@ -275,6 +276,13 @@ class Checkpointer:
         logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
 
     def load_model_only(self, path: str) -> None:
+        if is_hf_folder(path):
+            try:
+                load_hf_into_model(self.states["model"].model, path)
+            except HFCheckpointError as e:
+                raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
+            logger.info("initialised model weights from the Hugging Face folder %s", path)
+            return
         if not is_complete(path):
             raise CheckpointError(f"checkpoint.initial_load_path={path} is not a complete DCP checkpoint (no .metadata)")
         _checked_load({"model": self.states["model"]}, path)

@@ -29,6 +29,7 @@ else:  # pragma: no cover
 
 from mobilellm_train.data.jsonl import DataError
 from mobilellm_train.data.loader import parse_sources
+from mobilellm_train.evaluation.tasks import parse_task_names
 from mobilellm_train.model import MODEL_PRESETS, ModelArgs
 
 
@@ -247,6 +248,21 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: str = ""
+    """Zero-shot tasks to score during training, comma-separated: arc_easy, arc_challenge, boolq,
+    piqa, siqa, hellaswag, obqa, winogrande, or commonsense for all eight. Empty: none."""
+    data_dir: str = ""
+    """Folder with one subfolder per task, laid out as docs/EVALUATION.md describes."""
+    interval_checkpoints: int = 1
+    """Score the tasks after every N-th checkpoint save (and after the last step)."""
+    limit: int = 0
+    """Only the first N examples of each task (0: all); a few hundred keep the pause short."""
+    batch_size: int = 32
+    """Choice sequences per forward, per rank."""
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +276,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +522,15 @@ def validate(cfg: Config, world_size: int) -> None:
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")
     check(d.path or d.demo_vocab_size <= m.vocab_size,
           f"data.demo_vocab_size ({d.demo_vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
+
+    e = cfg.eval
+    try:
+        eval_tasks = parse_task_names(e.tasks)
+    except ValueError as err:
+        raise ConfigError(f"eval.tasks: {err}") from None
+    check(not eval_tasks or os.path.isdir(e.data_dir), f"eval.tasks needs eval.data_dir, a folder (got {e.data_dir!r})")
+    check(e.interval_checkpoints >= 1 and e.batch_size >= 1 and e.limit >= 0,
+          "eval.interval_checkpoints and eval.batch_size must be >= 1, eval.limit >= 0")
 
     a = cfg.activation_checkpoint
     check(a.selective_every >= 1, f"activation_checkpoint.selective_every must be >= 1 (got {a.selective_every})")

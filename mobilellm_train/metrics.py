@@ -75,7 +75,9 @@ class MetricsLogger:
 
     def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool):
         self.enabled = rank == 0
+        self.dump_folder = dump_folder
         self.jsonl = None
+        self.eval_jsonl = None
         self.tb = None
         if not self.enabled:
             return
@@ -107,7 +109,23 @@ class MetricsLogger:
             format_duration(record["eta_s"]),
         )
 
+    def log_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """Task scores at a step: <dump_folder>/eval.jsonl (apart from metrics.jsonl, whose
+        readers key records by step), TensorBoard and one stdout line."""
+        if not self.enabled:
+            return
+        if self.eval_jsonl is None:
+            self.eval_jsonl = open(os.path.join(self.dump_folder, "eval.jsonl"), "a", buffering=1)
+        self.eval_jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        table = {k.removeprefix("eval/"): v for k, v in scalars.items() if not k.endswith(("_acc", "_acc_norm"))}
+        logger.info("step %d  eval  %s", step, "  ".join(f"{k} {v:.1f}" for k, v in table.items()))
+
     def close(self) -> None:
+        if self.eval_jsonl is not None:
+            self.eval_jsonl.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:

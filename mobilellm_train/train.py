@@ -44,6 +44,10 @@ from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_datal
 from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
 from mobilellm_train.data.shards import TOKENIZER_FILE as SHARDS_TOKENIZER_FILE
 from mobilellm_train.data.shards import is_dataset
+from mobilellm_train.evaluation.loading import Tokenizer
+from mobilellm_train.evaluation.report import results_to_scalars
+from mobilellm_train.evaluation.scoring import evaluate_tasks
+from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
 from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
@@ -307,6 +311,15 @@ def train(cfg: C.Config) -> None:
             verify_checksums=cfg.data.verify_checksums,
         )
 
+    # The task files are found now, so a missing one stops the run before training, not hours in.
+    eval_tasks = parse_task_names(cfg.eval.tasks)
+    for name in eval_tasks:
+        find_task_files(name, cfg.eval.data_dir)
+    if eval_tasks and not tokenizer_path:
+        raise TaskDataError("eval.tasks needs the data's tokenizer: set data.tokenizer_path")
+    eval_tokenizer = Tokenizer(tokenizer_path) if eval_tasks else None
+    saves_since_eval = 0
+
     train_state = TrainState(dp_world_size=world_size, model_args=model_args_fingerprint(model_args))
     checkpointer = Checkpointer(
         cfg.checkpoint,
@@ -431,7 +444,16 @@ def train(cfg: C.Config) -> None:
         if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == total_steps or stopping):
             save_begin = time.perf_counter()
             checkpoint_blocked_s = checkpointer.save(step)
-            last_log_time += time.perf_counter() - save_begin  # keep save time out of the throughput figure
+            saves_since_eval += 1
+            if eval_tasks and (saves_since_eval >= cfg.eval.interval_checkpoints or step == total_steps):
+                # On every rank: FSDP gathers weights inside forward. pad_to_multiple 64 keeps the
+                # shapes few, so compiled blocks recompile little.
+                results = evaluate_tasks(model, eval_tokenizer, eval_tasks, cfg.eval.data_dir, cfg.eval.batch_size,
+                                         cfg.eval.limit, pad_to_multiple=64)
+                metrics.log_eval(step, results_to_scalars(results))
+                saves_since_eval = 0
+            # Keep save and evaluation time out of the throughput figure.
+            last_log_time += time.perf_counter() - save_begin
         if stopping:
             reason = stop.reason if stop_requested else "training.stop_at_step"
             logger.info("stopping after step %d (%s); rerun the same command to resume", step, reason)
@@ -454,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    except (DataError, CheckpointError, NonFiniteError) as e:
+    except (DataError, CheckpointError, NonFiniteError, TaskDataError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
         logger.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None

@@ -206,3 +206,44 @@ def test_prepared_shards_with_validation_and_doc_mask(tmp_path):
     assert set(s for s, r in metrics.items() if "val_loss" in r) == {10, 20}
     assert metrics[20]["val_loss"] < metrics[10]["val_loss"] < 4.2
     assert (run / "checkpoints" / "step-20" / "tokenizer.model").exists() is False  # convert had no tokenizer
+
+
+def test_in_training_eval_and_hf_initial_load(tmp_path):
+    """Zero-shot tasks scored at checkpoint steps into eval.jsonl; then a new run starts from the
+    Hugging Face export of that checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from mobilellm_train.data.demo import build_demo_corpus
+    from test_eval import write_task_data
+
+    data, tokenizer = build_demo_corpus(str(tmp_path / "demo"), vocab_size=500, max_text_bytes=300_000)
+    tasks = write_task_data(tmp_path / "tasks", n=4)
+    run = tmp_path / "run"
+    overrides = {"model.vocab_size": 500, "data.tokenizer_path": tokenizer, "checkpoint.interval": 2,
+                 "eval.tasks": "arc_easy,boolq,winogrande", "eval.data_dir": tasks, "eval.batch_size": 4}
+    out = run_trainer(base_args(data, run, steps=4, **overrides))
+    with open(run / "eval.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"eval/arc_easy", "eval/boolq", "eval/winogrande"} <= set(records[0])  # avg: only with all 8
+    assert all(0 <= r["eval/boolq"] <= 100 for r in records)
+    assert "eval  arc_easy" in out
+
+    export = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint",
+                        str(run / "checkpoints" / "step-4"), "--out", str(export)],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = tmp_path / "second"
+    out = run_trainer(base_args(data, second, steps=1, **{"model.vocab_size": 500,
+                                                          "checkpoint.initial_load_path": export}))
+    assert "initialised model weights from the Hugging Face folder" in out
+    fresh = tmp_path / "fresh"
+    run_trainer(base_args(data, fresh, steps=1, **{"model.vocab_size": 500}))
+    assert read_metrics(second)[1]["loss"] < read_metrics(fresh)[1]["loss"]
+
+    out = run_trainer(base_args(data, tmp_path / "third", steps=1, **{
+        "model.vocab_size": 500, "model.n_layers": 3, "checkpoint.initial_load_path": export}), expect_rc=1)
+    assert "CheckpointError: checkpoint.initial_load_path" in out
