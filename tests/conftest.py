@@ -48,12 +48,21 @@ def base_args(data_path, dump_folder, steps=20, **overrides):
     return args
 
 
-def run_trainer(args, nproc=1, expect_rc=0, timeout=300):
-    """Run mobilellm_train.train in fresh processes (torchrun for nproc > 1); return the output."""
+def subprocess_env(**extra) -> dict:
+    """Environment for a child process: this checkout first on PYTHONPATH (then whatever it held,
+    e.g. a folder of carried wheels), one thread per process, and no inherited torchrun variables
+    that would make the child think it is a rank of some other job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_trainer(args, nproc=1, expect_rc=0, timeout=300):
+    """Run mobilellm_train.train in fresh processes (torchrun for nproc > 1); return the output."""
+    env = subprocess_env()
     if nproc == 1:
         cmd = [sys.executable, "-m", "mobilellm_train.train", *args]
     else:

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import subprocess_env
 from mobilellm_train import bench
 from mobilellm_train.config import ActivationCheckpointConfig, CompileConfig
 from mobilellm_train.model import MODEL_PRESETS, Attention, MobileLLM, ModelArgs, count_params, precompute_rope
@@ -41,11 +42,7 @@ def write_toml(path, flavor="debug", layer_sharing=False, ac="none", compile_ena
 
 
 def run_bench(args, timeout=300):
-    # ROOT first, then whatever PYTHONPATH carried (launch/gpu_bench.sh's wheel folder).
-    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.bench", *args], capture_output=True, text=True,
                        env=env, timeout=timeout, cwd=ROOT)
     out = r.stdout + r.stderr

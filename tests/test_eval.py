@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_corpus
+from conftest import make_corpus, subprocess_env
 from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset
 from mobilellm_train.evaluation.perplexity import (
     evaluate_perplexity,
@@ -428,7 +428,7 @@ def _tiny_hf_folder(tmp_path):
 
 
 def run_cli(args, expect_rc=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.evaluation.cli", *args], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == expect_rc, f"exit {r.returncode}:\n{r.stdout}\n{r.stderr[-4000:]}"
@@ -509,9 +509,7 @@ def test_evaluate_tasks_on_two_fsdp_ranks_equals_one_process(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(FSDP_SCRIPT.format(args=args, tasks=tasks, data=data,
                                          windows=str(tmp_path / "windows.pt"), out=str(tmp_path / "out.json")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import base_args, make_corpus, run_trainer
+from conftest import base_args, make_corpus, run_trainer, subprocess_env
 from mobilellm_train.checkpoint import load_model_from_checkpoint
 from mobilellm_train.export import ExportError, write_hf_folder
 from mobilellm_train.hf import LAYER_SHARING_KEY, HFCheckpointError, load_hf_checkpoint
@@ -67,7 +67,7 @@ def test_trainer_checkpoint_exports_to_a_folder_transformers_loads(tmp_path):
                                                  "checkpoint.interval": 4}))
     step = run / "checkpoints" / "step-4"
     out = tmp_path / "exported"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(step), "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -289,9 +289,7 @@ def test_hf_weights_load_into_a_sharded_model_on_two_ranks(tmp_path):
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT.format(args=vars(args), folder=folder, tokens=str(tmp_path / "tokens.pt"),
                                          out=str(tmp_path / "logits.pt")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

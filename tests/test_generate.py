@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from conftest import subprocess_env
 from mobilellm_train.checkpoint import TOKENIZER_FILE, TrainState, model_args_fingerprint
 from mobilellm_train.generate import KVCache, forward_cached, generate, sample_next
 from mobilellm_train.model import MobileLLM, ModelArgs
@@ -111,7 +112,7 @@ def test_generate_cli_on_a_dcp_checkpoint(tmp_path):
                                    minloglevel=2, num_threads=1)
     model = build(replace(ARGS, layer_sharing=True), seed=11)
     step = save_step_folder(model, tmp_path / "step-5", prefix + ".model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "mobilellm_train.generate", "--checkpoint", step, "--prompt", "the dog",
            "--max-new-tokens", "8", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

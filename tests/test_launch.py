@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_args, read_metrics
+from conftest import ROOT, base_args, read_metrics, subprocess_env
 
 SRUN = """#!/bin/bash
 # srun stand-in: drop srun's own options, run the command once (one node).
@@ -39,12 +39,8 @@ def script_env(tmp_path, **extra):
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
-           "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        env.pop(key, None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    path = f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+    return subprocess_env(PATH=path, **extra)
 
 
 @pytest.mark.slow

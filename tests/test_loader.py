@@ -113,7 +113,7 @@ def test_parse_sources():
 @pytest.mark.parametrize("world_sizes", [(2,), (4,), (2, 4, 1), (4, 2)])
 def test_resume_on_any_rank_count_sees_each_sample_once_in_the_global_order(tmp_path, num_workers, world_sizes):
     path, lengths = unique_dataset(tmp_path / "d", num_docs=110)
-    seq_len, window = 6, 7
+    window = 7  # seq_len 6 + 1
     num_windows = int(lengths.sum()) // window
     G = 8
     total_steps = -(-num_windows // G)

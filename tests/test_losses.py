@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import subprocess_env
 from mobilellm_train.losses import chunked_cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,11 +249,7 @@ FSDP_SCRIPT = textwrap.dedent("""
 def test_loss_inside_forward_under_fsdp_two_ranks(tmp_path):
     script = tmp_path / "fsdp_chunked_loss.py"
     script.write_text(FSDP_SCRIPT)
-    # ROOT first, then whatever PYTHONPATH carried (launch/gpu_bench.sh's wheel folder).
-    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True, text=True, env=env, timeout=240, cwd=ROOT,

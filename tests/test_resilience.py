@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer
+from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer, subprocess_env
 
 STEPS = 60
 COMMON = {"checkpoint.interval": 5, "training.global_batch_size": 16}
@@ -32,10 +32,7 @@ def uninterrupted(data, tmp_path_factory):
 
 
 def start_trainer(args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "mobilellm_train.train", *args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -116,7 +113,7 @@ def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
 
     stop_file.unlink()
     args = base_args(corpus, run, steps=3000, **{"checkpoint.interval": 1000})
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm_train.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 5, proc)
@@ -186,7 +183,7 @@ def test_checkpoint_bench_reports_blocking_time(tmp_path):
     out_json = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.checkpoint_bench", "--flavor", "debug", "--repeats", "1",
                         "--out", str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+                       env=subprocess_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out_json.read_text())
     modes = report["flavors"]["debug"]["modes"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import base_args, make_corpus, read_metrics, run_trainer
+from conftest import base_args, make_corpus, read_metrics, run_trainer, subprocess_env
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu", "peak_memory_gib",
                "data_wait_fraction", "step_time_s", "tokens_seen", "elapsed_s", "eta_s"}
@@ -172,7 +172,7 @@ def prepare_shards(tmp_path, n_docs=600, val_fraction=0.0):
     out = tmp_path / "shards"
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.data.prepare", "convert", "--layout", "nodes", "--input", src, "--out",
                         str(out), "--vocab-size", "64", "--workers", "1", "--val-fraction", str(val_fraction)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                       cwd=ROOT, capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -234,7 +234,7 @@ def test_in_training_eval_and_hf_initial_load(tmp_path):
     export = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint",
                         str(run / "checkpoints" / "step-4"), "--out", str(export)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                       cwd=ROOT, capture_output=True, text=True, env=subprocess_env())
     assert r.returncode == 0, r.stderr[-3000:]
     second = tmp_path / "second"
     out = run_trainer(base_args(data, second, steps=1, **{"model.vocab_size": 500,
