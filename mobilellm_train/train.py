@@ -320,6 +320,7 @@ def train(cfg: C.Config) -> None:
     saves_since_eval = 0
 
     train_state = TrainState(dp_world_size=world_size, model_args=model_args_fingerprint(model_args))
+    jsonl_position = isinstance(data_state, PerRankState)
     checkpointer = Checkpointer(
         cfg.checkpoint,
         dump_folder,
@@ -333,8 +334,9 @@ def train(cfg: C.Config) -> None:
         },
         rank,
         tokenizer_path=tokenizer_path,
-        per_rank=frozenset({"rng", "dataloader"} if isinstance(data_state, PerRankState) else {"rng"}),
-        required_per_rank=frozenset({"dataloader"} if isinstance(data_state, PerRankState) else set()),
+        # The JSONL reader's position belongs to one rank and cannot move to another rank count.
+        per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
+        required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
     )
     checkpointer.maybe_resume(train_state)
     if train_state.step >= total_steps:
