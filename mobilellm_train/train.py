@@ -358,6 +358,7 @@ def train(cfg: C.Config) -> None:
     train_begin = last_log_time = time.perf_counter()
     data_wait_s = checkpoint_blocked_s = 0.0
     steps_since_log = skipped_steps = rewinds = 0
+    interval_loss = torch.zeros((), device=device)  # summed over the steps since the last record
     first_step = True
     while train_state.step < total_steps:
         step = train_state.step + 1
@@ -387,6 +388,7 @@ def train(cfg: C.Config) -> None:
         train_state.step = step
         train_state.tokens_seen += global_batch_tokens
         steps_since_log += 1
+        interval_loss += loss_sum  # on the device: no sync until the next record
 
         if spikes.enabled and applied:
             global_loss = loss_sum.clone()
@@ -407,6 +409,7 @@ def train(cfg: C.Config) -> None:
                     logger.warning("rewound to step %d and skipped the data of steps %d-%d (rewind %d of %d)",
                                    target, target + 1, step, rewinds, tcfg.max_rewinds)
                     last_log_time, data_wait_s, steps_since_log = time.perf_counter(), 0.0, 0
+                    interval_loss.zero_()
                     continue
                 if tcfg.spike_rewind:
                     logger.warning("not rewinding: %s", "no checkpoint yet" if target is None else "max_rewinds reached")
@@ -417,13 +420,13 @@ def train(cfg: C.Config) -> None:
             logger.info("step %d  validation loss %.4f", step, val_loss)
 
         if step % cfg.metrics.log_freq == 0 or step == total_steps or val_loss is not None:
-            dist.all_reduce(loss_sum)
+            dist.all_reduce(interval_loss)
             now = time.perf_counter()
             interval = now - last_log_time
             tokens_per_second = steps_since_log * global_batch_tokens / world_size / interval
             metrics.log({
                 "step": step,
-                "loss": loss_sum.item() / world_size,
+                "loss": interval_loss.item() / world_size / steps_since_log,
                 "lr": step_lr,
                 "grad_norm": grad_norm.item(),
                 "tokens_per_second": tokens_per_second,
@@ -439,6 +442,7 @@ def train(cfg: C.Config) -> None:
                 **({} if val_loss is None else {"val_loss": val_loss}),
             })
             last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
+            interval_loss.zero_()
 
         stop_requested = stop.agreed()
         stopping = stop_requested or step == tcfg.stop_at_step

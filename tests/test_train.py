@@ -247,3 +247,14 @@ def test_in_training_eval_and_hf_initial_load(tmp_path):
     out = run_trainer(base_args(data, tmp_path / "third", steps=1, **{
         "model.vocab_size": 500, "model.n_layers": 3, "checkpoint.initial_load_path": export}), expect_rc=1)
     assert "CheckpointError: checkpoint.initial_load_path" in out
+
+
+def test_logged_loss_is_the_mean_since_the_previous_record(corpus, tmp_path):
+    every, fifth = tmp_path / "every", tmp_path / "fifth"
+    run_trainer(base_args(corpus, every, steps=10))
+    run_trainer(base_args(corpus, fifth, steps=10, **{"metrics.log_freq": 5}))
+    a, b = read_metrics(every), read_metrics(fifth)
+    assert sorted(b) == [5, 10]
+    assert b[5]["loss"] == pytest.approx(sum(a[s]["loss"] for s in range(1, 6)) / 5, rel=1e-6)
+    assert b[10]["loss"] == pytest.approx(sum(a[s]["loss"] for s in range(6, 11)) / 5, rel=1e-6)
+    assert b[10]["grad_norm"] == pytest.approx(a[10]["grad_norm"], rel=1e-6)  # the last step's
