@@ -18,6 +18,15 @@ TINY_MODEL = [
 ]
 
 
+def init_model(args, seed=3):
+    """A MobileLLM of `args` with the trainer's initialisation, in eval mode."""
+    from mobilellm_train.model import MobileLLM
+
+    model = MobileLLM(args)
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
 def make_corpus(path, n_docs=400, vocab=64, folders=1, seed=0):
     """Documents of arithmetic progressions mod (vocab - 3): easy to learn, so loss falls fast."""
     rng = random.Random(seed)

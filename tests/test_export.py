@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import base_args, make_corpus, run_trainer, subprocess_env
+from conftest import base_args, init_model, make_corpus, run_trainer, subprocess_env
 from mobilellm_train.checkpoint import load_model_from_checkpoint
 from mobilellm_train.export import ExportError, write_hf_folder
 from mobilellm_train.hf import LAYER_SHARING_KEY, HFCheckpointError, load_hf_checkpoint
@@ -26,12 +26,6 @@ VARIANTS = {
     "untied": replace(ARGS, tie_embeddings=False),
     "ls": replace(ARGS, layer_sharing=True),
 }
-
-
-def build(args, seed=3):
-    model = MobileLLM(args)
-    model.init_weights(seed=seed)
-    return model.eval()
 
 
 def train_tokenizer(path, vocab_size=300):
@@ -97,7 +91,7 @@ def test_trainer_checkpoint_exports_to_a_folder_transformers_loads(tmp_path):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exported_variants_match_transformers_and_import_back(tmp_path, variant):
     args = VARIANTS[variant]
-    model = build(args)
+    model = init_model(args)
     out = write_hf_folder(args, model.state_dict(), str(tmp_path / variant))
     config = json.loads(open(os.path.join(out, "config.json")).read())
     assert config["num_hidden_layers"] == args.n_layers * args.n_passes
@@ -116,7 +110,7 @@ def test_exported_variants_match_transformers_and_import_back(tmp_path, variant)
 
 def test_bf16_and_torch_formats(tmp_path):
     args = VARIANTS["ls"]
-    model = build(args)
+    model = init_model(args)
     out = write_hf_folder(args, model.state_dict(), str(tmp_path / "bf16"), dtype="bfloat16", weight_format="torch")
     assert "pytorch_model.bin" in os.listdir(out) and "model.safetensors" not in os.listdir(out)
     stored = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
@@ -132,7 +126,7 @@ def test_bf16_and_torch_formats(tmp_path):
 
 
 def test_export_never_overwrites_unasked(tmp_path, caplog):
-    model = build(ARGS)
+    model = init_model(ARGS)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -157,7 +151,7 @@ def test_export_never_overwrites_unasked(tmp_path, caplog):
 def test_sharded_safetensors_and_bin_folders_import(tmp_path):
     transformers = pytest.importorskip("transformers")
     args = VARIANTS["untied"]
-    model = build(args)
+    model = init_model(args)
     out = write_hf_folder(args, model.state_dict(), str(tmp_path / "src"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
@@ -187,7 +181,7 @@ def test_sharded_safetensors_and_bin_folders_import(tmp_path):
 
 def test_layer_sharing_detection_and_choice(tmp_path):
     args = VARIANTS["ls"]
-    model = build(args)
+    model = init_model(args)
     out = write_hf_folder(args, model.state_dict(), str(tmp_path / "ls"))
     config_path = os.path.join(out, "config.json")
     config = json.loads(open(config_path).read())
@@ -202,7 +196,7 @@ def test_layer_sharing_detection_and_choice(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     # A plain model's layers are not pairs: never detected, refused when asked for.
-    out2 = write_hf_folder(plain_args, build(plain_args).state_dict(), str(tmp_path / "plain"))
+    out2 = write_hf_folder(plain_args, init_model(plain_args).state_dict(), str(tmp_path / "plain"))
     assert load_hf_checkpoint(out2)[0].layer_sharing is False
     pair = r"layer sharing: model\.layers\.0\.self_attn\.q_proj\.weight and model\.layers\.1"
     with pytest.raises(HFCheckpointError, match=pair):
@@ -212,7 +206,7 @@ def test_layer_sharing_detection_and_choice(tmp_path):
 def test_unsupported_or_broken_folders_are_named(tmp_path):
     with pytest.raises(HFCheckpointError, match="no config.json"):
         load_hf_checkpoint(str(tmp_path))
-    out = write_hf_folder(ARGS, build(ARGS).state_dict(), str(tmp_path / "m"))
+    out = write_hf_folder(ARGS, init_model(ARGS).state_dict(), str(tmp_path / "m"))
     config_path = os.path.join(out, "config.json")
     config = json.loads(open(config_path).read())
     os.rename(os.path.join(out, "model.safetensors"), tmp_path / "weights")
@@ -237,7 +231,7 @@ def test_unsupported_or_broken_folders_are_named(tmp_path):
 def test_untied_config_without_a_head_imports_as_tied(tmp_path):
     # MobileLLM's own release: tie_word_embeddings false (its code shares through a custom
     # flag) and no lm_head.weight in the weights.
-    out = write_hf_folder(ARGS, build(ARGS).state_dict(), str(tmp_path / "m"))
+    out = write_hf_folder(ARGS, init_model(ARGS).state_dict(), str(tmp_path / "m"))
     config_path = os.path.join(out, "config.json")
     config = json.loads(open(config_path).read())
     open(config_path, "w").write(json.dumps({**config, "tie_word_embeddings": False, "share_embedding": True}))
@@ -282,7 +276,7 @@ os._exit(0)
 @pytest.mark.slow
 def test_hf_weights_load_into_a_sharded_model_on_two_ranks(tmp_path):
     args = VARIANTS["ls"]
-    model = build(args, seed=5)
+    model = init_model(args, seed=5)
     folder = write_hf_folder(args, model.state_dict(), str(tmp_path / "hf"))
     tokens = random_tokens()
     torch.save(tokens, tmp_path / "tokens.pt")
@@ -301,7 +295,7 @@ def test_hf_weights_load_into_a_sharded_model_on_two_ranks(tmp_path):
 
 def test_mobilellm_release_layer_sharing_flag_repeats_the_stored_blocks(tmp_path):
     # MobileLLM's own LS configs: num_hidden_layers counts the stored blocks, each run twice.
-    plain = build(ARGS, seed=8)
+    plain = init_model(ARGS, seed=8)
     out = write_hf_folder(ARGS, plain.state_dict(), str(tmp_path / "m"))
     config_path = os.path.join(out, "config.json")
     config = json.loads(open(config_path).read())

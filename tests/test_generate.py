@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import subprocess_env
+from conftest import init_model, subprocess_env
 from mobilellm_train.checkpoint import TOKENIZER_FILE, TrainState, model_args_fingerprint
 from mobilellm_train.generate import KVCache, forward_cached, generate, sample_next
-from mobilellm_train.model import MobileLLM, ModelArgs
+from mobilellm_train.model import ModelArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97, max_seq_len=48)
@@ -26,15 +26,9 @@ VARIANTS = {
 }
 
 
-def build(args, seed=3):
-    model = MobileLLM(args)
-    model.init_weights(seed=seed)
-    return model.eval()
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_logits_equal_the_full_forward(variant):
-    model = build(VARIANTS[variant])
+    model = init_model(VARIANTS[variant])
     tokens = torch.randint(0, ARGS.vocab_size, (2, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(tokens)
@@ -49,7 +43,7 @@ def test_cached_logits_equal_the_full_forward(variant):
 
 @pytest.mark.parametrize("variant", ["tied", "ls"])
 def test_greedy_generation_equals_recomputing_every_step(variant):
-    model = build(VARIANTS[variant], seed=7)
+    model = init_model(VARIANTS[variant], seed=7)
     prompt = [1, 5, 9, 13, 2, 40]
     (cached,) = generate(model, prompt, max_new_tokens=15)
     sequence = list(prompt)
@@ -64,7 +58,7 @@ def test_greedy_generation_equals_recomputing_every_step(variant):
 
 
 def test_generation_stops_at_max_seq_len_and_rejects_full_prompts():
-    model = build(ARGS)
+    model = init_model(ARGS)
     (sample,) = generate(model, list(range(1, 41)), max_new_tokens=50)
     assert len(sample) == ARGS.max_seq_len - 40
     with pytest.raises(ValueError, match="no room"):
@@ -85,7 +79,7 @@ def test_sampling_temperature_and_top_p():
     cold = sample_next(logits.expand(1000, 4), 0.1, 1.0, torch.Generator().manual_seed(1))
     assert (cold == 0).float().mean().item() > 0.95
     assert torch.equal(cold, sample_next(logits.expand(1000, 4), 0.1, 1.0, torch.Generator().manual_seed(1)))
-    model = build(ARGS)
+    model = init_model(ARGS)
     a = generate(model, [1, 2, 3], 10, temperature=1.0, num_samples=3, seed=5)
     assert a == generate(model, [1, 2, 3], 10, temperature=1.0, num_samples=3, seed=5) and len(a) == 3
 
@@ -110,7 +104,7 @@ def test_generate_cli_on_a_dcp_checkpoint(tmp_path):
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
                                    vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
                                    minloglevel=2, num_threads=1)
-    model = build(replace(ARGS, layer_sharing=True), seed=11)
+    model = init_model(replace(ARGS, layer_sharing=True), seed=11)
     step = save_step_folder(model, tmp_path / "step-5", prefix + ".model")
     env = subprocess_env()
     cmd = [sys.executable, "-m", "mobilellm_train.generate", "--checkpoint", step, "--prompt", "the dog",
@@ -129,7 +123,7 @@ def test_generate_cli_on_a_dcp_checkpoint(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cached_decoding_on_cuda_in_fp32_and_bf16():
-    model = build(VARIANTS["ls"], seed=7).cuda()
+    model = init_model(VARIANTS["ls"], seed=7).cuda()
     tokens = torch.randint(0, ARGS.vocab_size, (2, 14), generator=torch.Generator().manual_seed(0)).cuda()
     for dtype, tol in [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)]:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32), torch.no_grad():

@@ -74,7 +74,7 @@ class DataError(ValueError):
     """Bad training data or a data layout/state that cannot be read; says which file and line."""
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
     """What is wrong with one line; the reader adds file:line and decides to skip or raise."""
 
 
@@ -82,29 +82,29 @@ def _json_type(value) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _parse_token_ids(line: bytes, vocab_size: int) -> np.ndarray:
-    """Return one line's token ids as int64, or raise _BadLine saying what is wrong."""
+def parse_token_ids(line: bytes, vocab_size: int) -> np.ndarray:
+    """Return one line's token ids as int64, or raise BadLine saying what is wrong."""
     if not line.strip():
-        raise _BadLine("empty line")
+        raise BadLine("empty line")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         bad_byte = line[e.start]
-        raise _BadLine(f"invalid UTF-8 (byte 0x{bad_byte:02x} at byte {e.start + 1} of the line)") from None
+        raise BadLine(f"invalid UTF-8 (byte 0x{bad_byte:02x} at byte {e.start + 1} of the line)") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _BadLine(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        raise BadLine(f"invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise _BadLine(f'expected a JSON object with key "token_ids", got {_json_type(obj)}')
+        raise BadLine(f'expected a JSON object with key "token_ids", got {_json_type(obj)}')
     if "token_ids" not in obj:
         keys = ", ".join(repr(k) for k in list(obj)[:5])
-        raise _BadLine(f'no key "token_ids" (keys: {keys or "none"})')
+        raise BadLine(f'no key "token_ids" (keys: {keys or "none"})')
     ids = obj["token_ids"]
     if not isinstance(ids, list):
-        raise _BadLine(f'"token_ids" must be a list of ints, got {_json_type(ids)}')
+        raise BadLine(f'"token_ids" must be a list of ints, got {_json_type(ids)}')
     if not ids:
-        raise _BadLine('"token_ids" is an empty list')
+        raise BadLine('"token_ids" is an empty list')
     try:
         arr = np.asarray(ids)
     except (ValueError, OverflowError):  # ragged nesting, ints beyond 2**64
@@ -119,17 +119,17 @@ def _parse_token_ids(line: bytes, vocab_size: int) -> np.ndarray:
     ):
         for i, x in enumerate(ids):
             if type(x) is not int:
-                raise _BadLine(f'"token_ids"[{i}] is {_json_type(x)} ({json.dumps(x)[:40]}), not an int')
+                raise BadLine(f'"token_ids"[{i}] is {_json_type(x)} ({json.dumps(x)[:40]}), not an int')
             if not 0 <= x < vocab_size:
-                raise _BadLine(f"token id {x} outside [0, {vocab_size}) at index {i}")
+                raise BadLine(f"token id {x} outside [0, {vocab_size}) at index {i}")
         raise AssertionError(f"unclassified token_ids array of dtype {None if arr is None else arr.dtype}")
     if arr.min() < 0 or arr.max() >= vocab_size:
         i = int(np.flatnonzero((arr < 0) | (arr >= vocab_size))[0])
-        raise _BadLine(f"token id {ids[i]} outside [0, {vocab_size}) at index {i}")
+        raise BadLine(f"token id {ids[i]} outside [0, {vocab_size}) at index {i}")
     return arr.astype(np.int64, copy=False)
 
 
-def _find_folders(path: str) -> list[str]:
+def find_node_folders(path: str) -> list[str]:
     """The node folders 1..F under path (or path itself if it holds the .jsonl files)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: data path does not exist")
@@ -156,7 +156,7 @@ def _find_folders(path: str) -> list[str]:
     return [os.path.join(path, str(n)) for n in numbers]
 
 
-def _list_jsonl_files(folder: str) -> list[str]:
+def list_jsonl_files(folder: str) -> list[str]:
     files = [
         os.path.join(folder, e)
         for e in sorted(os.listdir(folder))
@@ -218,9 +218,9 @@ class JsonlTokenDataset(IterableDataset, Stateful):
         self.ranks_per_node = ranks_per_node
         self.skip_bad_lines = skip_bad_lines
 
-        folders = _find_folders(path)
+        folders = find_node_folders(path)
         # Check every folder, not only this rank's, so a broken share fails on all ranks at start-up.
-        files_per_folder = [_list_jsonl_files(f) for f in folders]
+        files_per_folder = [list_jsonl_files(f) for f in folders]
         folder_ids, self._rank_stride, self._rank_offset = _assign_folders(
             len(folders), dp_rank, dp_world_size, ranks_per_node, path
         )
@@ -326,8 +326,8 @@ class JsonlTokenDataset(IterableDataset, Stateful):
                         continue
                     to_skip = stride - 1
                     try:
-                        ids = _parse_token_ids(line, vocab_size)
-                    except _BadLine as e:
+                        ids = parse_token_ids(line, vocab_size)
+                    except BadLine as e:
                         bad_lines_skipped = self._skip_or_raise(
                             e, path, line_number, epoch, bad_lines_skipped, who
                         )
@@ -368,7 +368,7 @@ class JsonlTokenDataset(IterableDataset, Stateful):
             windows_in_epoch = lines_in_epoch = tokens_in_epoch = 0
 
     def _skip_or_raise(
-        self, error: _BadLine, path: str, line_number: int, epoch: int, bad_lines_skipped: int, who: str
+        self, error: BadLine, path: str, line_number: int, epoch: int, bad_lines_skipped: int, who: str
     ) -> int:
         where = f"{path}:{line_number}: {error}"
         if self.skip_bad_lines == 0:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.jsonl import DataError, _BadLine, _find_folders, _list_jsonl_files, _parse_token_ids
+from mobilellm_train.data.jsonl import DataError, BadLine, find_node_folders, list_jsonl_files, parse_token_ids
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
@@ -356,8 +356,8 @@ def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | _Bad,
                 value = _decode(line).rstrip("\r\n")
             else:
                 try:
-                    value = _parse_token_ids(line, s["vocab_size"])
-                except _BadLine as e:
+                    value = parse_token_ids(line, s["vocab_size"])
+                except BadLine as e:
                     raise _Bad(str(e)) from None
         except _Bad as e:
             value = e
@@ -721,17 +721,17 @@ def cmd_convert(args) -> dict:
     eos_id = info["eos_id"] if info else args.eos_id
     root = args.input
     if args.layout == "nodes":
-        files = [(f, "tokens", "train") for folder in _find_folders(root) for f in _list_jsonl_files(folder)]
+        files = [(f, "tokens", "train") for folder in find_node_folders(root) for f in list_jsonl_files(folder)]
         boundary = args.doc_boundary or "line"
     else:
         train_dir = os.path.join(root, "train")
         train_root = train_dir if os.path.isdir(train_dir) else root
         if not os.path.isdir(train_root):
             raise DataError(f"{root}: no such folder")
-        files = [(f, "tokens", "train") for f in _list_jsonl_files(train_root)]
+        files = [(f, "tokens", "train") for f in list_jsonl_files(train_root)]
         valid_dir = os.path.join(root, "valid")
         if os.path.isdir(valid_dir):
-            files += [(f, "tokens", "val") for f in _list_jsonl_files(valid_dir)]
+            files += [(f, "tokens", "val") for f in list_jsonl_files(valid_dir)]
         boundary = args.doc_boundary or "eos"
     if boundary == "eos" and eos_id < 0:
         raise DataError("--doc-boundary eos needs an EOS id (--eos-id or a tokenizer with one)")

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mobilellm_train.data.jsonl import DataError, _BadLine, _find_folders, _list_jsonl_files, _parse_token_ids
+from mobilellm_train.data.jsonl import DataError, BadLine, find_node_folders, list_jsonl_files, parse_token_ids
 from mobilellm_train.evaluation.loading import Tokenizer
 from mobilellm_train.evaluation.scoring import Progress, _world
 from mobilellm_train.evaluation.tasks import TaskDataError
@@ -107,13 +107,13 @@ def wikitext_windows(rows: list[str], tokenizer: Tokenizer, seq_len: int, add_bo
 def jsonl_documents(path: str, vocab_size: int) -> Iterator[np.ndarray]:
     """Each line's token ids from the original layout (path/<node>/*.jsonl, or path/*.jsonl), in
     folder then file order; a bad line raises DataError naming file:line."""
-    for folder in _find_folders(path):
-        for file in _list_jsonl_files(folder):
+    for folder in find_node_folders(path):
+        for file in list_jsonl_files(folder):
             with open(file, "rb") as f:
                 for line_number, line in enumerate(f, start=1):
                     try:
-                        yield _parse_token_ids(line, vocab_size)
-                    except _BadLine as e:
+                        yield parse_token_ids(line, vocab_size)
+                    except BadLine as e:
                         raise DataError(f"{file}:{line_number}: {e}") from None
 
 
