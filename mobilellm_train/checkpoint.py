@@ -38,13 +38,13 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mobilellm_train.config import CheckpointConfig
+from mobilellm_train.data.shards import TOKENIZER_FILE  # a step folder names its tokenizer as a dataset does
 from mobilellm_train.hf import HFCheckpointError, is_hf_folder, load_hf_into_model
 from mobilellm_train.model import MobileLLM, ModelArgs
 
 logger = logging.getLogger("mobilellm_train")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 class CheckpointError(RuntimeError):
@@ -356,9 +356,15 @@ class Checkpointer:
 
 
 def _checked_load(states: dict, path: str) -> None:
-    """dcp.load that reports a damaged checkpoint as such."""
+    """dcp.load inside a process group or in a lone process (eval, export), reporting a damaged
+    checkpoint as such."""
     try:
-        dcp.load(states, checkpoint_id=path)
+        if dist.is_initialized():
+            dcp.load(states, checkpoint_id=path)
+        else:
+            with warnings.catch_warnings():  # DCP warns that it assumes a single process
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(states, checkpoint_id=path, no_dist=True)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
@@ -374,22 +380,12 @@ def model_args_fingerprint(args: ModelArgs) -> str:
     return json.dumps(dataclasses.asdict(args), sort_keys=True)
 
 
-def _load_anywhere(state: dict, path: str) -> None:
-    """dcp.load inside a process group, or in a lone process (where DCP warns that it assumes so)."""
-    if dist.is_initialized():
-        dcp.load(state, checkpoint_id=path)
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-
-
 def read_model_args(path: str) -> ModelArgs:
     """The ModelArgs a checkpoint was written with; needs no process group."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata)")
     saved = TrainState()
-    _load_anywhere({"train_state": saved}, path)
+    _checked_load({"train_state": saved}, path)
     return ModelArgs(**json.loads(saved.model_args))
 
 
@@ -402,6 +398,6 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     model.to_empty(device=device)
     model.init_weights()  # RoPE tables; every weight is overwritten below
     state = model.state_dict()
-    _load_anywhere({"model": state}, path)
+    _checked_load({"model": state}, path)
     model.load_state_dict(state)
     return model.eval()

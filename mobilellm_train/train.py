@@ -41,8 +41,7 @@ from mobilellm_train.checkpoint import (
 from mobilellm_train.data.demo import build_demo_corpus
 from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
 from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
-from mobilellm_train.data.shards import TOKENIZER_FILE as SHARDS_TOKENIZER_FILE
-from mobilellm_train.data.shards import is_dataset
+from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
 from mobilellm_train.evaluation.loading import Tokenizer
 from mobilellm_train.evaluation.report import results_to_scalars
 from mobilellm_train.evaluation.scoring import evaluate_tasks
@@ -220,7 +219,7 @@ def build_train_data(
     sources = cfg.sources or (data_path if is_dataset(data_path) else "")
     if sources:
         if not tokenizer_path:  # a prepared folder carries its tokenizer
-            candidate = os.path.join(parse_sources(sources)[0][0], SHARDS_TOKENIZER_FILE)
+            candidate = os.path.join(parse_sources(sources)[0][0], TOKENIZER_FILE)
             tokenizer_path = candidate if os.path.isfile(candidate) else ""
         loader = build_token_loader(
             sources, seq_len=training.seq_len, local_batch_size=training.local_batch_size,

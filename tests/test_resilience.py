@@ -133,6 +133,13 @@ def test_truncated_shard_is_reported(corpus, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     out = run_trainer(base_args(corpus, run, steps=20), expect_rc=1)
     assert "CheckpointError" in out and "step-10 cannot be read" in out and "truncated" in out
+    # The same message where evaluation and export load a step folder in a lone process (cut
+    # further: they read the model alone, which may lie in the first half).
+    from mobilellm_train.checkpoint import CheckpointError, load_model_from_checkpoint
+
+    shard.write_bytes(shard.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="(?s)step-10 cannot be read.*truncated"):
+        load_model_from_checkpoint(str(step))
 
 
 def test_other_flavor_is_refused(corpus, tmp_path):
