@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from typing import Callable
@@ -50,7 +49,13 @@ from torch.distributed.tensor import DTensor
 from mobilellm_train import config as C
 from mobilellm_train.hf import hf_llama_config
 from mobilellm_train.losses import chunked_cross_entropy
-from mobilellm_train.metrics import detect_peak_flops, flops_per_token
+from mobilellm_train.metrics import (
+    current_memory_bytes,
+    detect_peak_flops,
+    flops_per_token,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from mobilellm_train.model import ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
 from mobilellm_train.parallelize import build_mesh
@@ -92,54 +97,6 @@ class StepTimer:
             torch.cuda.synchronize()
             return self.begin_event.elapsed_time(self.end_event) / 1e3
         return time.perf_counter() - self.begin_s
-
-
-def _read_vm_hwm_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: the CUDA allocator's counter, or on Linux the process's resident
-    high-water mark (writing 5 to /proc/self/clear_refs resets VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # peak_memory_bytes then reports the process's all-time peak, as metrics.py does
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or peak resident memory of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    hwm = _read_vm_hwm_bytes()
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def current_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def compile_counts() -> dict[str, int]:

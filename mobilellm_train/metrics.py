@@ -51,13 +51,50 @@ def detect_peak_flops(device: torch.device, override_tflops: float = 0.0) -> flo
     return None
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (Linux), e.g. VmHWM (peak resident) or VmRSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the CUDA allocator's counter, or on Linux the process's resident
+    high-water mark (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # peak_memory_bytes then reports the process's all-time peak
+
+
+def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return peak_memory_bytes(device) / 2**30
 
 
 def format_duration(seconds: float) -> str:
