@@ -224,6 +224,8 @@ class CheckpointConfig:
     initial_load_path: str = ""
     """A DCP checkpoint folder whose model weights start a new run (continued pretraining). Used
     only when the run folder holds no checkpoint of its own."""
+    verify: bool = True
+    """Check every checkpoint file against the checksums recorded at save before loading it."""
 
 
 @dataclass

@@ -361,6 +361,7 @@ def train(cfg: C.Config) -> None:
     first_step = True
     while train_state.step < total_steps:
         step = train_state.step + 1
+        checkpointer.raise_if_failed()  # a background save that failed stops the run here
         if step % tcfg.gc_freq == 0:
             gc.collect()
         wait_begin = time.perf_counter()
@@ -376,7 +377,7 @@ def train(cfg: C.Config) -> None:
                 raise NonFiniteError(
                     f"{problem}; stopped before the optimizer step"
                     + (f" ({skipped_steps - 1} steps already skipped)" if tcfg.on_nonfinite == "skip" else "")
-                    + ". The last checkpoint is intact."
+                    + ". " + checkpointer.describe_newest()
                 )
             logger.warning("%s; update skipped (%d of at most %d)", problem, skipped_steps, tcfg.max_skipped_steps)
         if first_step:
