@@ -195,6 +195,7 @@ def export_checkpoint(
     weight_format: str = "safetensors",
     tokenizer_path: str = "",
     overwrite: bool = False,
+    verify: bool = True,
 ) -> str:
     """Export a DCP step folder (see the module docstring); returns the written folder."""
     _check_destination(os.path.abspath(out_dir), overwrite)  # fail before the slow load
@@ -207,7 +208,7 @@ def export_checkpoint(
                 "%s holds no %s and --tokenizer is not given: exporting the model without a tokenizer",
                 checkpoint, TOKENIZER_FILE,
             )
-    model = load_model_from_checkpoint(checkpoint)
+    model = load_model_from_checkpoint(checkpoint, verify=verify)
     return write_hf_folder(
         model.args, model.state_dict(), out_dir, dtype, weight_format, tokenizer_path, overwrite
     )
@@ -224,11 +225,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="model.safetensors (default) or pytorch_model.bin")
     parser.add_argument("--tokenizer", default="", help="SentencePiece tokenizer.model, when the step folder has none")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the files against the checksums recorded at save")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         out = export_checkpoint(
-            args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite
+            args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite, args.verify
         )
     except (ExportError, CheckpointError) as e:
         print(f"export error: {e}", file=sys.stderr)

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="auto: bf16 autocast on GPU")
     p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto", help="HF folders only")
     p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking DCP checkpoint files against the checksums recorded at save")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     prompts = list(args.prompt)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("need --max-new-tokens >= 1, --num-samples >= 1, 0 < --top-p <= 1, --temperature >= 0")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
-        model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing)
+        model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:
         print(f"generate error: {e}", file=sys.stderr)

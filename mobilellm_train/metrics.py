@@ -107,6 +107,21 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def append_line(f, line: str) -> None:
+    """Append one whole line to an open text file, or nothing: a write cut short (a full disk)
+    is cut off again before the error is raised, so readers never meet half a record."""
+    f.flush()  # empty already: the files are line-buffered and every record ends a line
+    fd, data = f.fileno(), line.encode()
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.ftruncate(fd, start)
+        raise OSError(e.errno, f"{e.strerror}: appending to {f.name} failed; the record was not written") from None
+
+
 class MetricsLogger:
     """Writes one record per logged step; only rank 0 writes anything."""
 
@@ -131,7 +146,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = record["step"]
-        self.jsonl.write(json.dumps(record) + "\n")
+        append_line(self.jsonl, json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -153,7 +168,7 @@ class MetricsLogger:
             return
         if self.eval_jsonl is None:
             self.eval_jsonl = open(os.path.join(self.dump_folder, "eval.jsonl"), "a", buffering=1)
-        self.eval_jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        append_line(self.eval_jsonl, json.dumps({"step": step, **scalars}) + "\n")
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)

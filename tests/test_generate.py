@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import init_model, subprocess_env
-from mobilellm_train.checkpoint import TOKENIZER_FILE, TrainState, model_args_fingerprint
+from mobilellm_train.checkpoint import TOKENIZER_FILE, ChecksummedWriter, TrainState, model_args_fingerprint
 from mobilellm_train.generate import KVCache, forward_cached, generate, sample_next
 from mobilellm_train.model import ModelArgs
 
@@ -89,7 +89,7 @@ def save_step_folder(model, path, tokenizer_path=""):
     state = {"model": model.state_dict(), "train_state": TrainState(model_args=model_args_fingerprint(model.args))}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+        dcp.save(state, storage_writer=ChecksummedWriter(str(path)), no_dist=True)
     if tokenizer_path:
         with open(tokenizer_path, "rb") as src, open(os.path.join(path, TOKENIZER_FILE), "wb") as dst:
             dst.write(src.read())

@@ -102,7 +102,7 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
     begin = time.perf_counter()
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
-    model = load_model(checkpoint, device=device, layer_sharing=layer_sharing)
+    model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
     if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
         raise UsageError(
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="", help="comma list of paper rows to print below, e.g. MobileLLM-125M")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking DCP checkpoint files against the checksums recorded at save")
     return p
 
 

@@ -84,15 +84,15 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str = "") -> Tokenizer:
 
 
 def load_model(
-    checkpoint: str, device: str | torch.device = "cpu", layer_sharing: bool | None = None
+    checkpoint: str, device: str | torch.device = "cpu", layer_sharing: bool | None = None, verify: bool = True
 ) -> MobileLLM:
     """A plain fp32 MobileLLM in eval mode from a DCP step folder or a Hugging Face folder.
 
     layer_sharing applies to HF folders only (see hf.load_hf_checkpoint); a DCP checkpoint
-    records its own.
+    records its own, and `verify` checks its files against the checksums recorded at save.
     """
     if is_complete(checkpoint):
-        return load_model_from_checkpoint(checkpoint, device=device)
+        return load_model_from_checkpoint(checkpoint, device=device, verify=verify)
     if is_hf_folder(checkpoint):
         args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
         with torch.device("meta"):
