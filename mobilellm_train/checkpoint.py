@@ -887,6 +887,8 @@ def _find_checkpoint_error(error: BaseException) -> CheckpointError | None:
 def _checked_load(states: dict, path: str) -> None:
     """dcp.load inside a process group or in a lone process (eval, export), through the reader
     and planner that run no code from the folder, reporting a damaged checkpoint as such."""
+    # Read here first: inside dcp.load, DCP would fold our refusal into an error of its own.
+    read_metadata(path)
     reader, planner = SafeFileSystemReader(path), SafeLoadPlanner(path)
     try:
         if dist.is_initialized():
