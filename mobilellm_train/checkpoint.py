@@ -852,17 +852,17 @@ def describe_save_failure(error: BaseException, path: str) -> str:
     rank = getattr(root, "_failed_rank", None)
     where = f" on rank {rank}" if rank is not None else ""
     if isinstance(root, OSError) and root.errno:
-        text = f"{os.strerror(root.errno)}{where} ({type(root).__name__}: {root})"
-    else:
-        text = f"{type(root).__name__}{where}: {str(root).strip()[:500]}"
-    # torch's zip writer loses errno ("file write failed"): say what a full disk looks like.
-    if not (isinstance(root, OSError) and root.errno == errno.ENOSPC):
-        try:
-            usage = shutil.disk_usage(os.path.dirname(path.rstrip("/")) or ".")
-            if usage.free < max(64 << 20, usage.total // 200):
-                text += f"; {os.strerror(errno.ENOSPC)}: the file system holding {path} has {usage.free:,} bytes free"
-        except OSError:
-            pass
+        return f"{os.strerror(root.errno)}{where} ({type(root).__name__}: {root})"
+    text = f"{type(root).__name__}{where}: {str(root).strip()[:500]}"
+    # torch's zip writer loses errno ("unexpected pos", "file write failed"): a full file
+    # system is the usual cause, so look.
+    try:
+        usage = shutil.disk_usage(os.path.dirname(path.rstrip("/")) or ".")
+    except OSError:
+        return text
+    if usage.free < max(64 << 20, usage.total // 200):
+        return (f"{os.strerror(errno.ENOSPC)}{where}: the file system holding {path} has {usage.free:,} bytes "
+                f"free ({text})")
     return text
 
 
