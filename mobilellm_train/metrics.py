@@ -122,10 +122,39 @@ def append_line(f, line: str) -> None:
         raise OSError(e.errno, f"{e.strerror}: appending to {f.name} failed; the record was not written") from None
 
 
-class MetricsLogger:
-    """Writes one record per logged step; only rank 0 writes anything."""
+def drop_records_after(path: str, step: int) -> int:
+    """Remove the records of steps after `step` from a JSONL log (and a line cut off by a crash),
+    so that a run resumed from the checkpoint of `step` logs each later step once. The file is
+    rewritten beside itself and swapped in, so a crash here leaves the old file whole.
+    Returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                record_step = None  # a partial line: the write it belonged to never finished
+            if record_step is not None and record_step <= step and line.endswith(b"\n"):
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        with open(path + ".tmp", "wb") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return dropped
 
-    def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool):
+
+class MetricsLogger:
+    """Writes one record per logged step; only rank 0 writes anything.
+
+    With `resume_step` (the step a run resumed from) the records of later steps, written by the
+    run that was interrupted, are dropped from metrics.jsonl and eval.jsonl and hidden in
+    TensorBoard, so that each step appears once, with the values of the run that continues."""
+
+    def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool, resume_step: int | None = None):
         self.enabled = rank == 0
         self.dump_folder = dump_folder
         self.jsonl = None
@@ -134,13 +163,41 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(dump_folder, exist_ok=True)
-        # Append: a resumed run continues the same file (steps already logged after the
-        # checkpoint it resumed from appear twice, with the resumed values last).
+        self.enable_tensorboard = enable_tensorboard
+        if resume_step is not None:
+            self._drop_after(resume_step)
+        # Append: a resumed run continues the same file.
         self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a", buffering=1)
-        if enable_tensorboard:
+        self._open_tensorboard(resume_step)
+
+    def _open_tensorboard(self, resume_step: int | None) -> None:
+        if self.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(dump_folder, "tb"))
+            # purge_step hides the events of this step and later that an earlier writer left.
+            purge_step = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(os.path.join(self.dump_folder, "tb"), purge_step=purge_step)
+
+    def _drop_after(self, step: int) -> None:
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            dropped = drop_records_after(os.path.join(self.dump_folder, name), step)
+            if dropped:
+                logger.info("%s: dropped %d record(s) past step %d, which this run logs again", name, dropped, step)
+
+    def rewind(self, step: int) -> None:
+        """Training went back to the checkpoint of `step` (a loss-spike rewind): forget later records."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.eval_jsonl is not None:
+            self.eval_jsonl.close()
+            self.eval_jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        self._drop_after(step)
+        self.jsonl = open(os.path.join(self.dump_folder, "metrics.jsonl"), "a", buffering=1)
+        self._open_tensorboard(step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -1,18 +1,24 @@
 """What keeps a multi-day run alive: clean stops on preemption, communication timeouts, the
 NCCL flight recorder, and a loss-spike detector.
 
-A stop request (SIGTERM, SIGUSR1, or a stop file appearing) only sets a flag; at the next step
-boundary the ranks agree on it with one tiny all-reduce, so that every rank saves the same step
-and exits together instead of one rank leaving the others in a collective.
+A stop request (SIGTERM, SIGINT, SIGUSR1, or a stop file appearing) only sets a flag; at the next
+step boundary the ranks agree on it with one tiny all-reduce, so that every rank saves the same step
+and exits together instead of one rank leaving the others in a collective. A second Ctrl-C aborts
+at once. A rank also never outlives the process that started it (`exit_with_parent`), and one run
+folder holds one run at a time (`RunFolderLock`).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import datetime
 import logging
 import os
 import signal
+import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -43,20 +49,34 @@ def set_train_timeout(cfg: CommConfig) -> None:
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 or by `stop_file` appearing; `agreed()` makes it every rank's."""
+    """Set by SIGTERM/SIGINT/SIGUSR1 or by `stop_file` appearing; `agreed()` makes it every rank's."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    # A launcher may pass one Ctrl-C on to a rank that the terminal already told: only a SIGINT
+    # this long after the first counts as the second, aborting one.
+    SECOND_INTERRUPT_AFTER_S = 1.0
 
     def __init__(self, stop_file: str = ""):
         self.stop_file = stop_file
         self.reason = ""
+        self._first_interrupt: float | None = None
         # A CPU gloo group: agreeing costs no GPU sync and never queues behind GPU work.
         self.pg = dist.new_group(backend="gloo")
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
+        now = time.monotonic()
+        if signum == signal.SIGINT:
+            if self._first_interrupt is not None and now - self._first_interrupt > self.SECOND_INTERRUPT_AFTER_S:
+                # The user asked twice: no save, no cleanup that could wait on other ranks.
+                os.write(2, b"second interrupt: aborting without saving; the last checkpoint is what remains\n")
+                os._exit(130)
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+                os.write(2, b"interrupt: saving at the end of this step (Ctrl-C again to abort without saving)\n")
         # Only a flag: saving from inside a signal handler could interrupt a collective.
-        self.reason = f"received {signal.Signals(signum).name}"
+        if not self.reason:
+            self.reason = f"received {signal.Signals(signum).name}"
 
     def agreed(self) -> bool:
         """True on every rank if any rank was asked to stop. A collective: all ranks call it."""
@@ -98,3 +118,80 @@ class SpikeDetector:
 
     def reset(self) -> None:
         self.recent.clear()
+
+
+def exit_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere nothing).
+
+    A rank's parent is its launcher (torchrun's agent, srun's step daemon, a shell). If that is
+    killed, SIGTERM makes the rank save at the next step and exit like any other stop, instead of
+    training on unsupervised beside a restarted run. The signal is tied to the parent *thread*:
+    torchrun starts its ranks from its main thread, so that lives as long as torchrun does. Only
+    under torchrun: a plain run's parent is a shell, and `nohup mobilellm-train &` must survive it.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); this rank will not follow its launcher",
+                           ctypes.get_errno())
+            return
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before prctl took effect; the kernel would then never signal.
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RunFolderError(RuntimeError):
+    """Another run holds this run folder."""
+
+
+class RunFolderLock:
+    """One run per run folder: rank 0 holds an exclusive `fcntl.flock` on <dump_folder>/run.lock
+    for the whole run. The kernel releases it when the process ends, however it ends, so a lock
+    is never left behind by a crash; the file keeps naming the last holder (host, pid, job id).
+    """
+
+    FILE = "run.lock"
+
+    def __init__(self, dump_folder: str):
+        self.path = os.path.join(dump_folder, self.FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl  # POSIX only, like the rest of the launch path
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(
+                f"run folder {os.path.dirname(self.path)} is in use by another run ({holder}); "
+                f"stop that run first, or choose another --job.dump_folder"
+            ) from None
+        job = os.environ.get("SLURM_JOB_ID", "")
+        text = (f"host {socket.gethostname()} pid {os.getpid()}" + (f" slurm job {job}" if job else "")
+                + f" since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def clear_stale_stop_file(stop_file: str) -> None:
+    """A stop file that exists when a run starts was meant for an earlier run (which has stopped);
+    left in place it would stop every rerun after one step. Called by rank 0 before training."""
+    if stop_file and os.path.exists(stop_file):
+        os.remove(stop_file)
+        logger.warning("removed stop file %s left from an earlier run", stop_file)

@@ -14,7 +14,6 @@ import datetime
 import gc
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -50,7 +49,16 @@ from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
 from mobilellm_train.parallelize import build_mesh, parallelize
-from mobilellm_train.resilience import SpikeDetector, StopRequest, set_flight_recorder_env, set_train_timeout
+from mobilellm_train.resilience import (
+    RunFolderError,
+    RunFolderLock,
+    SpikeDetector,
+    StopRequest,
+    clear_stale_stop_file,
+    exit_with_parent,
+    set_flight_recorder_env,
+    set_train_timeout,
+)
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -67,19 +75,24 @@ def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -
     comm = comm or C.CommConfig()
     set_flight_recorder_env(comm, dump_folder)
     timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
+    # A lone process needs no rendezvous: an in-memory store, and the communication libraries
+    # on the loopback interface, so that nothing listens on the network.
+    store = None
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        loopback = "lo0" if sys.platform == "darwin" else "lo"
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+        store = dist.HashStore()
+    group_args = {} if store is None else {"store": store, "rank": 0, "world_size": 1}
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout, **group_args)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **group_args)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -263,13 +276,60 @@ def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     return (sums[0] / sums[1]).item()
 
 
+class RunParts:
+    """What a run has started that must stop in order however the run ends: loader workers
+    first (they feed nothing any more), then the save in flight (its writer thread runs
+    collectives, so the process group must still exist), then the process group. Leaving any of
+    them to interpreter exit lets C++ threads die in an arbitrary order, which can abort."""
+
+    def __init__(self) -> None:
+        self.data_iter = None
+        self.checkpointer: Checkpointer | None = None
+        self.lock: RunFolderLock | None = None
+
+    def shut_down_after_error(self) -> None:
+        close = getattr(self.data_iter, "close", None) or getattr(self.data_iter, "_shutdown_workers", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # the run is failing already; report the first error, not this
+                logger.warning("stopping the data loader: %s: %s", type(e).__name__, e)
+        if self.checkpointer is not None:
+            try:
+                self.checkpointer.close()
+            except Exception as e:
+                logger.warning("the checkpoint in flight did not complete: %s: %s", type(e).__name__, e)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
+
+
 def train(cfg: C.Config) -> None:
+    """The run; on an error, what it started stops in a safe order before the error goes up."""
+    parts = RunParts()
+    try:
+        run_training(cfg, parts)
+    except BaseException:
+        parts.shut_down_after_error()
+        raise
+    if parts.lock is not None:
+        parts.lock.release()
+
+
+def run_training(cfg: C.Config, parts: RunParts) -> None:
+    exit_with_parent()  # under torchrun: a rank never trains on after its launcher died
+    dump_folder = cfg.job.dump_folder
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Before the process group: a busy folder stops the run before any rank waits on it.
+        parts.lock = RunFolderLock(dump_folder)
+        parts.lock.acquire()
     rank, world_size, device = init_distributed(cfg.comm, cfg.job.dump_folder)
     setup_logging(rank)
     tcfg = cfg.training
-    dump_folder = cfg.job.dump_folder
     if rank == 0:
         write_effective_config(cfg, dump_folder)
+        clear_stale_stop_file(cfg.job.stop_file)
     logger.info("%s: %d rank(s) on %s, run folder %s", cfg.job.description, world_size, device.type, dump_folder)
 
     torch.manual_seed(tcfg.seed)
@@ -337,6 +397,7 @@ def train(cfg: C.Config) -> None:
         per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
         required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
     )
+    parts.checkpointer = checkpointer
     checkpointer.maybe_resume(train_state)
     if train_state.step >= total_steps:
         logger.info("step %d already reaches the budget of %d steps; nothing to do", train_state.step, total_steps)
@@ -344,11 +405,12 @@ def train(cfg: C.Config) -> None:
         dist.destroy_process_group()
         return
 
-    metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard)
+    # Records past the step resumed from belong to the interrupted run; this run logs them again.
+    metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard, resume_step=train_state.step)
     peak_flops = detect_peak_flops(device, cfg.metrics.peak_tflops)
     stop = StopRequest(cfg.job.stop_file)
     spikes = SpikeDetector(tcfg.spike_threshold, tcfg.spike_window)
-    data_iter = iter(loader)  # after the resume, so it starts at the restored position
+    data_iter = parts.data_iter = iter(loader)  # after the resume, so it starts at the restored position
 
     # Python's cyclic GC pauses at random points and stalls every rank at the next collective;
     # collect at fixed steps instead.
@@ -401,7 +463,8 @@ def train(cfg: C.Config) -> None:
                 if target is not None and rewinds < tcfg.max_rewinds:
                     # Back to the newest checkpoint, then past the data that led to the spike.
                     checkpointer.load(target, train_state)
-                    data_iter = iter(loader)
+                    data_iter = parts.data_iter = iter(loader)
+                    metrics.rewind(target)
                     for _ in range((step - target) * accum_steps):
                         next(data_iter)
                     rewinds += 1
@@ -481,10 +544,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    except (DataError, CheckpointError, NonFiniteError, TaskDataError) as e:
+    except (DataError, CheckpointError, NonFiniteError, TaskDataError, RunFolderError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
-        logger.error("%s: %s", type(e).__name__, e)
+        if isinstance(e, RunFolderError):  # raised before logging is set up
+            print(f"RunFolderError: {e}", file=sys.stderr)
+        else:
+            logger.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        # Ctrl-C before training started (the loop turns it into a clean stop): nothing to save.
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -105,11 +105,16 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_
 
 def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
     stop_file = tmp_path / "STOP"
-    stop_file.touch()
     run = tmp_path / "run"
-    out = run_trainer(base_args(corpus, run, steps=30, **{"job.stop_file": stop_file}))
-    assert "stopping after step 1 (stop file" in out
-    assert os.path.isfile(run / "checkpoints" / "step-1" / ".metadata")
+    args = base_args(corpus, run, steps=3000, **{"job.stop_file": stop_file, "checkpoint.interval": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "mobilellm_train.train", *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run, 3, proc)
+    stop_file.touch()  # a stop file appearing during the run (one present at start is cleared)
+    out, _ = proc.communicate(timeout=60)
+    stopped = max(read_metrics(run))
+    assert proc.returncode == 0 and f"stopping after step {stopped} (stop file" in out, out[-3000:]
+    assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
 
     stop_file.unlink()
     args = base_args(corpus, run, steps=3000, **{"checkpoint.interval": 1000})

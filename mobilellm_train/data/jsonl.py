@@ -47,6 +47,7 @@ StatefulDataLoader saves and restores per worker.
 import json
 import logging
 import os
+import signal
 
 import numpy as np
 import torch
@@ -392,6 +393,17 @@ class JsonlTokenDataset(IterableDataset, Stateful):
         return bad_lines_skipped
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of every training loader: a worker ignores SIGTERM, SIGINT and SIGUSR1.
+
+    slurm signals every process of a job and Ctrl-C reaches the whole foreground process group;
+    a worker that died of it would fail the step before the training process, which decides what
+    a signal means, could save. A worker still ends with its parent (the loader's watchdog).
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_dataloader(
     dataset: JsonlTokenDataset, local_batch_size: int, num_workers: int, pin_memory: bool
 ) -> StatefulDataLoader:
@@ -404,4 +416,5 @@ def build_dataloader(
         # Workers hold their stream position; restarting them each epoch would throw it away.
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )

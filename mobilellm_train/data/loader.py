@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.data.jsonl import DataError, ignore_stop_signals
 from mobilellm_train.data.shards import (
     Manifest,
     TokenStream,
@@ -392,6 +392,7 @@ class TokenLoader(Stateful):
             # The position is ours (samples_consumed); the loader's own worker snapshots would
             # only cost an IPC round trip per batch.
             snapshot_every_n_steps=1 << 62,
+            worker_init_fn=ignore_stop_signals,
         )
         for batch in loader:
             if generation != self._generation:
