@@ -210,6 +210,10 @@ class Checkpointer:
         Returns True when training resumes from a checkpoint of this run.
         """
         if not self.cfg.enable or self.cfg.load_step == 0:
+            # No checkpoint of this run is read, but the initial weights still are: silently
+            # starting from random weights would be the wrong run.
+            if self.cfg.initial_load_path:
+                self.load_model_only(self.cfg.initial_load_path)
             return False
         complete, incomplete = list_checkpoints(self.folder)
         for step in incomplete:

@@ -222,8 +222,8 @@ class CheckpointConfig:
     load_step: int = -1
     """Resume from this step's checkpoint; -1 takes the newest complete one, 0 starts fresh."""
     initial_load_path: str = ""
-    """A DCP checkpoint folder whose model weights start a new run (continued pretraining). Used
-    only when the run folder holds no checkpoint of its own."""
+    """A DCP step folder or Hugging Face folder whose model weights start a new run (continued
+    pretraining). Used whenever no checkpoint of the run folder is resumed, even with enable = false."""
 
 
 @dataclass
