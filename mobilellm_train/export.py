@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model_from_checkpoint
+from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_same_tokenizer, check_tokenizer_fits
 from mobilellm_train.hf import hf_llama_config, to_hf_state_dict
 from mobilellm_train.model import ModelArgs
 
@@ -66,11 +67,10 @@ def tokenizer_files(tokenizer_path: str, model_args: ModelArgs) -> dict[str, str
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     except (OSError, RuntimeError) as e:
         raise ExportError(f"{tokenizer_path}: not a SentencePiece model ({e})") from None
-    if sp.vocab_size() > model_args.vocab_size:
-        raise ExportError(
-            f"{tokenizer_path}: {sp.vocab_size()} pieces, more than the model's vocab_size "
-            f"{model_args.vocab_size}; this tokenizer does not belong to this model"
-        )
+    try:
+        check_tokenizer_fits(tokenizer_path, sp.vocab_size(), model_args.vocab_size)
+    except TokenizerMismatchError as e:
+        raise ExportError(str(e)) from None
 
     def piece(token_id: int) -> str | None:
         return sp.id_to_piece(token_id) if token_id >= 0 else None
@@ -198,6 +198,10 @@ def export_checkpoint(
 ) -> str:
     """Export a DCP step folder (see the module docstring); returns the written folder."""
     _check_destination(os.path.abspath(out_dir), overwrite)  # fail before the slow load
+    try:
+        check_same_tokenizer(checkpoint, tokenizer_path)
+    except TokenizerMismatchError as e:
+        raise ExportError(str(e)) from None
     if not tokenizer_path:
         in_step = os.path.join(checkpoint, TOKENIZER_FILE)
         if os.path.isfile(in_step):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilellm_train.checkpoint import CheckpointError
-from mobilellm_train.evaluation.loading import load_model, load_tokenizer
+from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
 from mobilellm_train.hf import HFCheckpointError
 from mobilellm_train.model import Attention, MobileLLM, apply_rope
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
         model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+        check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:
         print(f"generate error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

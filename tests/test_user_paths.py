@@ -50,3 +50,76 @@ def test_initial_weights_load_with_checkpoints_off(corpus, tmp_path):
         assert "initialised model weights from" in out
         assert read_metrics(run)[1]["loss"] == pytest.approx(expected, rel=1e-5)
         assert not (run / "checkpoints").exists()
+
+
+def train_sp(prefix, vocab_size, lines=None):
+    """A small SentencePiece model trained in-process."""
+    spm = pytest.importorskip("sentencepiece")
+    lines = lines or ["the quick brown fox jumps over the lazy dog", "a dog and a cat sat on the mat",
+                      "pack my box with five dozen liquor jugs", "how vexingly quick daft zebras jump"] * 40
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe",
+                                   vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
+                                   byte_fallback=True, minloglevel=2, num_threads=1)
+    return f"{prefix}.model"
+
+
+def run_cli(module, args, expect_rc):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                       env=subprocess_env(), timeout=300)
+    assert r.returncode == expect_rc, f"exit {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture
+def step_with_tokenizer(tmp_path):
+    """A DCP step folder of a 300-id model holding the 300-piece tokenizer it was trained with."""
+    from dataclasses import replace
+
+    from conftest import init_model
+    from test_generate import ARGS, save_step_folder
+
+    tokenizer = train_sp(tmp_path / "own", 300)
+    model = init_model(replace(ARGS, vocab_size=300, max_seq_len=64))
+    return save_step_folder(model, tmp_path / "step-5", tokenizer), tokenizer
+
+
+def test_generate_refuses_a_tokenizer_of_another_model(tmp_path, step_with_tokenizer):
+    import shutil
+
+    step, _ = step_with_tokenizer
+    bare = tmp_path / "bare"  # a step folder that holds no tokenizer: only the vocabulary can be checked
+    shutil.copytree(step, bare)
+    os.remove(bare / "tokenizer.model")
+    bigger = train_sp(tmp_path / "bigger", 400)
+    args = ["--prompt", "the dog", "--max-new-tokens", "4", "--device", "cpu"]
+    r = run_cli("mobilellm_train.generate", ["--checkpoint", str(bare), "--tokenizer", bigger, *args], expect_rc=1)
+    assert "400 pieces, more than the model's vocab_size 300" in r.stderr and "Traceback" not in r.stderr
+    base = ["--checkpoint", step, *args]
+    # Same size, other pieces: not the checkpoint's own tokenizer.
+    other = train_sp(tmp_path / "other", 300, lines=["zebra yak xylophone wombat vole"] * 80)
+    r = run_cli("mobilellm_train.generate", base + ["--tokenizer", other], expect_rc=1)
+    assert f"--tokenizer {other} is not the tokenizer" in r.stderr and "leave out --tokenizer" in r.stderr
+    r = run_cli("mobilellm_train.generate", base, expect_rc=0)
+    assert r.stdout.startswith("=== prompt 1 ===")
+
+
+def test_eval_refuses_token_data_of_another_tokenizer(tmp_path, step_with_tokenizer):
+    import numpy as np
+
+    from mobilellm_train.data.shards import write_token_dataset
+
+    step, own = step_with_tokenizer
+    other = train_sp(tmp_path / "other", 300, lines=["zebra yak xylophone wombat vole"] * 80)
+    docs = [np.arange(3, 200) % 290 + 3 for _ in range(4)]
+    write_token_dataset(str(tmp_path / "theirs"), docs, vocab_size=300, tokens_per_shard=10_000, tokenizer_path=other)
+    write_token_dataset(str(tmp_path / "ours"), docs, vocab_size=300, tokens_per_shard=10_000, tokenizer_path=own)
+    base = ["--checkpoint", step, "--tasks", "tokens", "--seq-len", "32", "--max-windows", "4", "--device", "cpu"]
+    r = run_cli("mobilellm_train.evaluation.cli", base + ["--token-data", str(tmp_path / "theirs")], expect_rc=1)
+    assert "is not the one" in r.stderr and str(tmp_path / "theirs") in r.stderr and "perplexity" not in r.stdout
+    r = run_cli("mobilellm_train.evaluation.cli", base + ["--token-data", str(tmp_path / "ours")], expect_rc=0)
+    assert "tokens perplexity" in r.stdout

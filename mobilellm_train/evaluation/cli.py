@@ -27,7 +27,15 @@ import torch
 
 from mobilellm_train.checkpoint import CheckpointError, is_complete
 from mobilellm_train.data.jsonl import DataError
-from mobilellm_train.evaluation.loading import load_model, load_tokenizer
+from mobilellm_train.data.shards import TOKENIZER_FILE, check_tokenizer, is_dataset, read_manifest
+from mobilellm_train.evaluation.loading import (
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    check_tokenizer_fits,
+    find_tokenizer,
+    load_model,
+    load_tokenizer,
+)
 from mobilellm_train.evaluation.perplexity import (
     evaluate_perplexity,
     find_wikitext,
@@ -99,16 +107,29 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
             raise UsageError(f"--reference {name!r}: the paper's rows are {', '.join(PAPER_RESULTS)}")
 
 
+def check_token_data_tokenizer(checkpoint: str, tokenizer_path: str, token_data: str) -> None:
+    """Token data must have been prepared with the model's tokenizer, as the trainer demands:
+    ids of another tokenizer give a perplexity that means nothing. Checked before the model loads."""
+    if not is_dataset(token_data):
+        return  # the JSONL layout records no tokenizer
+    tokenizer_path = tokenizer_path or find_tokenizer(checkpoint)
+    if not tokenizer_path or not os.path.isfile(tokenizer_path):
+        logger.warning("%s holds no %s and --tokenizer is not given: cannot check that %s was prepared "
+                       "with the model's tokenizer", checkpoint, TOKENIZER_FILE, token_data)
+        return
+    check_same_tokenizer(checkpoint, tokenizer_path)
+    check_tokenizer(read_manifest(token_data), tokenizer_path)
+
+
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
     begin = time.perf_counter()
+    if "tokens" in tasks:
+        check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
     model = load_model(checkpoint, device=device, layer_sharing=layer_sharing)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
-    if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
-        raise UsageError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-            f"{model.args.vocab_size}: they do not belong together"
-        )
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     logger.info("loaded %s (%s) in %.1fs", checkpoint, type(model).__name__, time.perf_counter() - begin)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -193,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         records = {}
         for name, checkpoint in zip(names, args.checkpoint):
             records[name] = evaluate_checkpoint(args, checkpoint, tasks, device)
-    except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError,
+            TokenizerMismatchError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
