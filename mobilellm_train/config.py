@@ -599,3 +599,18 @@ def to_toml(cfg: Config) -> str:
             out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
+
+
+def parse_effective_config(text: str) -> Config:
+    """A run folder's config.toml (as `to_toml` writes it) read back without validation: its
+    paths may have moved since, and keys this version does not know are skipped."""
+    cfg = Config()
+    for section, table in tomllib.loads(text).items():
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            try:
+                _set(cfg, f"{section}.{key}", value, "config.toml")
+            except ConfigError:
+                pass
+    return cfg

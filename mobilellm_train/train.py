@@ -10,9 +10,11 @@ checkpoint, data position included.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import logging
+import math
 import os
 import socket
 import sys
@@ -48,7 +50,7 @@ from mobilellm_train.evaluation.scoring import evaluate_tasks
 from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
 from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
-from mobilellm_train.optim import build_lr_scheduler, build_optimizer
+from mobilellm_train.optim import build_lr_scheduler, build_optimizer, lr_multiplier
 from mobilellm_train.parallelize import build_mesh, parallelize
 from mobilellm_train.resilience import SpikeDetector, StopRequest, set_flight_recorder_env, set_train_timeout
 
@@ -93,21 +95,62 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def write_effective_config(cfg: C.Config, dump_folder: str) -> None:
-    """<dump_folder>/config.toml is the config of the latest start; an earlier, different one
-    is kept beside it rather than overwritten."""
+def write_effective_config(cfg: C.Config, dump_folder: str) -> str | None:
+    """Write <dump_folder>/config.toml, the config of the latest start that got as far as
+    training (a refused start writes nothing). A different earlier one is kept as
+    config.previous.toml, one file rather than a pile. Returns the earlier text, if any."""
     os.makedirs(dump_folder, exist_ok=True)
     path = os.path.join(dump_folder, "config.toml")
     text = C.to_toml(cfg)
+    old = None
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
         if old == text:
-            return
-        os.replace(path, os.path.join(dump_folder, f"config.{int(os.path.getmtime(path))}.toml"))
+            return old
+        os.replace(path, os.path.join(dump_folder, "config.previous.toml"))
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+    return old
+
+
+def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) -> None:
+    """Say what changed since the last start; for a resumed run, a changed budget in steps and
+    tokens and what the recomputed lr schedule does at this step."""
+    try:
+        old = C.parse_effective_config(old_text)
+    except Exception as e:  # an unreadable old file must not stop the run
+        logger.warning("could not read the previous config.toml (%s)", e)
+        return
+    changed = [
+        f"{section}.{key} {C._toml_value(before)} -> {C._toml_value(after)}"
+        for section in C._section_types()
+        for (key, before), after in zip(dataclasses.asdict(getattr(old, section)).items(),
+                                        dataclasses.asdict(getattr(cfg, section)).values())
+        if before != after
+    ]
+    if changed:
+        logger.info("config changed since the last start (the earlier one is config.previous.toml): %s",
+                    "; ".join(changed))
+    if step == 0:
+        return
+    budget = {}
+    for name, c in (("old", old), ("new", cfg)):
+        batch_tokens = C.global_batch_size(c.training, world_size) * c.training.seq_len
+        steps = C.total_steps(c.training, world_size)
+        lr = C.peak_lr(c.optimizer, batch_tokens) * lr_multiplier(step, cfg=c.lr_scheduler, total_steps=steps)
+        budget[name] = (steps, steps * batch_tokens, lr)
+    (old_steps, old_tokens, old_lr), (new_steps, new_tokens, new_lr) = budget["old"], budget["new"]
+    if (old_steps, old_tokens) != (new_steps, new_tokens):
+        logger.warning(
+            "training budget changed on resume: %d steps (%.4g tokens) -> %d steps (%.4g tokens); the lr "
+            "schedule spans the new budget, so the lr of step %d is %.4g (it would have been %.4g)",
+            old_steps, old_tokens, new_steps, new_tokens, step + 1, new_lr, old_lr,
+        )
+    elif not math.isclose(old_lr, new_lr, rel_tol=1e-9):
+        logger.warning("the lr settings changed on resume: the lr of step %d is %.4g (it would have been %.4g)",
+                       step + 1, new_lr, old_lr)
 
 
 def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
@@ -268,8 +311,6 @@ def train(cfg: C.Config) -> None:
     setup_logging(rank)
     tcfg = cfg.training
     dump_folder = cfg.job.dump_folder
-    if rank == 0:
-        write_effective_config(cfg, dump_folder)
     logger.info("%s: %d rank(s) on %s, run folder %s", cfg.job.description, world_size, device.type, dump_folder)
 
     torch.manual_seed(tcfg.seed)
@@ -343,6 +384,11 @@ def train(cfg: C.Config) -> None:
         checkpointer.close()
         dist.destroy_process_group()
         return
+    if rank == 0:
+        # Only now, past every refusal: config.toml describes the checkpoints beside it.
+        previous = write_effective_config(cfg, dump_folder)
+        if previous is not None:
+            log_config_change(previous, cfg, world_size, train_state.step)
 
     metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard)
     peak_flops = detect_peak_flops(device, cfg.metrics.peak_tflops)

@@ -123,3 +123,23 @@ def test_eval_refuses_token_data_of_another_tokenizer(tmp_path, step_with_tokeni
     assert "is not the one" in r.stderr and str(tmp_path / "theirs") in r.stderr and "perplexity" not in r.stdout
     r = run_cli("mobilellm_train.evaluation.cli", base + ["--token-data", str(tmp_path / "ours")], expect_rc=0)
     assert "tokens perplexity" in r.stdout
+
+
+@pytest.mark.slow
+def test_refused_start_keeps_config_and_budget_change_is_logged(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_trainer(base_args(corpus, run, steps=10))
+    written = (run / "config.toml").read_text()
+    assert "vocab_size = 64" in written
+    out = run_trainer(base_args(corpus, run, steps=20, **{"model.vocab_size": 80}), expect_rc=1)
+    assert "CheckpointError" in out and "vocab_size" in out
+    assert (run / "config.toml").read_text() == written
+    assert sorted(os.listdir(run)) == sorted(["config.toml", "checkpoints", "metrics.jsonl"])
+
+    out = run_trainer(base_args(corpus, run, steps=20))
+    assert "config changed since the last start" in out and "training.steps 10 -> 20" in out
+    assert "training budget changed on resume: 10 steps (1280 tokens) -> 20 steps (2560 tokens)" in out
+    assert "the lr of step 11 is" in out
+    assert "steps = 20" in (run / "config.toml").read_text()
+    assert (run / "config.previous.toml").read_text() == written
+    assert [n for n in os.listdir(run) if n.startswith("config")].__len__() == 2
