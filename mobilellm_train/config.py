@@ -520,7 +520,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")
-    check(d.path or d.demo_vocab_size <= m.vocab_size,
+    check(d.path or d.sources or d.demo_vocab_size <= m.vocab_size,
           f"data.demo_vocab_size ({d.demo_vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
 
     e = cfg.eval

@@ -154,14 +154,17 @@ def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) 
 
 
 def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
-    """(token folder, tokenizer): data.path, or the demo corpus built once by rank 0."""
-    if cfg.path:
+    """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
+    rank 0."""
+    if cfg.path or cfg.sources:
         return cfg.path, cfg.tokenizer_path
     out_dir = os.path.join(dump_folder, "demo_data")
     if rank == 0:
-        build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
+        paths = build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
     dist.barrier()
-    return build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)  # finished: returns at once
+    if rank != 0:
+        paths = build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)  # finished: returns at once
+    return paths
 
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -319,6 +322,13 @@ def train(cfg: C.Config) -> None:
     global_batch_tokens = global_batch * tcfg.seq_len
     total_steps = C.total_steps(tcfg, world_size)
     lr = C.peak_lr(cfg.optimizer, global_batch_tokens)
+    if not 0.25 <= lr / cfg.optimizer.lr <= 4:
+        logger.warning(
+            "the linear scaling rule makes the peak lr %.3g, %.3gx optimizer.lr %.3g (global batch %d tokens "
+            "against optimizer.reference_batch_tokens %d); if that is not meant, set --optimizer.lr for this "
+            "batch with --optimizer.scale_lr_with_batch false",
+            lr, lr / cfg.optimizer.lr, cfg.optimizer.lr, global_batch_tokens, cfg.optimizer.reference_batch_tokens,
+        )
 
     on_gpu = device.type == "cuda"
     model_args = C.build_model_args(cfg.model)

@@ -143,3 +143,39 @@ def test_refused_start_keeps_config_and_budget_change_is_logged(corpus, tmp_path
     assert "steps = 20" in (run / "config.toml").read_text()
     assert (run / "config.previous.toml").read_text() == written
     assert [n for n in os.listdir(run) if n.startswith("config")].__len__() == 2
+
+
+@pytest.mark.slow
+def test_a_run_and_its_resume_print_no_warnings_of_libraries(corpus, tmp_path):
+    """No torchdata set_vital or lr_scheduler UserWarning, on start or on resume; the linear scaling
+    rule on a tiny batch is called out."""
+    run = tmp_path / "run"
+    scaled = {"optimizer.scale_lr_with_batch": "true", "data.num_workers": 1}
+    out = run_trainer(base_args(corpus, run, steps=10, **scaled))
+    assert "the linear scaling rule makes the peak lr 7.32e-07, 0.000244x optimizer.lr 0.003" in out
+    out += run_trainer(base_args(corpus, run, steps=20, **scaled))
+    assert "resumed from" in out
+    assert "Warning" not in out and "set_vital" not in out and "get_last_lr" not in out
+    out = run_trainer(base_args(corpus, tmp_path / "plain", steps=2))
+    assert "linear scaling rule" not in out
+
+
+def args_without_path(args):
+    i = args.index("--data.path")
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.slow
+def test_data_sources_alone_train_without_the_demo_corpus(tmp_path):
+    import numpy as np
+
+    from mobilellm_train.data.shards import write_token_dataset
+
+    docs = [np.arange(3, 3 + 40 + i % 7) % 61 + 3 for i in range(60)]
+    write_token_dataset(str(tmp_path / "a"), docs, vocab_size=64, tokens_per_shard=1000)
+    write_token_dataset(str(tmp_path / "b"), docs[:30], vocab_size=64, tokens_per_shard=1000)
+    run = tmp_path / "run"
+    out = run_trainer(args_without_path(base_args("", run, steps=3)) +
+                      ["--data.sources", f"{tmp_path / 'a'}:0.7,{tmp_path / 'b'}:0.3"])
+    assert "demo" not in out and not (run / "demo_data").exists()
+    assert max(read_metrics(run)) == 3

@@ -47,6 +47,7 @@ StatefulDataLoader saves and restores per worker.
 import json
 import logging
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -392,11 +393,19 @@ class JsonlTokenDataset(IterableDataset, Stateful):
         return bad_lines_skipped
 
 
+def quiet_stateful_dataloader(dataset, **kwargs) -> StatefulDataLoader:
+    """A StatefulDataLoader without the deprecation warning about `torch.set_vital` that its
+    constructor raises on every run: torchdata's own call, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        return StatefulDataLoader(dataset, **kwargs)
+
+
 def build_dataloader(
     dataset: JsonlTokenDataset, local_batch_size: int, num_workers: int, pin_memory: bool
 ) -> StatefulDataLoader:
     """Batches of {"input", "label"} as [local_batch_size, seq_len] int64; state_dict() resumes exactly."""
-    return StatefulDataLoader(
+    return quiet_stateful_dataloader(
         dataset,
         batch_size=local_batch_size,
         num_workers=num_workers,

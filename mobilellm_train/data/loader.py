@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.data.jsonl import DataError, quiet_stateful_dataloader
 from mobilellm_train.data.shards import (
     Manifest,
     TokenStream,
@@ -383,7 +383,7 @@ class TokenLoader(Stateful):
         self._start_sample, self._micro_batches = start, 0
         dataset = RankDataset(self.sampler, self.local_batch_size, self.global_batch_size, self.dp_rank,
                               self.dp_world_size, start)
-        loader = StatefulDataLoader(
+        loader = quiet_stateful_dataloader(
             dataset,
             batch_size=None,  # the dataset yields whole micro-batches: no per-sample collate
             num_workers=self.num_workers,
