@@ -27,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.data.jsonl import DataError, raw_text_hint
 from mobilellm_train.data.loader import parse_sources
 from mobilellm_train.evaluation.tasks import parse_task_names
 from mobilellm_train.model import MODEL_PRESETS, ModelArgs
@@ -367,10 +367,13 @@ def _coerce(key: str, value, typ):
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
+            if isinstance(value, (int, float, str)):
+                number = float(value)
+                # Every float of the config is a finite quantity; inf or nan would only show up
+                # later as a NaN loss or a schedule that never moves.
+                if not math.isfinite(number):
+                    raise ValueError("must be a finite number")
+                return number
             raise ValueError("expected a number")
         if typ is str:
             if isinstance(value, str):
@@ -507,6 +510,9 @@ def validate(cfg: Config, world_size: int) -> None:
     check(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
     check(d.skip_bad_lines >= 0, f"data.skip_bad_lines must be >= 0 (got {d.skip_bad_lines})")
     check(not d.path or os.path.exists(d.path), f"data.path: {d.path} does not exist")
+    if d.path and not os.path.isdir(d.path):
+        raise ConfigError(f"data.path: {d.path} is a file, not a folder of token data. "
+                          + raw_text_hint(d.path, d.tokenizer_path))
     if d.sources:
         try:
             sources = parse_sources(d.sources)
@@ -547,7 +553,21 @@ def validate(cfg: Config, world_size: int) -> None:
     check(cm.trace_buf_size >= 0, f"comm.trace_buf_size must be >= 0 (got {cm.trace_buf_size})")
 
     check(cfg.metrics.log_freq > 0, f"metrics.log_freq must be positive (got {cfg.metrics.log_freq})")
+    check_writable_folder(cfg.job.dump_folder, "job.dump_folder")
     check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
+
+
+def check_writable_folder(path: str, key: str) -> None:
+    """`path` is a folder, or can be made one, that this user may write into; else ConfigError.
+    Checked at start-up: the run would otherwise fail once the process group exists."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created ({existing} is not writable)"
+        raise ConfigError(f"{key}: {path} {what} by this user; choose another folder")
 
 
 # ---------------------------------------------------------------------------------------------

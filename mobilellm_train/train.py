@@ -16,6 +16,7 @@ import gc
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -41,7 +42,7 @@ from mobilellm_train.checkpoint import (
     model_args_fingerprint,
 )
 from mobilellm_train.data.demo import build_demo_corpus
-from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
+from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader, check_token_id_layout
 from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
 from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
 from mobilellm_train.evaluation.loading import Tokenizer
@@ -276,6 +277,7 @@ def build_train_data(
         return loader, loader, tokenizer_path
     if cfg.doc_mask:
         raise DataError(f"data.doc_mask needs prepared data (mobilellm-prepare); {data_path} is in the JSONL layout")
+    check_token_id_layout(data_path, tokenizer_path)
     dataset = JsonlTokenDataset(
         data_path,
         seq_len=training.seq_len,
@@ -538,8 +540,21 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (DataError, CheckpointError, NonFiniteError, TaskDataError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
-        logger.error("%s: %s", type(e).__name__, e)
+        logger.error("%s: %s", type(e).__name__, own_message(e))
         raise SystemExit(1) from None
+
+
+def own_message(e: BaseException) -> str:
+    """The error's own words. One raised in a DataLoader worker reaches the training process
+    re-raised with the worker's whole traceback as its text; only the last part is the message."""
+    text = str(e)
+    marker = "Original Traceback (most recent call last):"
+    if marker in text:
+        tail = text.split(marker, 1)[1]
+        m = re.search(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)", tail, re.MULTILINE | re.DOTALL)
+        if m:
+            return m.group(1).strip()
+    return text
 
 
 if __name__ == "__main__":

@@ -179,3 +179,145 @@ def test_data_sources_alone_train_without_the_demo_corpus(tmp_path):
                       ["--data.sources", f"{tmp_path / 'a'}:0.7,{tmp_path / 'b'}:0.3"])
     assert "demo" not in out and not (run / "demo_data").exists()
     assert max(read_metrics(run)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each is refused with its file and what to do, before any process group where it can be.
+
+
+def test_config_refuses_non_finite_numbers_a_file_as_data_path_and_an_unusable_run_folder(tmp_path):
+    from mobilellm_train.config import ConfigError, load_config
+
+    for key, value in (("optimizer.lr", "inf"), ("optimizer.eps", "nan"), ("training.max_norm", "-inf")):
+        with pytest.raises(ConfigError, match=rf"{key}: must be a finite number \(got '{value}'\)"):
+            load_config([f"--{key}", value])
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optimizer]\nlr = inf\n")
+    with pytest.raises(ConfigError, match="optimizer.lr: must be a finite number"):
+        load_config(["--config", str(toml)])
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("plain English text\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--data.path", str(text)])
+    assert f"data.path: {text} is a file, not a folder" in str(e.value)
+    assert f"mobilellm-prepare encode --input {text} --tokenizer {tmp_path / 'corpus_tokenizer.model'}" in str(e.value)
+    assert f"--data.path {tmp_path / 'corpus_tokens'}" in str(e.value)
+
+    with pytest.raises(ConfigError, match=f"job.dump_folder: {text}/run cannot be created: {text} is a file"):
+        load_config(["--job.dump_folder", str(text / "run")])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as root: permissions do not stop writes")
+    with pytest.raises(ConfigError, match="job.dump_folder: .* cannot be created .* is not writable"):
+        load_config(["--job.dump_folder", str(locked / "run")])
+
+
+def test_trainer_config_errors_exit_2_before_any_process_group(tmp_path):
+    out = run_trainer(["--optimizer.lr", "inf", "--job.dump_folder", str(tmp_path / "run")], expect_rc=2)
+    assert "config error: optimizer.lr: must be a finite number" in out
+    assert "rank0" not in out and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_raw_text_as_data_path_names_the_prepare_commands(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("Some plain text.\n")
+    out = run_trainer(base_args(texts, tmp_path / "run", steps=2), expect_rc=1)
+    assert "a.txt: this looks like raw text, not token ids" in out
+    assert f"mobilellm-prepare encode --input {texts} --tokenizer" in out and "Traceback" not in out
+
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    (jsonl / "docs.jsonl").write_text(json.dumps({"text": "hello there", "id": 3}) + "\n")
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"not checked here")
+    out = run_trainer(base_args(jsonl, tmp_path / "run", steps=2, **{"data.tokenizer_path": tokenizer}),
+                      expect_rc=1)
+    assert 'records have no key "token_ids" (keys: \'text\', \'id\'): this looks like raw text in JSONL' in out
+    assert f"mobilellm-prepare encode --input {jsonl} --tokenizer {tokenizer} --out {jsonl}_tokens" in out
+    assert "prepare tokenizer" not in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_bad_line_in_a_loader_worker_is_one_clean_error_naming_the_flag(tmp_path):
+    from conftest import make_corpus
+
+    data = make_corpus(tmp_path / "data", n_docs=50)
+    path = tmp_path / "data" / "1" / "part-0.jsonl"
+    lines = path.read_text().splitlines()
+    lines[5] = "[" * 100_000 + "]" * 100_000  # deeper than Python's json parser can recurse
+    path.write_text("\n".join(lines) + "\n")
+    out = run_trainer(base_args(data, tmp_path / "run", steps=5, **{"data.num_workers": 1}), expect_rc=1)
+    assert f"DataError: {path}:6: invalid JSON: nested too deeply to parse" in out
+    assert "pass --data.skip_bad_lines N" in out
+    assert "Traceback" not in out and "worker" not in out
+
+
+@pytest.mark.slow
+def test_out_of_range_id_in_a_shard_is_caught_on_read_without_checksums(tmp_path):
+    import numpy as np
+
+    from mobilellm_train.data.shards import DTYPES, read_manifest, write_token_dataset
+
+    docs = [np.arange(3, 3 + 40 + i % 7) % 61 + 3 for i in range(60)]
+    folder = tmp_path / "shards"
+    write_token_dataset(str(folder), docs, vocab_size=64, tokens_per_shard=1000)
+    m = read_manifest(str(folder))
+    shard = folder / f"{m.shards[1].name}.bin"
+    tokens = np.fromfile(shard, dtype=DTYPES[m.dtype])
+    tokens[17] = 60_000  # a flipped bit the manifest does not know of
+    tokens.tofile(shard)
+    args = base_args(folder, tmp_path / "run", steps=40, **{"data.verify_checksums": "false", "data.num_workers": 1})
+    out = run_trainer(args, expect_rc=1)
+    assert f"DataError: {shard}: token id 60000 at token 17 of the shard is outside the model's vocabulary [0, 64)" in out
+    assert "--data.verify_checksums true" in out and "IndexError" not in out and "Traceback" not in out
+
+
+def test_deeply_nested_json_in_encode_and_convert_names_file_and_line(tmp_path):
+    from mobilellm_train.data import prepare
+    from mobilellm_train.data.jsonl import DataError
+
+    deep = "[" * 100_000 + "]" * 100_000
+    raw = tmp_path / "raw" / "a.jsonl"
+    raw.parent.mkdir()
+    raw.write_text(json.dumps({"text": "fine"}) + "\n" + deep + "\n")
+    tokenizer = train_sp(tmp_path / "tok", 300)
+    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid JSON: nested too deeply"):
+        prepare.run(["encode", "--input", str(raw), "--tokenizer", tokenizer, "--out", str(tmp_path / "o"),
+                     "--workers", "1"])
+    nodes = tmp_path / "nodes" / "1"
+    nodes.mkdir(parents=True)
+    (nodes / "p.jsonl").write_text(json.dumps({"token_ids": [1, 5, 2]}) + "\n" + deep + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: invalid JSON: nested too deeply"):
+        prepare.run(["convert", "--layout", "nodes", "--input", str(tmp_path / "nodes"), "--out",
+                     str(tmp_path / "o2"), "--vocab-size", "64"])
+
+
+def test_a_failed_encode_that_finished_nothing_does_not_pin_its_settings(tmp_path):
+    from mobilellm_train.data import prepare
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.data.shards import read_manifest
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"body": f"text number {i}"}) + "\n" for i in range(20)))
+    tokenizer = train_sp(tmp_path / "tok", 300)
+    out = tmp_path / "out"
+    base = ["encode", "--input", str(raw), "--tokenizer", tokenizer, "--out", str(out), "--workers", "1"]
+    with pytest.raises(DataError, match=r"raw\.jsonl:1: no key 'text'"):
+        prepare.run(base)
+    prepare.run(base + ["--text-field", "body"])
+    assert read_manifest(str(out)).num_tokens > 20
+
+
+def test_progress_units_follow_the_size():
+    from mobilellm_train.data.prepare import Progress, format_bytes
+
+    class Counter:
+        value = 2_500_000
+
+    line = Progress("encode", 15_300_000, 4, Counter()).line()
+    assert " 2.50/15.30 MB " in line
+    assert format_bytes(512) == "512 B" and format_bytes(4500) == "4.5 kB" and format_bytes(2.1e9) == "2.1 GB"

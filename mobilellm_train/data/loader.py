@@ -220,7 +220,7 @@ def open_sources(
             raise DataError(
                 f"{m.folder}: {m.num_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
             )
-        out.append(Source(m, TokenStream(m), num_windows))
+        out.append(Source(m, TokenStream(m, vocab_size), num_windows))
     all_shards = [(m, i) for m in manifests for i in range(len(m.shards))]
     if verify_checksums:
         mine: dict[int, list[int]] = {}
