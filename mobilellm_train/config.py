@@ -20,17 +20,19 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mobilellm_train.data.jsonl import DataError, raw_text_hint
-from mobilellm_train.data.loader import parse_sources
+if TYPE_CHECKING:
+    from mobilellm_train.model import ModelArgs
+
+# Parsing the command line (and --help) imports nothing heavy: torch takes seconds to import, so
+# the model, data and task modules are imported where values are checked (validate).
 from mobilellm_train.evaluation.tasks import parse_task_names
-from mobilellm_train.model import MODEL_PRESETS, ModelArgs
 
 
 class ConfigError(ValueError):
@@ -285,6 +287,8 @@ class Config:
 
 def build_model_args(cfg: ModelConfig) -> ModelArgs:
     """The flavor's preset with any non-zero overrides applied."""
+    from mobilellm_train.model import MODEL_PRESETS
+
     args = dataclasses.replace(MODEL_PRESETS[cfg.flavor])
     for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
         value = getattr(cfg, name)
@@ -456,6 +460,8 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
 
 def validate(cfg: Config, world_size: int) -> None:
     """Reject impossible values with the key's name, before anything expensive starts."""
+    from mobilellm_train.data.jsonl import DataError, raw_text_hint
+    from mobilellm_train.data.loader import parse_sources
 
     def check(ok: bool, msg: str) -> None:
         if not ok:

@@ -21,39 +21,19 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
-
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor
+from typing import TYPE_CHECKING
 
 from mobilellm_train import config as C
-from mobilellm_train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    ModelState,
-    OptimizerState,
-    PerRankState,
-    RNGState,
-    SchedulerState,
-    TrainState,
-    model_args_fingerprint,
-)
-from mobilellm_train.data.demo import build_demo_corpus
-from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader, check_token_id_layout
-from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
-from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
-from mobilellm_train.evaluation.loading import Tokenizer
-from mobilellm_train.evaluation.report import results_to_scalars
-from mobilellm_train.evaluation.scoring import evaluate_tasks
-from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
-from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
-from mobilellm_train.model import MobileLLM, ModelArgs, count_params
-from mobilellm_train.optim import build_lr_scheduler, build_optimizer, lr_multiplier
-from mobilellm_train.parallelize import build_mesh, parallelize
-from mobilellm_train.resilience import SpikeDetector, StopRequest, set_flight_recorder_env, set_train_timeout
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.checkpoint.stateful import Stateful
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from mobilellm_train.model import ModelArgs
+
+# torch and the modules built on it are imported inside the functions that use them, so that
+# --help and command-line errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -67,6 +47,11 @@ def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -
 
     A one-rank group keeps a single code path: FSDP2 and DCP work the same on 1 or N ranks.
     """
+    import torch
+    import torch.distributed as dist
+    
+    from mobilellm_train.resilience import set_flight_recorder_env
+
     comm = comm or C.CommConfig()
     set_flight_recorder_env(comm, dump_folder)
     timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
@@ -119,6 +104,8 @@ def write_effective_config(cfg: C.Config, dump_folder: str) -> str | None:
 def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) -> None:
     """Say what changed since the last start; for a resumed run, a changed budget in steps and
     tokens and what the recomputed lr schedule does at this step."""
+    from mobilellm_train.optim import lr_multiplier
+
     try:
         old = C.parse_effective_config(old_text)
     except Exception as e:  # an unreadable old file must not stop the run
@@ -157,6 +144,10 @@ def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) 
 def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
     """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
     rank 0."""
+    import torch.distributed as dist
+    
+    from mobilellm_train.data.demo import build_demo_corpus
+
     if cfg.path or cfg.sources:
         return cfg.path, cfg.tokenizer_path
     out_dir = os.path.join(dump_folder, "demo_data")
@@ -170,6 +161,9 @@ def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, s
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm over all shards (and clipping to max_norm when > 0)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):
@@ -194,6 +188,11 @@ def build_model(
     Built on the meta device (no memory), wrapped, and only then materialised, so each rank
     allocates only its shard: a 1.5B model never exists whole on one rank.
     """
+    import torch
+    
+    from mobilellm_train.model import MobileLLM
+    from mobilellm_train.parallelize import parallelize
+
     with torch.device("meta"):
         model = MobileLLM(model_args)
     on_gpu = device.type == "cuda"
@@ -222,6 +221,8 @@ def train_step(
     global gradient norm; whether the update was applied). A non-finite norm skips the update.
     `before_update` runs just before the parameters change (a checkpoint copy may still read them).
     """
+    import torch
+
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -262,6 +263,11 @@ def build_train_data(
     Prepared shards have one global position, the same on every rank, so a checkpoint continues
     on any number of ranks. The JSONL reader's position is per rank.
     """
+    from mobilellm_train.checkpoint import PerRankState
+    from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader, check_token_id_layout
+    from mobilellm_train.data.loader import build_token_loader, parse_sources
+    from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
+
     global_batch = C.global_batch_size(training, world_size)
     sources = cfg.sources or (data_path if is_dataset(data_path) else "")
     if sources:
@@ -291,10 +297,19 @@ def build_train_data(
     return loader, PerRankState(rank, loader), tokenizer_path
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     """Mean token loss over the fixed validation set, on all ranks (every rank runs the same
     number of forwards, as FSDP needs; padding rows carry labels -100)."""
+    import torch
+
+    with torch.no_grad():
+        return _validation_loss(model, batches)
+
+
+def _validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
+    import torch
+    import torch.distributed as dist
+
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
@@ -312,6 +327,29 @@ def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
 
 
 def train(cfg: C.Config) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mobilellm_train.checkpoint import (
+        Checkpointer,
+        ModelState,
+        OptimizerState,
+        PerRankState,
+        RNGState,
+        SchedulerState,
+        TrainState,
+        model_args_fingerprint,
+    )
+    from mobilellm_train.data.loader import build_val_batches
+    from mobilellm_train.evaluation.loading import Tokenizer
+    from mobilellm_train.evaluation.report import results_to_scalars
+    from mobilellm_train.evaluation.scoring import evaluate_tasks
+    from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
+    from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
+    from mobilellm_train.model import count_params
+    from mobilellm_train.optim import build_lr_scheduler, build_optimizer
+    from mobilellm_train.parallelize import build_mesh
+    from mobilellm_train.resilience import SpikeDetector, StopRequest, set_train_timeout
     rank, world_size, device = init_distributed(cfg.comm, cfg.job.dump_folder)
     setup_logging(rank)
     tcfg = cfg.training
@@ -529,13 +567,24 @@ def train(cfg: C.Config) -> None:
     dist.destroy_process_group()
 
 
-@record  # under torchrun, an unexpected exception's traceback lands in the failure summary
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = C.load_config(argv)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # Under torchrun, an unexpected exception's traceback lands in the failure summary.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(run)(cfg)
+
+
+def run(cfg: C.Config) -> None:
+    """train(cfg), with the errors a user can act on reported in one line and exit status 1."""
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.evaluation.tasks import TaskDataError
+
     try:
         train(cfg)
     except (DataError, CheckpointError, NonFiniteError, TaskDataError) as e:

@@ -55,6 +55,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+# Defined apart, in a module that imports nothing heavy, so that mobilellm-prepare starts fast.
+from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
+
 logger = logging.getLogger(__name__)
 
 # Large reads: with W ranks per folder each reader scans W lines for every one it keeps.
@@ -69,18 +72,6 @@ _JSON_TYPE_NAMES = {
     float: "a float",
     type(None): "null",
 }
-
-
-# Python's json parser recurses once per nesting level; thousands of "[" exhaust the stack.
-JSON_TOO_DEEP = "invalid JSON: nested too deeply to parse (a RecursionError)"
-
-
-class DataError(ValueError):
-    """Bad training data or a data layout/state that cannot be read; says which file and line."""
-
-
-class BadLine(Exception):
-    """What is wrong with one line; the reader adds file:line and decides to skip or raise."""
 
 
 def _json_type(value) -> str:

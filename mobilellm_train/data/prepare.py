@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.jsonl import JSON_TOO_DEEP, DataError, BadLine, find_node_folders, list_jsonl_files, parse_token_ids
+from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
@@ -305,6 +305,9 @@ def _json_text(line: bytes, field: str) -> str:
 def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | _Bad, object, int]]:
     """(text or token ids or a _Bad, a key to name its place, input bytes read) for each record."""
     kind = unit.kind
+    if kind == "tokens":
+        # The token-id line parser lives beside the torch dataset: imported only when converting.
+        from mobilellm_train.data.jsonl import parse_token_ids
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -735,6 +738,8 @@ def cmd_encode(args) -> dict:
 
 
 def cmd_convert(args) -> dict:
+    from mobilellm_train.data.jsonl import find_node_folders, list_jsonl_files
+
     if bool(args.vocab_size) == bool(args.tokenizer):
         raise DataError("convert needs exactly one of --vocab-size and --tokenizer")
     info = tokenizer_info(args.tokenizer) if args.tokenizer else None

@@ -23,31 +23,15 @@ import os
 import sys
 import time
 
-import torch
+from typing import TYPE_CHECKING
 
-from mobilellm_train.checkpoint import CheckpointError, is_complete
-from mobilellm_train.data.jsonl import DataError
-from mobilellm_train.data.shards import TOKENIZER_FILE, check_tokenizer, is_dataset, read_manifest
-from mobilellm_train.evaluation.loading import (
-    TokenizerMismatchError,
-    check_same_tokenizer,
-    check_tokenizer_fits,
-    find_tokenizer,
-    load_model,
-    load_tokenizer,
-)
-from mobilellm_train.evaluation.perplexity import (
-    evaluate_perplexity,
-    find_wikitext,
-    pack_windows,
-    read_wikitext_rows,
-    token_documents,
-    wikitext_windows,
-)
-from mobilellm_train.evaluation.report import PAPER_RESULTS, average, format_table
-from mobilellm_train.evaluation.scoring import evaluate_tasks
-from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, find_task_files
-from mobilellm_train.hf import HFCheckpointError
+from mobilellm_train.evaluation.tasks import TASKS, find_task_files
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the model and the data code are imported inside the functions that use them: --help and
+# argument errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -78,6 +62,8 @@ def parse_tasks(spec: str) -> list[str]:
 
 def default_name(checkpoint: str) -> str:
     """<run folder>/step-N for a DCP step folder, the folder's name for an HF folder."""
+    from mobilellm_train.checkpoint import is_complete
+
     path = os.path.abspath(checkpoint)
     if is_complete(path) and os.path.basename(os.path.dirname(path)) == "checkpoints":
         return f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}/{os.path.basename(path)}"
@@ -86,6 +72,9 @@ def default_name(checkpoint: str) -> str:
 
 def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
     """Everything about the data that can fail, before minutes are spent loading a model."""
+    from mobilellm_train.evaluation.perplexity import find_wikitext
+    from mobilellm_train.evaluation.report import PAPER_RESULTS
+
     mc_tasks = [t for t in tasks if t in TASKS]
     if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
         raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
@@ -110,6 +99,9 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
 def check_token_data_tokenizer(checkpoint: str, tokenizer_path: str, token_data: str) -> None:
     """Token data must have been prepared with the model's tokenizer, as the trainer demands:
     ids of another tokenizer give a perplexity that means nothing. Checked before the model loads."""
+    from mobilellm_train.data.shards import TOKENIZER_FILE, check_tokenizer, is_dataset, read_manifest
+    from mobilellm_train.evaluation.loading import check_same_tokenizer, find_tokenizer
+
     if not is_dataset(token_data):
         return  # the JSONL layout records no tokenizer
     tokenizer_path = tokenizer_path or find_tokenizer(checkpoint)
@@ -122,6 +114,19 @@ def check_token_data_tokenizer(checkpoint: str, tokenizer_path: str, token_data:
 
 
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
+    import torch
+
+    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from mobilellm_train.evaluation.perplexity import (
+        evaluate_perplexity,
+        find_wikitext,
+        pack_windows,
+        read_wikitext_rows,
+        token_documents,
+        wikitext_windows,
+    )
+    from mobilellm_train.evaluation.scoring import evaluate_tasks
+
     begin = time.perf_counter()
     if "tokens" in tasks:
         check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
@@ -201,6 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    import torch  # only now: the command line is known to be usable
+
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError
+    from mobilellm_train.evaluation.report import average, format_table
+    from mobilellm_train.evaluation.tasks import TaskDataError
+    from mobilellm_train.hf import HFCheckpointError
+
     args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
     try:
         tasks = parse_tasks(args.tasks)
