@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 from mobilellm_train.evaluation.tasks import parse_task_names
 
 
+def __getattr__(name: str):
+    # config.MODEL_PRESETS and config.ModelArgs still resolve, imported on first use.
+    if name in ("MODEL_PRESETS", "ModelArgs"):
+        from mobilellm_train import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type or holds an impossible value."""
 
