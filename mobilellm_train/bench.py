@@ -39,27 +39,17 @@ import os
 import platform
 import sys
 import time
-from typing import Callable
-
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from typing import TYPE_CHECKING, Callable
 
 from mobilellm_train import config as C
-from mobilellm_train.hf import hf_llama_config
-from mobilellm_train.losses import chunked_cross_entropy
-from mobilellm_train.metrics import (
-    current_memory_bytes,
-    detect_peak_flops,
-    flops_per_token,
-    peak_memory_bytes,
-    reset_peak_memory,
-)
-from mobilellm_train.model import ModelArgs, count_params
-from mobilellm_train.optim import build_lr_scheduler, build_optimizer
-from mobilellm_train.parallelize import build_mesh
-from mobilellm_train.train import build_model, init_distributed, train_step
+
+if TYPE_CHECKING:
+    import torch
+
+    from mobilellm_train.model import ModelArgs
+
+# torch and everything built on it are imported inside the functions that use them: --help and
+# argument errors answer at once (importing torch takes seconds).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRESETS = ["125M", "125M_ls", "350M", "350M_ls", "600M", "1B", "1.5B"]
@@ -78,12 +68,16 @@ class StepTimer:
     perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
+        import torch
+
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.begin_event = torch.cuda.Event(enable_timing=True)
             self.end_event = torch.cuda.Event(enable_timing=True)
 
     def begin(self) -> None:
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
             self.begin_event.record()
@@ -92,6 +86,8 @@ class StepTimer:
 
     def end(self) -> float:
         """Seconds since begin(), once the device has finished the region's work."""
+        import torch
+
         if self.cuda:
             self.end_event.record()
             torch.cuda.synchronize()
@@ -108,6 +104,8 @@ def compile_counts() -> dict[str, int]:
 
 def free_memory(device: torch.device) -> None:
     """Between runs: drop compiled code (its caches pin shapes and memory) and cached blocks."""
+    import torch
+
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -116,6 +114,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def is_oom(error: BaseException) -> bool:
+    import torch
+
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -149,6 +149,8 @@ def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, pi
     """n batches of uniform random token windows in the trainer's format: input = window[:-1],
     label = window[1:]. Pinned on GPU so the copy to the device can be asynchronous, as the
     trainer's loader does."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(n):
@@ -160,6 +162,10 @@ def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, pi
 
 def _throughput(elapsed_s: float, steps: int, batch_size: int, seq_len: int, flops: int, peak_flops: float | None,
                 device: torch.device) -> dict:
+    import torch
+
+    from mobilellm_train.metrics import peak_memory_bytes
+
     tokens_per_second = steps * batch_size * seq_len / elapsed_s
     out = {
         "tokens_per_second": tokens_per_second,
@@ -178,6 +184,14 @@ def _throughput(elapsed_s: float, steps: int, batch_size: int, seq_len: int, flo
 
 def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int) -> dict:
     """Time `train.train_step` on the model `train.build_model` builds for `cfg`, one rank."""
+    from torch.distributed.tensor import DTensor
+
+    from mobilellm_train.metrics import detect_peak_flops, flops_per_token, reset_peak_memory
+    from mobilellm_train.model import count_params
+    from mobilellm_train.optim import build_lr_scheduler, build_optimizer
+    from mobilellm_train.parallelize import build_mesh
+    from mobilellm_train.train import build_model, train_step
+
     tcfg = cfg.training
     model_args = C.build_model_args(cfg.model)
     reset_peak_memory(device)
@@ -237,6 +251,11 @@ def run_hf_baseline(
 ) -> dict:
     """Time the original code's way of training: HF LlamaForCausalLM, fp32 weights under bf16
     autocast, SDPA, the model's fp32-logits loss, clipping, AdamW, as HF Trainer's step does."""
+    import torch
+
+    from mobilellm_train.hf import hf_llama_config
+    from mobilellm_train.metrics import detect_peak_flops, flops_per_token, reset_peak_memory
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     reset_peak_memory(device)
@@ -296,6 +315,11 @@ def run_loss_variant(
     compile_chunk: bool, iters: int, device: torch.device,
 ) -> dict:
     """Time forward+backward of one loss variant and its peak memory above the inputs."""
+    import torch.nn.functional as F
+
+    from mobilellm_train.losses import chunked_cross_entropy
+    from mobilellm_train.metrics import current_memory_bytes, peak_memory_bytes, reset_peak_memory
+
 
     def once() -> torch.Tensor:
         hidden.grad = weight.grad = None
@@ -322,6 +346,8 @@ def run_loss_variant(
 
 
 def run_loss_bench(cfg: C.Config, device: torch.device, chunk_sizes: list[int], iters: int) -> list[dict]:
+    import torch
+
     model_args = C.build_model_args(cfg.model)
     num_tokens = cfg.training.local_batch_size * cfg.training.seq_len
     # bf16 as under FSDP's mixed precision on GPU; fp32 as the trainer runs on CPU.
@@ -374,6 +400,8 @@ def build_config(toml_path: str, overrides: list[str], local_batch_size: int, se
 
 
 def environment(device: torch.device) -> dict:
+    import torch
+
     env = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
@@ -518,6 +546,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit("bench: --baseline needs transformers (pip install transformers)") from None
         else:
             with_baseline = True
+
+    import torch.distributed as dist  # only now: the command line is known to be usable
+
+    from mobilellm_train.train import init_distributed
 
     _, _, device = init_distributed()
     results = {"environment": environment(device), "seq_len": args.seq_len, "steps": args.steps,

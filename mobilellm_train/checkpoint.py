@@ -127,7 +127,7 @@ class OptimizerState(Stateful):
 class SchedulerState(Stateful):
     """The schedule is a pure function of the step, so its state is the step it is at."""
 
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler):
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
         self.scheduler = scheduler
 
     def state_dict(self) -> dict:
@@ -135,8 +135,10 @@ class SchedulerState(Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.scheduler.last_epoch = state_dict["last_epoch"]
-        # Recompute the optimizer's lr for that step, as `scheduler.step()` would have.
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_lr()):
+        # Recompute the optimizer's lr for that step, as `scheduler.step()` would have. From the
+        # lambdas directly: get_lr() outside step() makes torch warn on every resume.
+        lrs = [base * fn(self.scheduler.last_epoch) for fn, base in zip(self.scheduler.lr_lambdas, self.scheduler.base_lrs)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
 
@@ -532,6 +534,10 @@ class Checkpointer:
         Returns True when training resumes from a checkpoint of this run.
         """
         if not self.cfg.enable or self.cfg.load_step == 0:
+            # No checkpoint of this run is read, but the initial weights still are: silently
+            # starting from random weights would be the wrong run.
+            if self.cfg.initial_load_path:
+                self.load_model_only(self.cfg.initial_load_path)
             return False
         complete, incomplete, unreadable = scan_checkpoints(self.folder)
         for step in incomplete:

@@ -20,17 +20,28 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mobilellm_train.data.jsonl import DataError
-from mobilellm_train.data.loader import parse_sources
+if TYPE_CHECKING:
+    from mobilellm_train.model import ModelArgs
+
+# Parsing the command line (and --help) imports nothing heavy: torch takes seconds to import, so
+# the model, data and task modules are imported where values are checked (validate).
 from mobilellm_train.evaluation.tasks import parse_task_names
-from mobilellm_train.model import MODEL_PRESETS, ModelArgs
+
+
+def __getattr__(name: str):
+    # config.MODEL_PRESETS and config.ModelArgs still resolve, imported on first use.
+    if name in ("MODEL_PRESETS", "ModelArgs"):
+        from mobilellm_train import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -222,8 +233,8 @@ class CheckpointConfig:
     load_step: int = -1
     """Resume from this step's checkpoint; -1 takes the newest complete one, 0 starts fresh."""
     initial_load_path: str = ""
-    """A DCP checkpoint folder whose model weights start a new run (continued pretraining). Used
-    only when the run folder holds no checkpoint of its own."""
+    """A DCP step folder or Hugging Face folder whose model weights start a new run (continued
+    pretraining). Used whenever no checkpoint of the run folder is resumed, even with enable = false."""
     verify: bool = True
     """Check every checkpoint file against the checksums recorded at save before loading it."""
 
@@ -287,6 +298,8 @@ class Config:
 
 def build_model_args(cfg: ModelConfig) -> ModelArgs:
     """The flavor's preset with any non-zero overrides applied."""
+    from mobilellm_train.model import MODEL_PRESETS
+
     args = dataclasses.replace(MODEL_PRESETS[cfg.flavor])
     for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
         value = getattr(cfg, name)
@@ -369,10 +382,13 @@ def _coerce(key: str, value, typ):
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
+            if isinstance(value, (int, float, str)):
+                number = float(value)
+                # Every float of the config is a finite quantity; inf or nan would only show up
+                # later as a NaN loss or a schedule that never moves.
+                if not math.isfinite(number):
+                    raise ValueError("must be a finite number")
+                return number
             raise ValueError("expected a number")
         if typ is str:
             if isinstance(value, str):
@@ -455,6 +471,8 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
 
 def validate(cfg: Config, world_size: int) -> None:
     """Reject impossible values with the key's name, before anything expensive starts."""
+    from mobilellm_train.data.jsonl import DataError, raw_text_hint
+    from mobilellm_train.data.loader import parse_sources
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
@@ -509,6 +527,9 @@ def validate(cfg: Config, world_size: int) -> None:
     check(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
     check(d.skip_bad_lines >= 0, f"data.skip_bad_lines must be >= 0 (got {d.skip_bad_lines})")
     check(not d.path or os.path.exists(d.path), f"data.path: {d.path} does not exist")
+    if d.path and not os.path.isdir(d.path):
+        raise ConfigError(f"data.path: {d.path} is a file, not a folder of token data. "
+                          + raw_text_hint(d.path, d.tokenizer_path))
     if d.sources:
         try:
             sources = parse_sources(d.sources)
@@ -522,7 +543,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")
-    check(d.path or d.demo_vocab_size <= m.vocab_size,
+    check(d.path or d.sources or d.demo_vocab_size <= m.vocab_size,
           f"data.demo_vocab_size ({d.demo_vocab_size}) exceeds model.vocab_size ({m.vocab_size})")
 
     e = cfg.eval
@@ -549,7 +570,21 @@ def validate(cfg: Config, world_size: int) -> None:
     check(cm.trace_buf_size >= 0, f"comm.trace_buf_size must be >= 0 (got {cm.trace_buf_size})")
 
     check(cfg.metrics.log_freq > 0, f"metrics.log_freq must be positive (got {cfg.metrics.log_freq})")
+    check_writable_folder(cfg.job.dump_folder, "job.dump_folder")
     check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
+
+
+def check_writable_folder(path: str, key: str) -> None:
+    """`path` is a folder, or can be made one, that this user may write into; else ConfigError.
+    Checked at start-up: the run would otherwise fail once the process group exists."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created ({existing} is not writable)"
+        raise ConfigError(f"{key}: {path} {what} by this user; choose another folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,3 +636,18 @@ def to_toml(cfg: Config) -> str:
             out.append(f"{key} = {_toml_value(value)}")
         out.append("")
     return "\n".join(out)
+
+
+def parse_effective_config(text: str) -> Config:
+    """A run folder's config.toml (as `to_toml` writes it) read back without validation: its
+    paths may have moved since, and keys this version does not know are skipped."""
+    cfg = Config()
+    for section, table in tomllib.loads(text).items():
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            try:
+                _set(cfg, f"{section}.{key}", value, "config.toml")
+            except ConfigError:
+                pass
+    return cfg

@@ -27,16 +27,19 @@ import os
 import shutil
 import sys
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError, load_model_from_checkpoint
-from mobilellm_train.hf import hf_llama_config, to_hf_state_dict
-from mobilellm_train.model import ModelArgs
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mobilellm_train.model import ModelArgs
+
+# torch and the checkpoint code are imported inside the functions that use them: --help and
+# argument errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float32")  # names of torch dtypes
 WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "pytorch_model.bin"}
 
 
@@ -60,17 +63,18 @@ def tokenizer_files(tokenizer_path: str, model_args: ModelArgs) -> dict[str, str
     The special tokens are read from the model itself, so a tokenizer trained with other piece
     names or ids (the demo corpus's, say) is described as it is.
     """
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_tokenizer_fits
+
     import sentencepiece as spm
 
     try:
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     except (OSError, RuntimeError) as e:
         raise ExportError(f"{tokenizer_path}: not a SentencePiece model ({e})") from None
-    if sp.vocab_size() > model_args.vocab_size:
-        raise ExportError(
-            f"{tokenizer_path}: {sp.vocab_size()} pieces, more than the model's vocab_size "
-            f"{model_args.vocab_size}; this tokenizer does not belong to this model"
-        )
+    try:
+        check_tokenizer_fits(tokenizer_path, sp.vocab_size(), model_args.vocab_size)
+    except TokenizerMismatchError as e:
+        raise ExportError(str(e)) from None
 
     def piece(token_id: int) -> str | None:
         return sp.id_to_piece(token_id) if token_id >= 0 else None
@@ -113,6 +117,11 @@ def write_hf_folder(
     overwrite: bool = False,
 ) -> str:
     """Write `state_dict` (ours, as MobileLLM.state_dict()) as a Hugging Face folder; returns it."""
+    import torch
+
+    from mobilellm_train.checkpoint import TOKENIZER_FILE
+    from mobilellm_train.hf import hf_llama_config, to_hf_state_dict
+
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if weight_format not in WEIGHT_FILES:
@@ -140,7 +149,7 @@ def write_hf_folder(
 
     # A fresh, contiguous tensor per HF name: safetensors refuses tensors sharing storage, and
     # under layer sharing layers 2i and 2i+1 are one tensor until here.
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     hf_state = {
         name: tensor.detach().to(device="cpu", dtype=torch_dtype, copy=True).contiguous()
         for name, tensor in to_hf_state_dict(state_dict, model_args).items()
@@ -198,7 +207,14 @@ def export_checkpoint(
     verify: bool = True,
 ) -> str:
     """Export a DCP step folder (see the module docstring); returns the written folder."""
+    from mobilellm_train.checkpoint import TOKENIZER_FILE, load_model_from_checkpoint
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_same_tokenizer
+
     _check_destination(os.path.abspath(out_dir), overwrite)  # fail before the slow load
+    try:
+        check_same_tokenizer(checkpoint, tokenizer_path)
+    except TokenizerMismatchError as e:
+        raise ExportError(str(e)) from None
     if not tokenizer_path:
         in_step = os.path.join(checkpoint, TOKENIZER_FILE)
         if os.path.isfile(in_step):
@@ -229,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip checking the files against the checksums recorded at save")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from mobilellm_train.checkpoint import CheckpointError  # only now: the command line is usable
+
     try:
         out = export_checkpoint(
             args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite, args.verify

@@ -18,16 +18,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from mobilellm_train.checkpoint import CheckpointError
-from mobilellm_train.evaluation.loading import load_model, load_tokenizer
-from mobilellm_train.hf import HFCheckpointError
-from mobilellm_train.model import Attention, MobileLLM, apply_rope
+    from mobilellm_train.model import Attention, MobileLLM
+
+# torch and the model are imported inside the functions that use them: --help and argument errors
+# answer at once (importing torch takes seconds).
+
+
+def _no_grad(fn):
+    """torch.no_grad() as a decorator, importing torch at the first call instead of at import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class KVCache:
@@ -45,6 +60,8 @@ class KVCache:
     def update(self, index: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, kv_heads, T, head_dim] at positions start..start+T of pass `index`;
         return every key and value up to there."""
+        import torch
+
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
@@ -59,6 +76,10 @@ def _cached_attention(
     cache: KVCache, index: int, start: int, mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Attention.forward for positions start..start+T, attending to the cache and themselves."""
+    import torch.nn.functional as F
+
+    from mobilellm_train.model import apply_rope
+
     B, T, _ = x.shape
     q = attn.wq(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
     k = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
@@ -73,10 +94,12 @@ def _cached_attention(
     return attn.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
-@torch.no_grad()
+@_no_grad
 def forward_cached(model: MobileLLM, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
     """Logits [B, T, vocab] for `tokens` at positions start..start+T, given that the cache holds
     positions 0..start; the new keys and values are added to it."""
+    import torch
+
     T = tokens.shape[1]
     end = start + T
     if end > min(cache.max_len, model.args.max_seq_len):
@@ -104,6 +127,9 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token ids [B] from logits [B, vocab]: greedy at temperature 0, else sampled from the
     smallest set of tokens whose probability reaches top_p."""
+    import torch
+    import torch.nn.functional as F
+
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -117,7 +143,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@_no_grad
 def generate(
     model: MobileLLM,
     prompt: list[int],
@@ -134,6 +160,8 @@ def generate(
 
     vocab_limit > 0 never samples ids from there on: a model's vocabulary may be larger than
     its tokenizer's, and those ids have no text."""
+    import torch
+
     if not prompt:
         raise ValueError("the prompt has no tokens")
     max_len = min(len(prompt) + max_new_tokens, model.args.max_seq_len)
@@ -181,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    import torch  # only now: the command line is known to be usable
+
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from mobilellm_train.hf import HFCheckpointError
+
     prompts = list(args.prompt)
     try:
         if args.prompt_file:
@@ -194,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
         model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+        check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:
         print(f"generate error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

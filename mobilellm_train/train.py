@@ -10,55 +10,31 @@ checkpoint, data position included.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import logging
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
-
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor
+from typing import TYPE_CHECKING
 
 from mobilellm_train import config as C
-from mobilellm_train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    ModelState,
-    OptimizerState,
-    PerRankState,
-    RNGState,
-    SchedulerState,
-    TrainState,
-    model_args_fingerprint,
-)
-from mobilellm_train.data.demo import build_demo_corpus
-from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader
-from mobilellm_train.data.loader import build_token_loader, build_val_batches, parse_sources
-from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
-from mobilellm_train.evaluation.loading import Tokenizer
-from mobilellm_train.evaluation.report import results_to_scalars
-from mobilellm_train.evaluation.scoring import evaluate_tasks
-from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
-from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
-from mobilellm_train.model import MobileLLM, ModelArgs, count_params
-from mobilellm_train.optim import build_lr_scheduler, build_optimizer
-from mobilellm_train.parallelize import build_mesh, parallelize
-from mobilellm_train.resilience import (
-    RunFolderError,
-    RunFolderLock,
-    SpikeDetector,
-    StopRequest,
-    clear_stale_stop_file,
-    exit_with_parent,
-    set_flight_recorder_env,
-    set_train_timeout,
-)
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.checkpoint.stateful import Stateful
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from mobilellm_train.checkpoint import Checkpointer
+    from mobilellm_train.model import ModelArgs
+    from mobilellm_train.resilience import RunFolderLock
+
+# torch and the modules built on it are imported inside the functions that use them, so that
+# --help and command-line errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -72,6 +48,11 @@ def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -
 
     A one-rank group keeps a single code path: FSDP2 and DCP work the same on 1 or N ranks.
     """
+    import torch
+    import torch.distributed as dist
+    
+    from mobilellm_train.resilience import set_flight_recorder_env
+
     comm = comm or C.CommConfig()
     set_flight_recorder_env(comm, dump_folder)
     timeout = datetime.timedelta(seconds=comm.init_timeout_seconds)
@@ -106,36 +87,89 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def write_effective_config(cfg: C.Config, dump_folder: str) -> None:
-    """<dump_folder>/config.toml is the config of the latest start; an earlier, different one
-    is kept beside it rather than overwritten."""
+def write_effective_config(cfg: C.Config, dump_folder: str) -> str | None:
+    """Write <dump_folder>/config.toml, the config of the latest start that got as far as
+    training (a refused start writes nothing). A different earlier one is kept as
+    config.previous.toml, one file rather than a pile. Returns the earlier text, if any."""
     os.makedirs(dump_folder, exist_ok=True)
     path = os.path.join(dump_folder, "config.toml")
     text = C.to_toml(cfg)
+    old = None
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
         if old == text:
-            return
-        os.replace(path, os.path.join(dump_folder, f"config.{int(os.path.getmtime(path))}.toml"))
+            return old
+        os.replace(path, os.path.join(dump_folder, "config.previous.toml"))
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+    return old
+
+
+def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) -> None:
+    """Say what changed since the last start; for a resumed run, a changed budget in steps and
+    tokens and what the recomputed lr schedule does at this step."""
+    from mobilellm_train.optim import lr_multiplier
+
+    try:
+        old = C.parse_effective_config(old_text)
+    except Exception as e:  # an unreadable old file must not stop the run
+        logger.warning("could not read the previous config.toml (%s)", e)
+        return
+    changed = [
+        f"{section}.{key} {C._toml_value(before)} -> {C._toml_value(after)}"
+        for section in C._section_types()
+        for (key, before), after in zip(dataclasses.asdict(getattr(old, section)).items(),
+                                        dataclasses.asdict(getattr(cfg, section)).values())
+        if before != after
+    ]
+    if changed:
+        logger.info("config changed since the last start (the earlier one is config.previous.toml): %s",
+                    "; ".join(changed))
+    if step == 0:
+        return
+    budget = {}
+    for name, c in (("old", old), ("new", cfg)):
+        batch_tokens = C.global_batch_size(c.training, world_size) * c.training.seq_len
+        steps = C.total_steps(c.training, world_size)
+        lr = C.peak_lr(c.optimizer, batch_tokens) * lr_multiplier(step, cfg=c.lr_scheduler, total_steps=steps)
+        budget[name] = (steps, steps * batch_tokens, lr)
+    (old_steps, old_tokens, old_lr), (new_steps, new_tokens, new_lr) = budget["old"], budget["new"]
+    if (old_steps, old_tokens) != (new_steps, new_tokens):
+        logger.warning(
+            "training budget changed on resume: %d steps (%.4g tokens) -> %d steps (%.4g tokens); the lr "
+            "schedule spans the new budget, so the lr of step %d is %.4g (it would have been %.4g)",
+            old_steps, old_tokens, new_steps, new_tokens, step + 1, new_lr, old_lr,
+        )
+    elif not math.isclose(old_lr, new_lr, rel_tol=1e-9):
+        logger.warning("the lr settings changed on resume: the lr of step %d is %.4g (it would have been %.4g)",
+                       step + 1, new_lr, old_lr)
 
 
 def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
-    """(token folder, tokenizer): data.path, or the demo corpus built once by rank 0."""
-    if cfg.path:
+    """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
+    rank 0."""
+    import torch.distributed as dist
+    
+    from mobilellm_train.data.demo import build_demo_corpus
+
+    if cfg.path or cfg.sources:
         return cfg.path, cfg.tokenizer_path
     out_dir = os.path.join(dump_folder, "demo_data")
     if rank == 0:
-        build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
+        paths = build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
     dist.barrier()
-    return build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)  # finished: returns at once
+    if rank != 0:
+        paths = build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)  # finished: returns at once
+    return paths
 
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm over all shards (and clipping to max_norm when > 0)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):
@@ -160,6 +194,11 @@ def build_model(
     Built on the meta device (no memory), wrapped, and only then materialised, so each rank
     allocates only its shard: a 1.5B model never exists whole on one rank.
     """
+    import torch
+    
+    from mobilellm_train.model import MobileLLM
+    from mobilellm_train.parallelize import parallelize
+
     with torch.device("meta"):
         model = MobileLLM(model_args)
     on_gpu = device.type == "cuda"
@@ -188,6 +227,8 @@ def train_step(
     global gradient norm; whether the update was applied). A non-finite norm skips the update.
     `before_update` runs just before the parameters change (a checkpoint copy may still read them).
     """
+    import torch
+
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
@@ -228,6 +269,11 @@ def build_train_data(
     Prepared shards have one global position, the same on every rank, so a checkpoint continues
     on any number of ranks. The JSONL reader's position is per rank.
     """
+    from mobilellm_train.checkpoint import PerRankState
+    from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader, check_token_id_layout
+    from mobilellm_train.data.loader import build_token_loader, parse_sources
+    from mobilellm_train.data.shards import TOKENIZER_FILE, is_dataset
+
     global_batch = C.global_batch_size(training, world_size)
     sources = cfg.sources or (data_path if is_dataset(data_path) else "")
     if sources:
@@ -243,6 +289,7 @@ def build_train_data(
         return loader, loader, tokenizer_path
     if cfg.doc_mask:
         raise DataError(f"data.doc_mask needs prepared data (mobilellm-prepare); {data_path} is in the JSONL layout")
+    check_token_id_layout(data_path, tokenizer_path)
     dataset = JsonlTokenDataset(
         data_path,
         seq_len=training.seq_len,
@@ -256,10 +303,19 @@ def build_train_data(
     return loader, PerRankState(rank, loader), tokenizer_path
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     """Mean token loss over the fixed validation set, on all ranks (every rank runs the same
     number of forwards, as FSDP needs; padding rows carry labels -100)."""
+    import torch
+
+    with torch.no_grad():
+        return _validation_loss(model, batches)
+
+
+def _validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
+    import torch
+    import torch.distributed as dist
+
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
@@ -288,6 +344,8 @@ class RunParts:
         self.lock: RunFolderLock | None = None
 
     def shut_down_after_error(self) -> None:
+        import torch.distributed as dist
+
         close = getattr(self.data_iter, "close", None) or getattr(self.data_iter, "_shutdown_workers", None)
         if close is not None:
             try:
@@ -318,6 +376,37 @@ def train(cfg: C.Config) -> None:
 
 
 def run_training(cfg: C.Config, parts: RunParts) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from mobilellm_train.checkpoint import (
+        Checkpointer,
+        ModelState,
+        OptimizerState,
+        PerRankState,
+        RNGState,
+        SchedulerState,
+        TrainState,
+        model_args_fingerprint,
+    )
+    from mobilellm_train.data.loader import build_val_batches
+    from mobilellm_train.evaluation.loading import Tokenizer
+    from mobilellm_train.evaluation.report import results_to_scalars
+    from mobilellm_train.evaluation.scoring import evaluate_tasks
+    from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
+    from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
+    from mobilellm_train.model import count_params
+    from mobilellm_train.optim import build_lr_scheduler, build_optimizer
+    from mobilellm_train.parallelize import build_mesh
+    from mobilellm_train.resilience import (
+        RunFolderLock,
+        SpikeDetector,
+        StopRequest,
+        clear_stale_stop_file,
+        exit_with_parent,
+        set_train_timeout,
+    )
+
     exit_with_parent()  # under torchrun: a rank never trains on after its launcher died
     dump_folder = cfg.job.dump_folder
     if int(os.environ.get("RANK", "0")) == 0:
@@ -328,7 +417,6 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     setup_logging(rank)
     tcfg = cfg.training
     if rank == 0:
-        write_effective_config(cfg, dump_folder)
         clear_stale_stop_file(cfg.job.stop_file)
     logger.info("%s: %d rank(s) on %s, run folder %s", cfg.job.description, world_size, device.type, dump_folder)
 
@@ -338,6 +426,13 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     global_batch_tokens = global_batch * tcfg.seq_len
     total_steps = C.total_steps(tcfg, world_size)
     lr = C.peak_lr(cfg.optimizer, global_batch_tokens)
+    if not 0.25 <= lr / cfg.optimizer.lr <= 4:
+        logger.warning(
+            "the linear scaling rule makes the peak lr %.3g, %.3gx optimizer.lr %.3g (global batch %d tokens "
+            "against optimizer.reference_batch_tokens %d); if that is not meant, set --optimizer.lr for this "
+            "batch with --optimizer.scale_lr_with_batch false",
+            lr, lr / cfg.optimizer.lr, cfg.optimizer.lr, global_batch_tokens, cfg.optimizer.reference_batch_tokens,
+        )
 
     on_gpu = device.type == "cuda"
     model_args = C.build_model_args(cfg.model)
@@ -404,6 +499,11 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
         checkpointer.close()
         dist.destroy_process_group()
         return
+    if rank == 0:
+        # Only now, past every refusal: config.toml describes the checkpoints beside it.
+        previous = write_effective_config(cfg, dump_folder)
+        if previous is not None:
+            log_config_change(previous, cfg, world_size, train_state.step)
 
     # Records past the step resumed from belong to the interrupted run; this run logs them again.
     metrics = MetricsLogger(dump_folder, rank, cfg.metrics.enable_tensorboard, resume_step=train_state.step)
@@ -535,13 +635,25 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     dist.destroy_process_group()
 
 
-@record  # under torchrun, an unexpected exception's traceback lands in the failure summary
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = C.load_config(argv)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # Under torchrun, an unexpected exception's traceback lands in the failure summary.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(run)(cfg)
+
+
+def run(cfg: C.Config) -> None:
+    """train(cfg), with the errors a user can act on reported in one line and exit status 1."""
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.evaluation.tasks import TaskDataError
+    from mobilellm_train.resilience import RunFolderError
+
     try:
         train(cfg)
     except (DataError, CheckpointError, NonFiniteError, TaskDataError, RunFolderError) as e:
@@ -549,12 +661,25 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, RunFolderError):  # raised before logging is set up
             print(f"RunFolderError: {e}", file=sys.stderr)
         else:
-            logger.error("%s: %s", type(e).__name__, e)
+            logger.error("%s: %s", type(e).__name__, own_message(e))
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         # Ctrl-C before training started (the loop turns it into a clean stop): nothing to save.
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def own_message(e: BaseException) -> str:
+    """The error's own words. One raised in a DataLoader worker reaches the training process
+    re-raised with the worker's whole traceback as its text; only the last part is the message."""
+    text = str(e)
+    marker = "Original Traceback (most recent call last):"
+    if marker in text:
+        tail = text.split(marker, 1)[1]
+        m = re.search(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)", tail, re.MULTILINE | re.DOTALL)
+        if m:
+            return m.group(1).strip()
+    return text
 
 
 if __name__ == "__main__":

@@ -48,12 +48,16 @@ import json
 import logging
 import os
 import signal
+import warnings
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+# Defined apart, in a module that imports nothing heavy, so that mobilellm-prepare starts fast.
+from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +73,6 @@ _JSON_TYPE_NAMES = {
     float: "a float",
     type(None): "null",
 }
-
-
-class DataError(ValueError):
-    """Bad training data or a data layout/state that cannot be read; says which file and line."""
-
-
-class BadLine(Exception):
-    """What is wrong with one line; the reader adds file:line and decides to skip or raise."""
 
 
 def _json_type(value) -> str:
@@ -96,6 +92,8 @@ def parse_token_ids(line: bytes, vocab_size: int) -> np.ndarray:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadLine(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise BadLine(JSON_TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise BadLine(f'expected a JSON object with key "token_ids", got {_json_type(obj)}')
     if "token_ids" not in obj:
@@ -169,6 +167,56 @@ def list_jsonl_files(folder: str) -> list[str]:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: empty file (0 bytes)")
     return files
+
+
+def raw_text_hint(path: str, tokenizer_path: str = "") -> str:
+    """What to do when `path` holds text rather than token ids: the exact commands."""
+    base = os.path.splitext(os.path.abspath(path).rstrip(os.sep))[0]
+    out = base + "_tokens"
+    lines = ["If it is raw text (JSONL with a text field, Parquet or plain text), tokenize it first:"]
+    if not tokenizer_path:
+        tokenizer_path = base + "_tokenizer.model"
+        lines.append(f"    mobilellm-prepare tokenizer --input {path} --out {tokenizer_path} --vocab-size 32000")
+    lines.append(f"    mobilellm-prepare encode --input {path} --tokenizer {tokenizer_path} --out {out}")
+    lines.append(f"then train with --data.path {out} (docs/DATA.md).")
+    return "\n".join(lines)
+
+
+
+# Files that hold text for mobilellm-prepare encode rather than token ids.
+_RAW_TEXT_SUFFIXES = (".txt", ".text", ".md", ".parquet", ".json", ".json.gz", ".jsonl.gz", ".jsonl.zst")
+
+
+def check_token_id_layout(path: str, tokenizer_path: str = "") -> None:
+    """Before a JSONL-layout run starts its readers: a folder of raw text (text files, Parquet, or
+    JSONL whose records hold text) is refused with the commands that tokenize it, not met as a
+    bad line inside a loader worker."""
+    try:
+        files = [f for folder in find_node_folders(path) for f in list_jsonl_files(folder)]
+    except DataError as e:
+        raw = sorted(
+            os.path.relpath(os.path.join(root, name), path)
+            for root, _, names in os.walk(path) for name in names if name.endswith(_RAW_TEXT_SUFFIXES)
+        )
+        if raw:
+            shown = ", ".join(raw[:3]) + (f" and {len(raw) - 3} more" if len(raw) > 3 else "")
+            raise DataError(f"{e}. It holds {shown}: this looks like raw text, not token ids. "
+                            + raw_text_hint(path, tokenizer_path)) from None
+        raise
+    with open(files[0], "rb") as f:
+        for line in f:
+            if line.strip():
+                break
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return  # the reader reports it with file:line
+    if isinstance(record, dict) and "token_ids" not in record and any(isinstance(v, str) for v in record.values()):
+        keys = ", ".join(repr(k) for k in list(record)[:5])
+        raise DataError(
+            f'{files[0]}: records have no key "token_ids" (keys: {keys}): this looks like raw text in JSONL, '
+            "not token ids. " + raw_text_hint(path, tokenizer_path)
+        )
 
 
 def _assign_folders(
@@ -373,13 +421,13 @@ class JsonlTokenDataset(IterableDataset, Stateful):
     ) -> int:
         where = f"{path}:{line_number}: {error}"
         if self.skip_bad_lines == 0:
-            raise DataError(f"{where} (pass skip_bad_lines=N to skip up to N bad lines with a warning)")
+            raise DataError(f"{where} (pass --data.skip_bad_lines N to skip up to N bad lines with a warning)")
         if epoch > 0:
             logger.warning("%s; skipping it again (counted in epoch 0; %s)", where, who)
             return bad_lines_skipped
         if bad_lines_skipped >= self.skip_bad_lines:
             raise DataError(
-                f"{where} (skip_bad_lines budget exhausted: {bad_lines_skipped} of {self.skip_bad_lines} "
+                f"{where} (--data.skip_bad_lines budget exhausted: {bad_lines_skipped} of {self.skip_bad_lines} "
                 f"bad lines already skipped on {who})"
             )
         bad_lines_skipped += 1
@@ -404,11 +452,19 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def quiet_stateful_dataloader(dataset, **kwargs) -> StatefulDataLoader:
+    """A StatefulDataLoader without the deprecation warning about `torch.set_vital` that its
+    constructor raises on every run: torchdata's own call, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        return StatefulDataLoader(dataset, **kwargs)
+
+
 def build_dataloader(
     dataset: JsonlTokenDataset, local_batch_size: int, num_workers: int, pin_memory: bool
 ) -> StatefulDataLoader:
     """Batches of {"input", "label"} as [local_batch_size, seq_len] int64; state_dict() resumes exactly."""
-    return StatefulDataLoader(
+    return quiet_stateful_dataloader(
         dataset,
         batch_size=local_batch_size,
         num_workers=num_workers,

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mobilellm_train.data.jsonl import DataError, ignore_stop_signals
+from mobilellm_train.data.jsonl import DataError, ignore_stop_signals, quiet_stateful_dataloader
 from mobilellm_train.data.shards import (
     Manifest,
     TokenStream,
@@ -220,7 +220,7 @@ def open_sources(
             raise DataError(
                 f"{m.folder}: {m.num_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
             )
-        out.append(Source(m, TokenStream(m), num_windows))
+        out.append(Source(m, TokenStream(m, vocab_size), num_windows))
     all_shards = [(m, i) for m in manifests for i in range(len(m.shards))]
     if verify_checksums:
         mine: dict[int, list[int]] = {}
@@ -383,7 +383,7 @@ class TokenLoader(Stateful):
         self._start_sample, self._micro_batches = start, 0
         dataset = RankDataset(self.sampler, self.local_batch_size, self.global_batch_size, self.dp_rank,
                               self.dp_world_size, start)
-        loader = StatefulDataLoader(
+        loader = quiet_stateful_dataloader(
             dataset,
             batch_size=None,  # the dataset yields whole micro-batches: no per-sample collate
             num_workers=self.num_workers,

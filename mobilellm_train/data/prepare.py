@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.jsonl import DataError, BadLine, find_node_folders, list_jsonl_files, parse_token_ids
+from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
@@ -289,6 +289,8 @@ def _json_text(line: bytes, field: str) -> str:
         obj = json.loads(_decode(line))
     except json.JSONDecodeError as e:
         raise _Bad(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise _Bad(JSON_TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object with key {field!r}, got {type(obj).__name__}")
     if field not in obj:
@@ -303,6 +305,9 @@ def _json_text(line: bytes, field: str) -> str:
 def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | _Bad, object, int]]:
     """(text or token ids or a _Bad, a key to name its place, input bytes read) for each record."""
     kind = unit.kind
+    if kind == "tokens":
+        # The token-id line parser lives beside the torch dataset: imported only when converting.
+        from mobilellm_train.data.jsonl import parse_token_ids
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -488,6 +493,20 @@ def _run_unit_in_worker(args: tuple[Unit, dict]) -> dict:
 # The run: check the output folder, skip finished units, encode the rest in parallel, manifests.
 
 
+def byte_unit(num_bytes: float) -> tuple[float, str]:
+    """The decimal unit a byte count reads best in: (1e9, "GB") for 3.2e9, (1e3, "kB") for 4500."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if num_bytes >= scale:
+            return scale, unit
+    return 1.0, "B"
+
+
+def format_bytes(num_bytes: float) -> str:
+    """'15.3 MB', '2.10 GB', '512 B'."""
+    scale, unit = byte_unit(num_bytes)
+    return f"{num_bytes:.0f} B" if scale == 1.0 else f"{num_bytes / scale:.3g} {unit}"
+
+
 class Progress:
     """A progress line on stderr (bytes, rate, units, ETA); redrawn on a terminal, else every 30 s."""
 
@@ -515,8 +534,9 @@ class Progress:
         left = self.total_bytes - done
         eta = f"{int(left / rate) // 60}m{int(left / rate) % 60:02d}s" if rate > 0 and left > 0 else "--"
         pct = 100.0 * done / max(1, self.total_bytes)
-        return (f"[{self.label}] {pct:5.1f}% {done / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB "
-                f"{rate / 1e6:.1f} MB/s, shards {self.units_done}/{self.total_units}, ETA {eta}")
+        scale, unit = byte_unit(self.total_bytes)  # both figures in the total's unit: easy to compare
+        return (f"[{self.label}] {pct:5.1f}% {done / scale:.2f}/{self.total_bytes / scale:.2f} {unit} "
+                f"{format_bytes(rate)}/s, shards {self.units_done}/{self.total_units}, ETA {eta}")
 
     def draw(self) -> None:
         if self.tty:
@@ -545,7 +565,11 @@ def _check_out_folder(out: str, settings: dict) -> None:
         # skip budget changes no finished shard.
         keys = sorted((set(saved) | set(settings)) - {"out", "tokenizer", "skip_bad"})
         diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
-        if diff:
+        finished = [n for n in os.listdir(progress) if n.startswith("unit-") and n.endswith(".json")]
+        if diff and not finished:
+            # An earlier run that finished no shard (it failed on its first records, say) pins nothing.
+            logger.info("%s: an earlier run with other settings finished no shard; starting afresh", out)
+        elif diff:
             what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise DataError(
                 f"{out}: prepared earlier with other settings ({what}); rerun with the same ones to finish it, "
@@ -708,12 +732,14 @@ def cmd_encode(args) -> dict:
     if args.bos and info["bos_id"] < 0 or args.eos and info["eos_id"] < 0:
         raise DataError(f"{args.tokenizer}: has no BOS/EOS piece; pass --no-bos / --no-eos")
     units = plan_units([(p, k, "train") for p, k in files], args.unit_bytes, args.text_field, args.text_split)
-    logger.info("encoding %d files (%.2f GB) in %d units with %d workers into %s",
-                len(files), sum(u.input_bytes for u in units) / 1e9, len(units), args.workers, args.out)
+    logger.info("encoding %d files (%s) in %d units with %d workers into %s",
+                len(files), format_bytes(sum(u.input_bytes for u in units)), len(units), args.workers, args.out)
     return run_prepare(units, settings, args.workers, "encode", {"command": "encode", "inputs": args.input})
 
 
 def cmd_convert(args) -> dict:
+    from mobilellm_train.data.jsonl import find_node_folders, list_jsonl_files
+
     if bool(args.vocab_size) == bool(args.tokenizer):
         raise DataError("convert needs exactly one of --vocab-size and --tokenizer")
     info = tokenizer_info(args.tokenizer) if args.tokenizer else None

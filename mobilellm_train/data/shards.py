@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.jsonl import DataError
+from mobilellm_train.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -454,7 +454,8 @@ class TokenStream:
     their own), at most MAX_OPEN_SHARDS at a time. Pickling drops the open maps.
     """
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, vocab_size: int | None = None):
+        self.vocab_size = vocab_size  # every read checks its ids against it: a damaged shard never reaches the model
         self.folder = manifest.folder
         self.dtype = DTYPES[manifest.dtype]
         self.names = [s.name for s in manifest.shards]
@@ -495,9 +496,23 @@ class TokenStream:
             local = start + done - int(self.shard_starts[shard])
             bin_ = self._open(self._bins, shard, ".bin", self.dtype)
             take = min(n - done, bin_.shape[0] - local)
-            out[done : done + take] = bin_[local : local + take]
+            segment = bin_[local : local + take]
+            # One max over the window (microseconds): ids beyond the vocabulary would index past
+            # the embedding (an IndexError on CPU, a device-side assert on a GPU).
+            if self.vocab_size is not None and take and int(segment.max()) >= self.vocab_size:
+                self._out_of_range(shard, local, segment)
+            out[done : done + take] = segment
             done += take
             shard += 1
+
+    def _out_of_range(self, shard: int, local: int, segment: np.ndarray) -> None:
+        i = int(np.flatnonzero(segment >= self.vocab_size)[0])
+        raise DataError(
+            f"{self.folder}/{self.names[shard]}.bin: token id {int(segment[i])} at token {local + i} of the shard "
+            f"is outside the model's vocabulary [0, {self.vocab_size}), though manifest.json records no such id: "
+            "the shard changed after it was prepared. Run with --data.verify_checksums true to find every "
+            "damaged shard by its sha256, then prepare the data again"
+        )
 
     def document_starts(self, start: int, length: int) -> np.ndarray:
         """Offsets o in (0, length) such that a document starts at stream position start + o."""

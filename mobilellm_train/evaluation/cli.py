@@ -23,23 +23,15 @@ import os
 import sys
 import time
 
-import torch
+from typing import TYPE_CHECKING
 
-from mobilellm_train.checkpoint import CheckpointError, is_complete
-from mobilellm_train.data.jsonl import DataError
-from mobilellm_train.evaluation.loading import load_model, load_tokenizer
-from mobilellm_train.evaluation.perplexity import (
-    evaluate_perplexity,
-    find_wikitext,
-    pack_windows,
-    read_wikitext_rows,
-    token_documents,
-    wikitext_windows,
-)
-from mobilellm_train.evaluation.report import PAPER_RESULTS, average, format_table
-from mobilellm_train.evaluation.scoring import evaluate_tasks
-from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, find_task_files
-from mobilellm_train.hf import HFCheckpointError
+from mobilellm_train.evaluation.tasks import TASKS, find_task_files
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the model and the data code are imported inside the functions that use them: --help and
+# argument errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -70,6 +62,8 @@ def parse_tasks(spec: str) -> list[str]:
 
 def default_name(checkpoint: str) -> str:
     """<run folder>/step-N for a DCP step folder, the folder's name for an HF folder."""
+    from mobilellm_train.checkpoint import is_complete
+
     path = os.path.abspath(checkpoint)
     if is_complete(path) and os.path.basename(os.path.dirname(path)) == "checkpoints":
         return f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}/{os.path.basename(path)}"
@@ -78,6 +72,9 @@ def default_name(checkpoint: str) -> str:
 
 def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
     """Everything about the data that can fail, before minutes are spent loading a model."""
+    from mobilellm_train.evaluation.perplexity import find_wikitext
+    from mobilellm_train.evaluation.report import PAPER_RESULTS
+
     mc_tasks = [t for t in tasks if t in TASKS]
     if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
         raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
@@ -99,16 +96,45 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
             raise UsageError(f"--reference {name!r}: the paper's rows are {', '.join(PAPER_RESULTS)}")
 
 
+def check_token_data_tokenizer(checkpoint: str, tokenizer_path: str, token_data: str) -> None:
+    """Token data must have been prepared with the model's tokenizer, as the trainer demands:
+    ids of another tokenizer give a perplexity that means nothing. Checked before the model loads."""
+    from mobilellm_train.data.shards import TOKENIZER_FILE, check_tokenizer, is_dataset, read_manifest
+    from mobilellm_train.evaluation.loading import check_same_tokenizer, find_tokenizer
+
+    if not is_dataset(token_data):
+        return  # the JSONL layout records no tokenizer
+    tokenizer_path = tokenizer_path or find_tokenizer(checkpoint)
+    if not tokenizer_path or not os.path.isfile(tokenizer_path):
+        logger.warning("%s holds no %s and --tokenizer is not given: cannot check that %s was prepared "
+                       "with the model's tokenizer", checkpoint, TOKENIZER_FILE, token_data)
+        return
+    check_same_tokenizer(checkpoint, tokenizer_path)
+    check_tokenizer(read_manifest(token_data), tokenizer_path)
+
+
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
+    import torch
+
+    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from mobilellm_train.evaluation.perplexity import (
+        evaluate_perplexity,
+        find_wikitext,
+        pack_windows,
+        read_wikitext_rows,
+        token_documents,
+        wikitext_windows,
+    )
+    from mobilellm_train.evaluation.scoring import evaluate_tasks
+
     begin = time.perf_counter()
+    if "tokens" in tasks:
+        check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
     model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
-    if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
-        raise UsageError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-            f"{model.args.vocab_size}: they do not belong together"
-        )
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     logger.info("loaded %s (%s) in %.1fs", checkpoint, type(model).__name__, time.perf_counter() - begin)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -182,6 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    import torch  # only now: the command line is known to be usable
+
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError
+    from mobilellm_train.evaluation.report import average, format_table
+    from mobilellm_train.evaluation.tasks import TaskDataError
+    from mobilellm_train.hf import HFCheckpointError
+
     args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
     try:
         tasks = parse_tasks(args.tasks)
@@ -195,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         records = {}
         for name, checkpoint in zip(names, args.checkpoint):
             records[name] = evaluate_checkpoint(args, checkpoint, tasks, device)
-    except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError,
+            TokenizerMismatchError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

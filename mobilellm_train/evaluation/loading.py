@@ -61,6 +61,38 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=True)
 
 
+class TokenizerMismatchError(ValueError):
+    """A tokenizer used with a model or token data it does not belong to."""
+
+
+def check_tokenizer_fits(tokenizer_path: str, tokenizer_vocab_size: int, model_vocab_size: int) -> None:
+    """Refuse a tokenizer with more ids than the model has embeddings: some texts would then
+    index past the embedding (an IndexError) and the rest decode to garbage. Evaluation,
+    generation and export all refuse through this one check."""
+    if tokenizer_vocab_size > model_vocab_size:
+        raise TokenizerMismatchError(
+            f"{tokenizer_path}: {tokenizer_vocab_size} pieces, more than the model's vocab_size "
+            f"{model_vocab_size}; this tokenizer does not belong to this model (use the tokenizer the "
+            "model was trained with: the checkpoint's own tokenizer.model, or --tokenizer PATH)"
+        )
+
+
+def check_same_tokenizer(checkpoint: str, tokenizer_path: str) -> None:
+    """An explicit tokenizer must be the one a checkpoint holds, when it holds one (compared by
+    sha256, as the trainer compares a run's tokenizer with its data's)."""
+    from mobilellm_train.data.shards import file_sha256
+
+    own = os.path.join(checkpoint, TOKENIZER_FILE)
+    if not tokenizer_path or not os.path.isfile(own) or not os.path.isfile(tokenizer_path):
+        return
+    if os.path.samefile(own, tokenizer_path) or file_sha256(own) == file_sha256(tokenizer_path):
+        return
+    raise TokenizerMismatchError(
+        f"--tokenizer {tokenizer_path} is not the tokenizer {own} that the model was trained with "
+        "(their sha256 differ); leave out --tokenizer to use the checkpoint's own"
+    )
+
+
 def find_tokenizer(checkpoint: str) -> str:
     """The tokenizer stored with a checkpoint: its tokenizer.model, or an HF folder's own
     tokenizer files; "" when there is none."""
@@ -80,6 +112,7 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str = "") -> Tokenizer:
         )
     if not os.path.exists(path):
         raise FileNotFoundError(f"--tokenizer {path}: no such file")
+    check_same_tokenizer(checkpoint, tokenizer_path)
     return Tokenizer(path)
 
 

@@ -255,6 +255,8 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TaskDataError(f"{path}:{line_number}: invalid JSON ({e})") from None
+            except RecursionError:
+                raise TaskDataError(f"{path}:{line_number}: invalid JSON (nested too deeply to parse)") from None
             if not isinstance(row, dict):
                 raise TaskDataError(f"{path}:{line_number}: expected a JSON object")
             yield f"{path}:{line_number}", row

@@ -1,0 +1,54 @@
+"""Every command answers --help and a bad command line without importing torch (or torchdata,
+transformers, pyarrow, sentencepiece): those take seconds to import, so the answer would too.
+
+Checked by module contents, not by wall-clock time: each command runs in a fresh interpreter
+through a tiny wrapper that reports which heavy modules were imported when it exited."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, subprocess_env
+
+HEAVY = ("torch", "torchdata", "transformers", "pyarrow", "sentencepiece")
+
+WRAPPER = """
+import runpy, sys
+module, *argv = sys.argv[1:]
+sys.argv = [module, *argv]
+code = 0
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+print("HEAVY=" + ",".join(m for m in %r if m in sys.modules))
+sys.exit(code)
+""" % (HEAVY,)
+
+CASES = [
+    # (module, arguments, exit status, text the answer must hold)
+    ("mobilellm_train.train", ["--help"], 0, "--training.steps"),
+    ("mobilellm_train.train", ["--trainig.steps", "3"], 2, "unknown section 'trainig'"),
+    ("mobilellm_train.train", ["--training.steps", "many"], 2, "training.steps: not an integer"),
+    ("mobilellm_train.data.prepare", ["--help"], 0, "encode"),
+    ("mobilellm_train.data.prepare", ["encode", "--tokenizer", "t.model"], 2, "--input"),
+    ("mobilellm_train.bench", ["--help"], 0, "--presets"),
+    ("mobilellm_train.bench", ["--steps", "x"], 2, "--steps"),
+    ("mobilellm_train.evaluation.cli", ["--help"], 0, "--checkpoint"),
+    ("mobilellm_train.evaluation.cli", ["--tasks", "boolq"], 2, "--checkpoint"),
+    ("mobilellm_train.generate", ["--help"], 0, "--prompt"),
+    ("mobilellm_train.generate", ["--checkpoint", "x", "--temperature", "hot"], 2, "--temperature"),
+    ("mobilellm_train.export", ["--help"], 0, "--out"),
+    ("mobilellm_train.export", ["--checkpoint", "x"], 2, "--out"),
+]
+
+
+@pytest.mark.parametrize("module, args, status, text", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_help_and_argument_errors_import_nothing_heavy(module, args, status, text):
+    r = subprocess.run([sys.executable, "-c", WRAPPER, module, *args], capture_output=True, text=True,
+                       cwd=ROOT, env=subprocess_env(), timeout=120)
+    assert r.returncode == status, r.stdout[-2000:] + r.stderr[-2000:]
+    assert text in r.stdout + r.stderr
+    heavy = r.stdout.strip().splitlines()[-1]
+    assert heavy == "HEAVY=", f"{module} {' '.join(args)} imported {heavy[len('HEAVY='):]}"
