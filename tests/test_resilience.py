@@ -87,7 +87,7 @@ def test_kill_9_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, 
 @pytest.mark.slow
 def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    args = base_args(data, run, steps=STEPS, **COMMON)
+    args = base_args(data, run, steps=STEPS, **COMMON, **{"job.stop_check_freq": 4})
     proc = start_trainer(args)
     wait_for_step(run, 6, proc)
     workers = children(proc.pid)
@@ -96,8 +96,9 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-4000:]
     stopped = max(read_metrics(run))
-    assert stopped < STEPS
+    assert stopped < STEPS and stopped % 4 == 0  # at an agreement step, the same on both ranks
     assert f"stopping after step {stopped}" in out
+    # Both ranks saved that step (a save is a collective: a rank that went on would hang it).
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
     run_trainer(args, nproc=2)
     assert losses(run) == uninterrupted
@@ -107,9 +108,10 @@ def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
     stop_file = tmp_path / "STOP"
     stop_file.touch()
     run = tmp_path / "run"
-    out = run_trainer(base_args(corpus, run, steps=30, **{"job.stop_file": stop_file}))
-    assert "stopping after step 1 (stop file" in out
-    assert os.path.isfile(run / "checkpoints" / "step-1" / ".metadata")
+    out = run_trainer(base_args(corpus, run, steps=30, **{"job.stop_file": stop_file, "job.stop_check_freq": 3}))
+    # The ranks agree on stop requests every stop_check_freq steps: the first check is at step 3.
+    assert "stopping after step 3 (stop file" in out
+    assert os.path.isfile(run / "checkpoints" / "step-3" / ".metadata")
 
     stop_file.unlink()
     args = base_args(corpus, run, steps=3000, **{"checkpoint.interval": 1000})
