@@ -201,8 +201,10 @@ class ParallelismConfig:
 
 @dataclass
 class ActivationCheckpointConfig:
-    mode: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward: none, every block (full), or every N-th (selective)."""
+    mode: Literal["none", "full", "selective", "op"] = "none"
+    """Recompute activations in backward: none; every block (full); every N-th block (selective);
+    or op, every block keeping its matmul and attention outputs and recomputing only the
+    elementwise ops (norms, RoPE, SwiGLU), so no GEMM runs twice."""
     selective_every: int = 2
     """selective mode: checkpoint one block in every N."""
 
