@@ -118,6 +118,10 @@ class TrainingConfig:
     """On a spike, reload the newest checkpoint and skip the data of the steps since it."""
     max_rewinds: int = 3
     """Stop after this many spike rewinds in one process instead of looping."""
+    doc_mask_attention: Literal["flex", "sdpa"] = "flex"
+    """With data.doc_mask on GPU: flex runs FlexAttention with a block mask from the document
+    boundaries (fused, skips masked tiles); sdpa passes a boolean [B,1,T,T] mask, which forces
+    SDPA's math kernel. CPU always takes sdpa (FlexAttention has no CPU backward)."""
     gc_full_freq: int = 1000
     """Run a full (all-generation) garbage collection every N steps; it walks every Python object
     and takes far longer than a generation-1 pass, so it runs rarely. 0: never during training."""

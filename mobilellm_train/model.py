@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mobilellm_train.losses import chunked_cross_entropy
 
@@ -129,6 +130,38 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """FlexAttention's block-sparse form of `document_causal_mask`: the same rule, stored per
+    128 x 128 tile (empty tiles skipped, full tiles unmasked), so no [T, T] mask or score matrix
+    is materialised and the fused kernel runs."""
+    doc_ids = (position_ids == 0).cumsum(dim=1)
+    B, T = position_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    # H=None: one mask broadcast over all heads.
+    return create_block_mask(same_document_causal, B, None, T, T, device=position_ids.device)
+
+
+# flex_attention outside torch.compile runs an unfused reference that materialises the scores;
+# compiled, it is one fused kernel. Inside a compiled block the call is traced as it is, so this
+# compiled copy serves only uncompiled models (built on first use: compiling costs nothing until
+# then).
+_compiled_flex_attention = None
+
+
+def run_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    global _compiled_flex_attention
+    # CPU: the eager reference (FlexAttention has no CPU backward, so CPU training takes the
+    # boolean-mask path; see MobileLLM.flex_doc_mask).
+    if torch.compiler.is_compiling() or q.device.type == "cpu":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -155,7 +188,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -167,6 +204,8 @@ class Attention(nn.Module):
         # materialising n_heads / n_kv_heads copies of k and v (HF's repeat_kv).
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(attn_mask, BlockMask):
+            out = run_flex_attention(q, k, v, attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -193,7 +232,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ):
         # Layer sharing repeats the block here, inside one forward call, rather than having the
         # root call the block twice: FSDP2 wraps each block, so one call means one all-gather
@@ -218,6 +261,11 @@ class MobileLLM(nn.Module):
         # How forward(tokens, labels) computes the loss; training settings, not architecture.
         self.loss_chunk_tokens = 4096
         self.compile_loss = False
+        # How documents are masked apart when forward gets position_ids: True, FlexAttention with
+        # a block mask (fused, sparse; the trainer's choice on GPU); False, SDPA with a boolean
+        # [B, 1, T, T] mask, which only SDPA's math kernel takes (~T^2 scores per head kept).
+        # False by default because FlexAttention has no CPU backward.
+        self.flex_doc_mask = False
         # Non-persistent: derived from args, so checkpoints need not carry them; init_weights
         # recomputes them after a meta-device build.
         cos, sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
@@ -261,7 +309,8 @@ class MobileLLM(nn.Module):
             rope_cos, rope_sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             rope_cos, rope_sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
-            attn_mask = document_causal_mask(position_ids)
+            # Built once per forward, outside the (compiled, checkpointed) blocks, and shared by all.
+            attn_mask = document_block_mask(position_ids) if self.flex_doc_mask else document_causal_mask(position_ids)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope_cos, rope_sin, attn_mask)

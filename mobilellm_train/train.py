@@ -201,6 +201,7 @@ def build_model(
     model.loss_chunk_tokens = training.loss_chunk_tokens
     # The per-chunk softmax arithmetic fuses into a few kernels when compiled.
     model.compile_loss = compile_cfg.enable and on_gpu
+    model.flex_doc_mask = training.doc_mask_attention == "flex" and on_gpu
     model.train()
     return model
 
