@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mobilellm_train.config import CheckpointConfig
 from mobilellm_train.data.shards import TOKENIZER_FILE  # a step folder names its tokenizer as a dataset does
-from mobilellm_train.hf import HFCheckpointError, is_hf_folder, load_hf_into_model
+from mobilellm_train.hf import HFCheckpointError, is_hf_folder, load_hf_into_model, unfuse_projections
 from mobilellm_train.model import MobileLLM, ModelArgs
 
 logger = logging.getLogger("mobilellm_train")
@@ -890,9 +890,30 @@ def _find_checkpoint_error(error: BaseException) -> CheckpointError | None:
     return None
 
 
+def has_unfused_projections(path: str) -> bool:
+    """Whether a checkpoint holds separate wq/wk/wv and w1/w3 weights: the layout of checkpoints
+    written before the blocks fused them into wqkv and w13."""
+    try:
+        keys = read_metadata(path).state_dict_metadata
+    except CheckpointError:  # unreadable or refused metadata is reported by the load itself
+        return False
+    return any(k.startswith("model.") and k.endswith(".attention.wq.weight") for k in keys)
+
+
 def _checked_load(states: dict, path: str) -> None:
     """dcp.load inside a process group or in a lone process (eval, export), through the reader
     and planner that run no code from the folder, reporting a damaged checkpoint as such."""
+    if isinstance(states.get("model"), ModelState) and has_unfused_projections(path):
+        # A sharded fused weight is not the concatenation of its parts' shards, so this cannot
+        # be loaded in place; the lone-process loader (eval, export) can, and export writes the
+        # Hugging Face layout that a new run starts from.
+        raise CheckpointError(
+            f"{path} stores separate q/k/v and gate/up projection weights (attention.wq/wk/wv, "
+            "feed_forward.w1/w3), the layout from before they were fused into attention.wqkv and "
+            "feed_forward.w13; training cannot resume it. Keep its weights by exporting it (mobilellm-export "
+            f"--checkpoint {path} --out <folder>, which reads either layout) and starting a new run folder "
+            "with --checkpoint.initial_load_path <folder>; the optimizer state and data position start fresh."
+        )
     # Read here first: inside dcp.load, DCP would fold our refusal into an error of its own.
     read_metadata(path)
     reader, planner = SafeFileSystemReader(path), SafeLoadPlanner(path)
@@ -942,7 +963,11 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", ve
     state = model.state_dict()
     if args.tie_embeddings:
         state.pop("output.weight")  # stored once, as the embedding
-    _checked_load({"model": state}, path)
+    # The state dict's tensors share the parameters' memory and DCP loads into them in place, so
+    # an older checkpoint with separate q/k/v and gate/up weights loads through views of the
+    # fused weights: exact, with no copy.
+    target = unfuse_projections(state, args) if has_unfused_projections(path) else state
+    _checked_load({"model": target}, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - ({"output.weight"} if args.tie_embeddings else set()):
         raise CheckpointError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")

@@ -55,8 +55,11 @@ class JobConfig:
     description: str = "MobileLLM pretraining"
     """Free text, logged at start."""
     stop_file: str = ""
-    """If this file appears, all ranks save a checkpoint at the next step and exit cleanly
+    """If this file appears, all ranks save a checkpoint at the next stop check and exit cleanly
     (launch/train.slurm creates it on its time-limit signal). Empty: no such file is watched."""
+    stop_check_freq: int = 10
+    """Ranks agree on a stop request (signal or stop file) every N steps, with a small CPU
+    all-reduce that all ranks wait for; a request takes effect at the next multiple of N."""
 
 
 @dataclass
@@ -111,7 +114,8 @@ class TrainingConfig:
     """The output projection and cross-entropy run over this many tokens at a time, so the full
     logits never exist; 0 computes them whole (the original way, more memory)."""
     gc_freq: int = 50
-    """Run Python's garbage collector every N steps (it is disabled in between to avoid random stalls)."""
+    """Run a generation-1 collection of Python's garbage collector every N steps (automatic
+    collection is off during training: its pauses at random points stall every rank)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf gradient norm either stops the run before the optimizer step, or skips the step."""
     max_skipped_steps: int = 10
@@ -125,6 +129,13 @@ class TrainingConfig:
     """On a spike, reload the newest checkpoint and skip the data of the steps since it."""
     max_rewinds: int = 3
     """Stop after this many spike rewinds in one process instead of looping."""
+    doc_mask_attention: Literal["flex", "sdpa"] = "flex"
+    """With data.doc_mask on GPU: flex runs FlexAttention with a block mask from the document
+    boundaries (fused, skips masked tiles); sdpa passes a boolean [B,1,T,T] mask, which forces
+    SDPA's math kernel. CPU always takes sdpa (FlexAttention has no CPU backward)."""
+    gc_full_freq: int = 1000
+    """Run a full (all-generation) garbage collection every N steps; it walks every Python object
+    and takes far longer than a generation-1 pass, so it runs rarely. 0: never during training."""
 
 
 @dataclass
@@ -140,7 +151,8 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices and embeddings, never to norm weights."""
     fused: bool = True
-    """Use the fused AdamW kernel on CUDA (ignored on CPU)."""
+    """Use the fused AdamW kernel (CUDA and CPU): one kernel for all parameters, and a
+    non-finite step is skipped on the device. Off: the foreach kernel, and a host sync per step."""
     scale_lr_with_batch: bool = False
     """Linear scaling rule: lr_used = lr x global batch tokens / reference_batch_tokens."""
     reference_batch_tokens: int = 256 * 2048
@@ -204,8 +216,10 @@ class ParallelismConfig:
 
 @dataclass
 class ActivationCheckpointConfig:
-    mode: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward: none, every block (full), or every N-th (selective)."""
+    mode: Literal["none", "full", "selective", "op"] = "none"
+    """Recompute activations in backward: none; every block (full); every N-th block (selective);
+    or op, every block keeping its matmul and attention outputs and recomputing only the
+    elementwise ops (norms, RoPE, SwiGLU), so no GEMM runs twice."""
     selective_every: int = 2
     """selective mode: checkpoint one block in every N."""
 
@@ -498,7 +512,9 @@ def validate(cfg: Config, world_size: int) -> None:
     check(t.stop_at_step >= 0, f"training.stop_at_step must be >= 0 (got {t.stop_at_step})")
     check(t.max_norm >= 0, f"training.max_norm must be >= 0 (got {t.max_norm})")
     check(t.loss_chunk_tokens >= 0, f"training.loss_chunk_tokens must be >= 0 (got {t.loss_chunk_tokens})")
+    check(cfg.job.stop_check_freq > 0, f"job.stop_check_freq must be positive (got {cfg.job.stop_check_freq})")
     check(t.gc_freq > 0, f"training.gc_freq must be positive (got {t.gc_freq})")
+    check(t.gc_full_freq >= 0, f"training.gc_full_freq must be >= 0 (got {t.gc_full_freq})")
     check(t.max_skipped_steps >= 0, f"training.max_skipped_steps must be >= 0 (got {t.max_skipped_steps})")
     check(t.spike_threshold == 0 or t.spike_threshold > 1,
           f"training.spike_threshold must be 0 (off) or above 1 (got {t.spike_threshold})")

@@ -81,9 +81,7 @@ def _cached_attention(
     from mobilellm_train.model import apply_rope
 
     B, T, _ = x.shape
-    q = attn.wq(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.wv(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k, v = attn.qkv(x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = cache.update(index, start, k, v)
     if start == 0:

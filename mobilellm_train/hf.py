@@ -51,8 +51,65 @@ _BLOCK_KEYS = (
 )
 
 
+# Our fused block weights and the Llama matrices stacked in them along the output dimension, in
+# order: attention.wqkv = [wq; wk; wv], feed_forward.w13 = [w1 (gate); w3 (up)]. The names on the
+# right are the unfused ones of _BLOCK_KEYS; splitting and joining are exact (no arithmetic).
+_FUSED_KEYS = (
+    ("attention.wqkv.weight", ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")),
+    ("feed_forward.w13.weight", ("feed_forward.w1.weight", "feed_forward.w3.weight")),
+)
+
+
+def _fused_sizes(args: ModelArgs) -> dict[str, list[int]]:
+    """Rows of each part of a fused weight."""
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return {"attention.wqkv.weight": [q_dim, kv_dim, kv_dim], "feed_forward.w13.weight": [args.ffn_dim, args.ffn_dim]}
+
+
+def unfuse_projections(state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Our state dict with each block's wqkv and w13 replaced by the matrices stacked in them
+    (views, not copies): the layout of Llama and of checkpoints from before the fusion."""
+    out = dict(state_dict)
+    sizes = _fused_sizes(args)
+    for i in range(args.n_layers):
+        for fused, parts in _FUSED_KEYS:
+            weight = out.pop(f"layers.{i}.{fused}")
+            for name, part in zip(parts, weight.split(sizes[fused], dim=0)):
+                out[f"layers.{i}.{name}"] = part
+    return out
+
+
+def fuse_projections(state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """The inverse of `unfuse_projections`: separate q/k/v and gate/up matrices stacked into
+    wqkv and w13. Each part must have its expected shape; a mismatch raises a ValueError naming it."""
+    out = dict(state_dict)
+    expected = _expected_shapes(args)
+    for i in range(args.n_layers):
+        for fused, parts in _FUSED_KEYS:
+            tensors = []
+            for name in parts:
+                key = f"layers.{i}.{name}"
+                tensor = out.pop(key)
+                if tuple(tensor.shape) != expected[key]:
+                    raise ValueError(f"{key} has shape {tuple(tensor.shape)}, but the model's shape implies {expected[key]}")
+                tensors.append(tensor)
+            out[f"layers.{i}.{fused}"] = torch.cat(tensors, dim=0)
+    return out
+
+
+def _our_keys(args: ModelArgs) -> set[str]:
+    """The keys of `MobileLLM(args).state_dict()` (fused projections; output.weight only untied)."""
+    keys = {ours for ours, _ in _key_map(args)}
+    for i in range(args.n_layers):
+        for fused, parts in _FUSED_KEYS:
+            keys -= {f"layers.{i}.{name}" for name in parts}
+            keys.add(f"layers.{i}.{fused}")
+    return keys
+
+
 def _key_map(args: ModelArgs) -> list[tuple[str, list[str]]]:
-    """Each of our keys with the HF keys that hold it (two per block key under layer sharing)."""
+    """Each of our keys, with the projections unfused (see `unfuse_projections`), with the HF
+    keys that hold it (two per block key under layer sharing)."""
     pairs = [("tok_embeddings.weight", ["model.embed_tokens.weight"])]
     for i in range(args.n_layers):
         hf_layers = [i * args.n_passes + p for p in range(args.n_passes)]
@@ -143,7 +200,8 @@ def args_from_hf_config(cfg: dict, layer_sharing: bool = False) -> ModelArgs:
 
 
 def to_hf_state_dict(state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
-    """Our state dict -> LlamaForCausalLM names. Tensors are shared, not copied: under layer
+    """Our state dict -> LlamaForCausalLM names, wqkv and w13 split into q/k/v_proj and
+    gate/up_proj. Tensors are shared, not copied (the split parts are views): under layer
     sharing HF layers 2i and 2i+1 are the same tensor (clone before safetensors' save_file, which
     refuses shared storage). A tied model gets no lm_head.weight, as HF saves tied models."""
     state_dict = dict(state_dict)
@@ -153,15 +211,16 @@ def to_hf_state_dict(state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str
         embed = state_dict.get("tok_embeddings.weight")
         if embed is not None and out is not embed and not out.equal(embed):
             raise ValueError("tie_embeddings is set but output.weight != tok_embeddings.weight")
-    pairs = _key_map(args)
-    _check_keys(set(state_dict), {ours for ours, _ in pairs}, "MobileLLM")
-    return {theirs: state_dict[ours] for ours, hf_keys in pairs for theirs in hf_keys}
+    _check_keys(set(state_dict), _our_keys(args), "MobileLLM")
+    state_dict = unfuse_projections(state_dict, args)
+    return {theirs: state_dict[ours] for ours, hf_keys in _key_map(args) for theirs in hf_keys}
 
 
 def from_hf_state_dict(hf_state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """LlamaForCausalLM names -> our state dict, loadable with `MobileLLM.load_state_dict`
-    (tied models get output.weight too, as the same tensor). Under layer sharing, HF layers
-    2i and 2i+1 must be equal; a mismatch raises a ValueError naming them."""
+    (tied models get output.weight too, as the same tensor; q/k/v and gate/up joined into wqkv
+    and w13). Under layer sharing, HF layers 2i and 2i+1 must be equal; a mismatch raises a
+    ValueError naming them, as does a projection of the wrong shape."""
     hf_state_dict = dict(hf_state_dict)
     if args.tie_embeddings and "lm_head.weight" in hf_state_dict:
         # HF's in-memory state_dict() of a tied model includes lm_head; accept it if it is a tie.
@@ -183,6 +242,7 @@ def from_hf_state_dict(hf_state_dict: dict[str, Tensor], args: ModelArgs) -> dic
                     "pairs (2i, 2i+1) to import as a MobileLLM-LS model"
                 )
         out[ours] = first
+    out = fuse_projections(out, args)
     if args.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -365,6 +425,9 @@ def _expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "attention_norm.weight": (args.dim,),
         "ffn_norm.weight": (args.dim,),
     }
+    sizes = _fused_sizes(args)
+    for fused, _ in _FUSED_KEYS:
+        block[fused] = (sum(sizes[fused]), args.dim)
     shapes = {f"layers.{i}.{k}": v for i in range(args.n_layers) for k, v in block.items()}
     shapes["tok_embeddings.weight"] = (args.vocab_size, args.dim)
     shapes["output.weight"] = (args.vocab_size, args.dim)

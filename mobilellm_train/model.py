@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mobilellm_train.losses import chunked_cross_entropy
 
@@ -84,8 +85,8 @@ def count_params(args: ModelArgs) -> int:
     """
     q_dim = args.n_heads * args.head_dim
     kv_dim = args.n_kv_heads * args.head_dim
-    attention = 2 * args.dim * q_dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
-    feed_forward = 3 * args.dim * args.ffn_dim
+    attention = 2 * args.dim * q_dim + 2 * args.dim * kv_dim  # wqkv = [wq; wk; wv], and wo
+    feed_forward = 3 * args.dim * args.ffn_dim  # w13 = [w1; w3], and w2
     block = attention + feed_forward + 2 * args.dim
     embeddings = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
     return embeddings + args.n_layers * block + args.dim
@@ -129,6 +130,38 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """FlexAttention's block-sparse form of `document_causal_mask`: the same rule, stored per
+    128 x 128 tile (empty tiles skipped, full tiles unmasked), so no [T, T] mask or score matrix
+    is materialised and the fused kernel runs."""
+    doc_ids = (position_ids == 0).cumsum(dim=1)
+    B, T = position_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    # H=None: one mask broadcast over all heads.
+    return create_block_mask(same_document_causal, B, None, T, T, device=position_ids.device)
+
+
+# flex_attention outside torch.compile runs an unfused reference that materialises the scores;
+# compiled, it is one fused kernel. Inside a compiled block the call is traced as it is, so this
+# compiled copy serves only uncompiled models (built on first use: compiling costs nothing until
+# then).
+_compiled_flex_attention = None
+
+
+def run_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    global _compiled_flex_attention
+    # CPU: the eager reference (FlexAttention has no CPU backward, so CPU training takes the
+    # boolean-mask path; see MobileLLM.flex_doc_mask).
+    if torch.compiler.is_compiling() or q.device.type == "cpu":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -149,24 +182,40 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_dim = args.n_heads * args.head_dim
+        self.kv_dim = args.n_kv_heads * args.head_dim
+        # q, k and v in one matmul: one larger GEMM instead of three (at 125M, k and v are only
+        # 192 wide). The weight is [wq; wk; wv] stacked on the output dimension, so it splits
+        # back into Llama's q_proj, k_proj and v_proj exactly (hf.py).
+        self.wqkv = nn.Linear(args.dim, self.q_dim + 2 * self.kv_dim, bias=False)
+        self.wo = nn.Linear(self.q_dim, args.dim, bias=False)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] -> q [B, n_heads, T, head_dim], k and v [B, n_kv_heads, T, head_dim]."""
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     def forward(
-        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
         q = apply_rope(q, rope_cos, rope_sin)
         k = apply_rope(k, rope_cos, rope_sin)
         # enable_gqa lets the kernel share each k/v head across its query group instead of
         # materialising n_heads / n_kv_heads copies of k and v (HF's repeat_kv).
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(attn_mask, BlockMask):
+            out = run_flex_attention(q, k, v, attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -175,12 +224,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        # The gate (w1) and up (w3) projections in one matmul, weight [w1; w3]; hf.py splits it
+        # into Llama's gate_proj and up_proj.
+        self.w13 = nn.Linear(dim, 2 * ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -193,7 +244,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, attn_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ):
         # Layer sharing repeats the block here, inside one forward call, rather than having the
         # root call the block twice: FSDP2 wraps each block, so one call means one all-gather
@@ -218,6 +273,11 @@ class MobileLLM(nn.Module):
         # How forward(tokens, labels) computes the loss; training settings, not architecture.
         self.loss_chunk_tokens = 4096
         self.compile_loss = False
+        # How documents are masked apart when forward gets position_ids: True, FlexAttention with
+        # a block mask (fused, sparse; the trainer's choice on GPU); False, SDPA with a boolean
+        # [B, 1, T, T] mask, which only SDPA's math kernel takes (~T^2 scores per head kept).
+        # False by default because FlexAttention has no CPU backward.
+        self.flex_doc_mask = False
         # Non-persistent: derived from args, so checkpoints need not carry them; init_weights
         # recomputes them after a meta-device build.
         cos, sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
@@ -261,7 +321,8 @@ class MobileLLM(nn.Module):
             rope_cos, rope_sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             rope_cos, rope_sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
-            attn_mask = document_causal_mask(position_ids)
+            # Built once per forward, outside the (compiled, checkpointed) blocks, and shared by all.
+            attn_mask = document_block_mask(position_ids) if self.flex_doc_mask else document_causal_mask(position_ids)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope_cos, rope_sin, attn_mask)
@@ -278,7 +339,8 @@ class MobileLLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
         """Linear and embedding weights ~ N(0, 0.02), norm weights 1 (as the original code), and
-        the rotary tables recomputed (they hold garbage after `to_empty`).
+        the rotary tables recomputed (they hold garbage after `to_empty`). A fused projection
+        (wqkv, w13) is drawn whole: each original matrix in it is N(0, 0.02), as when separate.
 
         Each parameter is drawn whole from its own generator, seeded by its position in
         `named_parameters()`, and a DTensor keeps only its shard of that full draw. So the

@@ -25,14 +25,16 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    device_type = next(model.parameters()).device.type
     return torch.optim.AdamW(
         groups,
         lr=lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        # The fused kernel updates every parameter in a few launches instead of a few per tensor.
-        fused=cfg.fused and on_cuda,
+        # The fused kernel updates every parameter in a few launches instead of a few per tensor,
+        # and it can skip a non-finite step on the device (found_inf; see train.step_on_device).
+        # torch has it for CUDA and CPU.
+        fused=cfg.fused and device_type in ("cuda", "cpu"),
     )
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mobilellm_train.config import ActivationCheckpointConfig, CompileConfig, ParallelismConfig
 
@@ -24,8 +25,48 @@ def build_mesh(device_type: str, world_size: int, dp_replicate: int) -> DeviceMe
     )
 
 
+def _op_sac_save_list() -> set:
+    """The ops whose outputs op-level selective AC keeps: every matmul and every attention
+    kernel. Their recompute would cost FLOPs; what is left to recompute (RMSNorm, RoPE, SiLU and
+    the SwiGLU product, residual adds) is elementwise, cheap in time but most of the memory."""
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_attention_math",
+    ):
+        if hasattr(aten, name):
+            ops.add(getattr(aten, name).default)
+    # FlexAttention is a higher-order op, not an aten op; its output is saved the same way.
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+    except ImportError:  # pragma: no cover - present on every torch this project supports
+        pass
+    else:
+        ops.add(flex_attention_op)
+    return ops
+
+
+def op_sac_context_fn():
+    """A fresh pair of selective-checkpoint contexts per checkpointed call: matmul and attention
+    outputs are saved (MUST_SAVE), everything else recomputed (PREFER_RECOMPUTE)."""
+    save = _op_sac_save_list()
+
+    def policy(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 def apply_ac(model: nn.Module, cfg: ActivationCheckpointConfig) -> None:
     """Recompute a block's activations in backward instead of keeping them.
+
+    full: every block keeps only its input. selective: every `selective_every`-th block does.
+    op: every block keeps its matmul and attention outputs and recomputes only the elementwise
+    ops between them, so backward repeats no GEMM (see op_sac_context_fn).
 
     A layer-sharing block runs both of its passes inside one forward, so one checkpoint covers
     both and the recompute repeats both.
@@ -33,7 +74,12 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpointConfig) -> None:
     if cfg.mode == "none":
         return
     for i, (name, block) in enumerate(model.layers.named_children()):
-        if cfg.mode == "full" or i % cfg.selective_every == 0:
+        if cfg.mode == "op":
+            # Non-reentrant checkpoint (checkpoint_wrapper's default), the only kind that takes a
+            # context_fn; it also traces under torch.compile, which then sees the policy.
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=op_sac_context_fn)
+            model.layers.register_module(name, wrapped)
+        elif cfg.mode == "full" or i % cfg.selective_every == 0:
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 

@@ -43,6 +43,50 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
 
 
+class NonFiniteSteps:
+    """The steps whose update was skipped for a non-finite gradient norm, and the
+    `training.on_nonfinite` policy applied to them.
+
+    Each step's skip flag stays on the device; `check()` reads all flags since the last check in
+    one transfer (on log and checkpoint steps), so no step waits for the host. A skipped update
+    changed nothing (see `step_on_device`), so learning of it a few steps late loses nothing.
+    """
+
+    def __init__(self, policy: str, max_skipped_steps: int, describe_checkpoint: Callable[[], str]):
+        self.policy = policy
+        self.describe_checkpoint = describe_checkpoint  # says "intact" only after verifying it
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0  # in this process
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def record(self, step: int, skipped: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor) -> None:
+        self._pending.append((step, torch.stack([skipped.float(), grad_norm.float(), loss.float()])))
+
+    def check(self, current_step: int) -> list[int]:
+        """The steps skipped since the last check (each logged); raises NonFiniteError when the
+        policy says stop."""
+        if not self._pending:
+            return []
+        steps = [step for step, _ in self._pending]
+        rows = torch.stack([values for _, values in self._pending]).tolist()  # the one sync
+        self._pending.clear()
+        skipped = []
+        for step, (flag, grad_norm, loss) in zip(steps, rows):
+            if not flag:
+                continue
+            skipped.append(step)
+            self.skipped_steps += 1
+            problem = f"step {step}: non-finite gradient norm ({grad_norm}), local loss {loss}"
+            if self.policy == "stop" or self.skipped_steps > self.max_skipped_steps:
+                budget = f" ({self.skipped_steps - 1} steps already skipped)" if self.policy == "skip" else ""
+                raise NonFiniteError(
+                    f"{problem}; its update was skipped{budget}; stopped at step {current_step}, where the flag "
+                    "was read. No non-finite gradient reached the weights. " + self.describe_checkpoint()
+                )
+            logger.warning("%s; update skipped (%d of at most %d)", problem, self.skipped_steps, self.max_skipped_steps)
+        return skipped
+
+
 def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes, or make a group of one for a plain `python` run.
 
@@ -210,6 +254,7 @@ def build_model(
     model.loss_chunk_tokens = training.loss_chunk_tokens
     # The per-chunk softmax arithmetic fuses into a few kernels when compiled.
     model.compile_loss = compile_cfg.enable and on_gpu
+    model.flex_doc_mask = training.doc_mask_attention == "flex" and on_gpu
     model.train()
     return model
 
@@ -220,12 +265,17 @@ def train_step(
     batches: list[dict],
     max_norm: float,
     before_update: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches.
 
-    Returns (loss summed over the micro-batches, each divided by their count, still on device;
-    global gradient norm; whether the update was applied). A non-finite norm skips the update.
-    `before_update` runs just before the parameters change (a checkpoint copy may still read them).
+    Returns, all on the device: the loss summed over the micro-batches (each divided by their
+    count), the global gradient norm, and a bool scalar that is True when the norm was not finite
+    and the update was therefore skipped. `before_update` runs just before the parameters may
+    change (a checkpoint copy may still read them).
+
+    A fused AdamW skips the update on the device (its found_inf input), so no step waits for the
+    host: weights, moments and step counts stay as they were. Any other optimizer needs the
+    decision on the host, one sync per step.
     """
     import torch
 
@@ -245,13 +295,56 @@ def train_step(
         loss_sum += loss.detach()
 
     grad_norm = clip_grad_norm_(model, max_norm)
-    # One host sync per step: the norm is global, so every rank takes the same decision.
-    if not torch.isfinite(grad_norm).item():
-        return loss_sum, grad_norm, False
+    # The norm is global (reduced over all shards), so every rank takes the same decision.
+    nonfinite = ~torch.isfinite(grad_norm)
     if before_update is not None:
         before_update()
-    optimizer.step()
-    return loss_sum, grad_norm, True
+    step_on_device(optimizer, nonfinite)
+    return loss_sum, grad_norm, nonfinite
+
+
+def step_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), unless the bool scalar `skip` is True; then nothing it owns changes.
+
+    Fused Adam/AdamW read `found_inf` on the device (the mechanism GradScaler uses): a non-zero
+    value leaves parameters and moments untouched and takes back the step-count increment.
+    Other optimizers have no such input, so the flag is read on the host (a sync).
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
+    elif not skip.item():
+        optimizer.step()
+
+
+class GarbageCollection:
+    """Python's cyclic garbage collector at fixed steps instead of at random points.
+
+    An automatic collection pauses one rank at an arbitrary moment and every other rank waits for
+    it at the next collective. So automatic collection is off from construction until `close()`;
+    `collect(step)` runs a cheap generation-1 pass every `gen1_freq` steps (what a training step's
+    short-lived cycles reach) and a full pass, which walks every object, every `full_freq` steps.
+    """
+
+    def __init__(self, gen1_freq: int, full_freq: int):
+        self.gen1_freq = gen1_freq
+        self.full_freq = full_freq
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+        gc.collect()  # start-up garbage (model build, compile) goes now, before the timed steps
+
+    def collect(self, step: int) -> None:
+        if self.full_freq and step % self.full_freq == 0:
+            gc.collect()
+        elif step % self.gen1_freq == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.was_enabled:
+            gc.enable()
 
 
 def build_train_data(
@@ -512,36 +605,24 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     spikes = SpikeDetector(tcfg.spike_threshold, tcfg.spike_window)
     data_iter = parts.data_iter = iter(loader)  # after the resume, so it starts at the restored position
 
-    # Python's cyclic GC pauses at random points and stalls every rank at the next collective;
-    # collect at fixed steps instead.
-    gc.disable()
-    gc.collect()
+    garbage = GarbageCollection(tcfg.gc_freq, tcfg.gc_full_freq)
     train_begin = last_log_time = time.perf_counter()
     data_wait_s = checkpoint_blocked_s = 0.0
-    steps_since_log = skipped_steps = rewinds = 0
+    steps_since_log = rewinds = 0
+    nonfinite = NonFiniteSteps(tcfg.on_nonfinite, tcfg.max_skipped_steps, checkpointer.describe_newest)
     interval_loss = torch.zeros((), device=device)  # summed over the steps since the last record
     first_step = True
     while train_state.step < total_steps:
         step = train_state.step + 1
         checkpointer.raise_if_failed()  # a background save that failed stops the run here
-        if step % tcfg.gc_freq == 0:
-            gc.collect()
+        garbage.collect(step)
         wait_begin = time.perf_counter()
         batches = [next(data_iter) for _ in range(accum_steps)]
         data_wait_s += time.perf_counter() - wait_begin
-        loss_sum, grad_norm, applied = train_step(
+        loss_sum, grad_norm, skipped = train_step(
             model, optimizer, batches, tcfg.max_norm, before_update=checkpointer.wait_for_staging
         )
-        if not applied:
-            problem = f"step {step}: non-finite gradient norm ({grad_norm.item()}), local loss {loss_sum.item()}"
-            skipped_steps += 1
-            if tcfg.on_nonfinite == "stop" or skipped_steps > tcfg.max_skipped_steps:
-                raise NonFiniteError(
-                    f"{problem}; stopped before the optimizer step"
-                    + (f" ({skipped_steps - 1} steps already skipped)" if tcfg.on_nonfinite == "skip" else "")
-                    + ". " + checkpointer.describe_newest()
-                )
-            logger.warning("%s; update skipped (%d of at most %d)", problem, skipped_steps, tcfg.max_skipped_steps)
+        nonfinite.record(step, skipped, grad_norm, loss_sum)
         if first_step:
             set_train_timeout(cfg.comm)
             first_step = False
@@ -552,7 +633,8 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
         steps_since_log += 1
         interval_loss += loss_sum  # on the device: no sync until the next record
 
-        if spikes.enabled and applied:
+        # The spike check reads the loss on the host every step anyway, so it reads the flag too.
+        if spikes.enabled and step not in nonfinite.check(step):
             global_loss = loss_sum.clone()
             dist.all_reduce(global_loss)
             is_spike, mean = spikes.is_spike(global_loss.item() / world_size)
@@ -583,6 +665,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
             logger.info("step %d  validation loss %.4f", step, val_loss)
 
         if step % cfg.metrics.log_freq == 0 or step == total_steps or val_loss is not None:
+            nonfinite.check(step)
             dist.all_reduce(interval_loss)
             now = time.perf_counter()
             interval = now - last_log_time
@@ -601,15 +684,18 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
                 "elapsed_s": now - train_begin,
                 "eta_s": (total_steps - step) * interval / steps_since_log,
                 "checkpoint_blocked_s": checkpoint_blocked_s,
-                "skipped_steps": skipped_steps,
+                "skipped_steps": nonfinite.skipped_steps,
                 **({} if val_loss is None else {"val_loss": val_loss}),
             })
             last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
             interval_loss.zero_()
 
-        stop_requested = stop.agreed()
+        # Every rank agrees on the same steps (a multiple of stop_check_freq), so all stop together.
+        stop_requested = step % cfg.job.stop_check_freq == 0 and stop.agreed()
         stopping = stop_requested or step == tcfg.stop_at_step
         if cfg.checkpoint.enable and (step % cfg.checkpoint.interval == 0 or step == total_steps or stopping):
+            # A step the policy would stop at must not slip into a checkpoint first.
+            nonfinite.check(step)
             save_begin = time.perf_counter()
             checkpoint_blocked_s = checkpointer.save(step)
             saves_since_eval += 1
@@ -629,6 +715,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
 
     checkpointer.close()  # the last save must be on disk before the process ends
     stop.restore()
+    garbage.close()
     logger.info("%s at step %d of %d, %.3g tokens seen", "finished" if train_state.step >= total_steps else "stopped",
                 train_state.step, total_steps, train_state.tokens_seen)
     metrics.close()

@@ -120,9 +120,9 @@ def test_bf16_and_torch_formats(tmp_path):
     a, b = stored["model.layers.0.mlp.up_proj.weight"], stored["model.layers.1.mlp.up_proj.weight"]
     assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     loaded_args, state = load_hf_checkpoint(out)
-    assert loaded_args == args and state["layers.0.feed_forward.w3.weight"].dtype == torch.float32
-    expected = model.state_dict()["layers.0.feed_forward.w3.weight"].to(torch.bfloat16).float()
-    assert torch.equal(state["layers.0.feed_forward.w3.weight"], expected)
+    assert loaded_args == args and state["layers.0.feed_forward.w13.weight"].dtype == torch.float32
+    expected = model.state_dict()["layers.0.feed_forward.w13.weight"].to(torch.bfloat16).float()
+    assert torch.equal(state["layers.0.feed_forward.w13.weight"], expected)
 
 
 def test_export_never_overwrites_unasked(tmp_path, caplog):
@@ -308,3 +308,31 @@ def test_mobilellm_release_layer_sharing_flag_repeats_the_stored_blocks(tmp_path
     for key, value in plain.state_dict().items():
         assert torch.equal(shared.state_dict()[key], value), key
     assert load_hf_checkpoint(out, layer_sharing=False)[0] == ARGS
+
+
+def test_checkpoint_with_unfused_projections_loads_for_export_and_is_refused_for_resume(tmp_path):
+    """Checkpoints written before wq/wk/wv and w1/w3 were fused: the lone-process loader (eval,
+    export, generate) reads them exactly; resuming training refuses them with the way out."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from mobilellm_train.checkpoint import CheckpointError, ModelState, TrainState, _checked_load, model_args_fingerprint
+    from mobilellm_train.hf import unfuse_projections
+
+    args = VARIANTS["ls"]
+    model = init_model(args)
+    old_layout = {k: v.clone() for k, v in unfuse_projections(model.state_dict(), args).items()}
+    assert "layers.1.attention.wv.weight" in old_layout and "layers.1.feed_forward.w1.weight" in old_layout
+    path = str(tmp_path / "step-100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": old_layout, "train_state": TrainState(step=100, model_args=model_args_fingerprint(args))},
+                 checkpoint_id=path, no_dist=True)
+
+    loaded = load_model_from_checkpoint(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    with pytest.raises(CheckpointError, match=r"step-100 stores separate q/k/v.*initial_load_path"):
+        _checked_load({"model": ModelState(init_model(args))}, path)

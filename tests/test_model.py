@@ -16,6 +16,7 @@ from mobilellm_train.hf import (
     from_hf_state_dict,
     hf_llama_config,
     to_hf_state_dict,
+    unfuse_projections,
 )
 from mobilellm_train.model import (
     MODEL_PRESETS,
@@ -162,17 +163,20 @@ def test_meta_init_equals_cpu_init():
 
 def test_init_statistics_and_seeds():
     model = build(MODEL_PRESETS["debug"], seed=0)
-    for name, p in model.named_parameters():
+    # Each original matrix, also inside the fused wqkv and w13, is N(0, 0.02).
+    matrices = unfuse_projections(dict(model.named_parameters()), MODEL_PRESETS["debug"])
+    assert "layers.0.attention.wk.weight" in matrices and "layers.0.feed_forward.w3.weight" in matrices
+    for name, p in matrices.items():
         if name.endswith("norm.weight"):
             assert torch.equal(p, torch.ones_like(p)), name
         else:
             assert p.mean().abs() < 2e-3, name
             assert abs(p.std().item() - 0.02) < 1e-3, name
     # Each tensor has its own stream: no two weight matrices of the same shape are equal.
-    wq = [layer.attention.wq.weight for layer in model.layers]
-    assert not torch.equal(wq[0], wq[1])
+    wqkv = [layer.attention.wqkv.weight for layer in model.layers]
+    assert not torch.equal(wqkv[0], wqkv[1])
     other = build(MODEL_PRESETS["debug"], seed=1)
-    assert not torch.equal(model.layers[0].attention.wq.weight, other.layers[0].attention.wq.weight)
+    assert not torch.equal(model.layers[0].attention.wqkv.weight, other.layers[0].attention.wqkv.weight)
     assert not torch.equal(model.tok_embeddings.weight, other.tok_embeddings.weight)
 
 
@@ -331,11 +335,20 @@ def test_hf_weight_names_map_to_the_right_modules():
     model = build(args)
     hf_sd = to_hf_state_dict(dict(model.named_parameters()), args)
     layers = model.layers
+    q_dim, kv_dim, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_dim
+    w13, wqkv = layers[3].feed_forward.w13.weight, layers[0].attention.wqkv.weight
+    # The fused weights split into the rows Llama's projections hold, as views (no copies).
+    sliced = {
+        "model.layers.3.mlp.gate_proj.weight": w13[:ffn],
+        "model.layers.3.mlp.up_proj.weight": w13[ffn:],
+        "model.layers.0.self_attn.q_proj.weight": wqkv[:q_dim],
+        "model.layers.0.self_attn.k_proj.weight": wqkv[q_dim:q_dim + kv_dim],
+        "model.layers.0.self_attn.v_proj.weight": wqkv[q_dim + kv_dim:],
+    }
+    for hf_name, rows in sliced.items():
+        assert hf_sd[hf_name].shape == rows.shape and hf_sd[hf_name].data_ptr() == rows.data_ptr(), hf_name
     expected = {
-        "model.layers.3.mlp.gate_proj.weight": layers[3].feed_forward.w1.weight,
-        "model.layers.3.mlp.up_proj.weight": layers[3].feed_forward.w3.weight,
         "model.layers.3.mlp.down_proj.weight": layers[3].feed_forward.w2.weight,
-        "model.layers.0.self_attn.k_proj.weight": layers[0].attention.wk.weight,
         "model.layers.1.input_layernorm.weight": layers[1].attention_norm.weight,
         "model.layers.1.post_attention_layernorm.weight": layers[1].ffn_norm.weight,
         "lm_head.weight": model.output.weight,
@@ -368,9 +381,13 @@ def test_hf_bad_keys_raise():
     with pytest.raises(ValueError, match="lm_head"):
         from_hf_state_dict(untied_head, args)
     ours = build(args).state_dict()
-    del ours["layers.0.attention.wq.weight"]
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq\.weight"):
+    del ours["layers.0.attention.wqkv.weight"]
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wqkv\.weight"):
         to_hf_state_dict(ours, args)
+    # An HF projection of the wrong width is named, not a shape error from torch.cat.
+    narrow = dict(hf_sd, **{"model.layers.1.self_attn.k_proj.weight": hf_sd["model.layers.1.self_attn.k_proj.weight"][:-2]})
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wk\.weight has shape"):
+        from_hf_state_dict(narrow, args)
 
 
 def test_hf_config_import():

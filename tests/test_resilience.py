@@ -87,7 +87,7 @@ def test_kill_9_then_resume_equals_uninterrupted(data, uninterrupted, tmp_path, 
 @pytest.mark.slow
 def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    args = base_args(data, run, steps=STEPS, **COMMON)
+    args = base_args(data, run, steps=STEPS, **COMMON, **{"job.stop_check_freq": 4})
     proc = start_trainer(args)
     wait_for_step(run, 6, proc)
     workers = children(proc.pid)
@@ -96,8 +96,9 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-4000:]
     stopped = max(read_metrics(run))
-    assert stopped < STEPS
+    assert stopped < STEPS and stopped % 4 == 0  # at an agreement step, the same on both ranks
     assert f"stopping after step {stopped}" in out
+    # Both ranks saved that step (a save is a collective: a rank that went on would hang it).
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
     run_trainer(args, nproc=2)
     assert losses(run) == uninterrupted
@@ -106,7 +107,8 @@ def test_signal_to_one_rank_stops_all_at_the_same_step(data, uninterrupted, tmp_
 def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
     stop_file = tmp_path / "STOP"
     run = tmp_path / "run"
-    args = base_args(corpus, run, steps=3000, **{"job.stop_file": stop_file, "checkpoint.interval": 1000})
+    args = base_args(corpus, run, steps=3000, **{"job.stop_file": stop_file, "checkpoint.interval": 1000,
+                                                         "job.stop_check_freq": 3})
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm_train.train", *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 3, proc)
@@ -115,6 +117,8 @@ def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
     stopped = max(read_metrics(run))
     assert proc.returncode == 0 and f"stopping after step {stopped} (stop file" in out, out[-3000:]
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
+    # The ranks agree on stop requests every stop_check_freq steps only.
+    assert stopped % 3 == 0, stopped
 
     stop_file.unlink()
     args = base_args(corpus, run, steps=3000, **{"checkpoint.interval": 1000})

@@ -78,10 +78,11 @@ def test_two_ranks_fsdp_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_compile_full_ac_hsdp(corpus, tmp_path):
+@pytest.mark.parametrize("ac_mode", ["full", "op"])
+def test_two_ranks_compile_ac_hsdp(corpus, tmp_path, ac_mode):
     run = tmp_path / "run"
     out = run_trainer(base_args(corpus, run, steps=6, **{
-        "compile.enable": "true", "activation_checkpoint.mode": "full", "parallelism.dp_replicate": 2,
+        "compile.enable": "true", "activation_checkpoint.mode": ac_mode, "parallelism.dp_replicate": 2,
     }), nproc=2, timeout=600)
     metrics = read_metrics(run)
     assert sorted(metrics) == list(range(1, 7))
