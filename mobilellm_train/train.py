@@ -60,11 +60,15 @@ class NonFiniteSteps:
         self._pending: list[tuple[int, torch.Tensor]] = []
 
     def record(self, step: int, skipped: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor) -> None:
+        import torch
+
         self._pending.append((step, torch.stack([skipped.float(), grad_norm.float(), loss.float()])))
 
     def check(self, current_step: int) -> list[int]:
         """The steps skipped since the last check (each logged); raises NonFiniteError when the
         policy says stop."""
+        import torch
+
         if not self._pending:
             return []
         steps = [step for step, _ in self._pending]
@@ -310,6 +314,8 @@ def step_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None
     value leaves parameters and moments untouched and takes back the step-count increment.
     Other optimizers have no such input, so the flag is read on the host (a sync).
     """
+    import torch
+
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skip.to(torch.float32)
         try:
