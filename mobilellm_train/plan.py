@@ -349,6 +349,37 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def check_memory(cfg: C.Config, world_size: int, device, device_name: str, total_memory_bytes: int | None) -> MemoryPlan:
+    """The trainer's start-up check: log the planned per-GPU peak and, on a GPU whose memory it
+    exceeds, raise ConfigError with what would fit (unless profiling.memory_check is off).
+
+    `total_memory_bytes` is the GPU's (torch.cuda.get_device_properties); None on CPU, where the
+    estimate is only logged, for an 80 GB card."""
+    import logging
+
+    logger = logging.getLogger("mobilellm_train")
+    card_gib = total_memory_bytes / GIB if total_memory_bytes else CARDS_GIB["a100-80gb"]
+    plan = estimate_config(cfg, world_size, card_gib)
+    where = device_name if total_memory_bytes else "an 80 GB GPU (running on CPU: not checked)"
+    logger.info("planned peak memory per GPU: %.1f GiB of %.1f GiB on %s (activations %.1f GiB, sharded "
+                "state %.1f GiB; mobilellm-plan shows the breakdown)", plan.peak_gib, card_gib, where,
+                sum(b for name, b, _ in plan.items if name.startswith("activations")) / GIB,
+                sum(b for name, b, _ in plan.items if "shard" in name) / GIB)
+    if total_memory_bytes and not plan.fits():
+        best = recommendation(suggest(cfg, world_size, card_gib), cfg.training.local_batch_size)
+        fix = ("nothing fits on this many GPUs: use more GPUs or a shorter sequence" if best is None else
+               f"--activation_checkpoint.mode {best['ac_mode']} --training.local_batch_size {best['local_batch_size']} "
+               f"fits ({best['peak_gib']:.1f} GiB)")
+        message = (f"planned peak memory {plan.peak_gib:.1f} GiB per GPU exceeds the {card_gib:.1f} GiB of {device_name} "
+                   f"(micro-batch {cfg.training.local_batch_size} x {cfg.training.seq_len}, activation checkpointing "
+                   f"{cfg.activation_checkpoint.mode}, {world_size} GPU(s)); {fix}. "
+                   "Set --profiling.memory_check false to start anyway.")
+        if cfg.profiling.memory_check:
+            raise C.ConfigError(message)
+        logger.warning("%s", message)
+    return plan
+
+
 # Where the data lives does not change memory, and the planner runs where the data is not: these
 # overrides come last so that a preset's data.path need not exist here.
 _IGNORED_FOR_PLANNING = ["--data.path", "", "--data.sources", "", "--data.val_path", "", "--data.val_interval", "0",

@@ -50,6 +50,8 @@ from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_
 from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 from mobilellm_train.optim import build_lr_scheduler, build_optimizer
 from mobilellm_train.parallelize import build_mesh, parallelize
+from mobilellm_train.plan import check_memory
+from mobilellm_train.profiling import StepProfiler
 from mobilellm_train.resilience import SpikeDetector, StopRequest, set_flight_recorder_env, set_train_timeout
 
 logger = logging.getLogger("mobilellm_train")
@@ -281,6 +283,10 @@ def train(cfg: C.Config) -> None:
 
     on_gpu = device.type == "cuda"
     model_args = C.build_model_args(cfg.model)
+    # Before anything is allocated: a config that cannot fit stops here, not with an OOM mid-compile.
+    check_memory(cfg, world_size, device, torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                 torch.cuda.get_device_properties(device).total_memory if on_gpu else None)
+    profiler = StepProfiler(cfg.profiling, dump_folder, rank, device)
     mesh = build_mesh(device.type, world_size, cfg.parallelism.dp_replicate)
     model = build_model(
         model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile
@@ -361,6 +367,7 @@ def train(cfg: C.Config) -> None:
     first_step = True
     while train_state.step < total_steps:
         step = train_state.step + 1
+        profiler.step_begin(step)
         if step % tcfg.gc_freq == 0:
             gc.collect()
         wait_begin = time.perf_counter()
@@ -388,6 +395,7 @@ def train(cfg: C.Config) -> None:
         train_state.tokens_seen += global_batch_tokens
         steps_since_log += 1
         interval_loss += loss_sum  # on the device: no sync until the next record
+        profiler.step_end(step)
 
         if spikes.enabled and applied:
             global_loss = loss_sum.clone()
@@ -464,6 +472,7 @@ def train(cfg: C.Config) -> None:
             break
 
     checkpointer.close()  # the last save must be on disk before the process ends
+    profiler.close()
     stop.restore()
     logger.info("%s at step %d of %d, %.3g tokens seen", "finished" if train_state.step >= total_steps else "stopped",
                 train_state.step, total_steps, train_state.tokens_seen)
@@ -480,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         train(cfg)
-    except (DataError, CheckpointError, NonFiniteError, TaskDataError) as e:
+    except (C.ConfigError, DataError, CheckpointError, NonFiniteError, TaskDataError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
         logger.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None

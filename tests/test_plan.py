@@ -148,3 +148,17 @@ def test_cli_bad_arguments_exit_2():
     assert r.returncode == 2 and "--gpus" in r.stderr
     r = run_plan("--config", "train_configs/125M.toml", "--card", "v100")
     assert r.returncode == 2
+
+
+def test_trainer_check_stops_a_config_too_big_for_the_gpu_and_names_the_fix():
+    cfg = P.load_plan_config(["--config", os.path.join(ROOT, "train_configs", "600M.toml"),
+                              "--training.local_batch_size", "32", "--training.global_batch_size", "32"], 1)
+    with pytest.raises(C.ConfigError, match=r"exceeds the 79\.1 GiB of NVIDIA A100.*"
+                                            r"--activation_checkpoint.mode none --training.local_batch_size 16.*"
+                                            r"--profiling.memory_check false"):
+        P.check_memory(cfg, 1, "cuda", "NVIDIA A100-SXM4-80GB", int(79.1 * P.GIB))
+    cfg.profiling.memory_check = False  # the override: logged, not raised
+    assert not P.check_memory(cfg, 1, "cuda", "NVIDIA A100-SXM4-80GB", int(79.1 * P.GIB)).fits()
+    cfg.profiling.memory_check = True
+    assert not P.check_memory(cfg, 1, "cpu", "cpu", None).fits()  # CPU: only logged
+    assert P.check_memory(cfg, 1, "cuda", "NVIDIA H200", int(139.8 * P.GIB)).fits()
