@@ -57,7 +57,6 @@ else
 fi
 # One compile cache for every process: the timed stage reuses the graphs the smoke stage compiled.
 export TORCHINDUCTOR_CACHE_DIR=${WORK}/inductor_cache
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 {
     echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"

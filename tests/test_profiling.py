@@ -4,6 +4,9 @@ trace, and the planned memory logged at start-up."""
 import json
 import os
 
+import pytest
+import torch
+
 from conftest import base_args, run_trainer
 
 
@@ -33,3 +36,27 @@ def test_profiling_off_writes_nothing(corpus, tmp_path):
     run = tmp_path / "run"
     run_trainer(base_args(corpus, run, steps=2, **{"checkpoint.enable": "false"}))
     assert not os.path.exists(run / "profile")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_snapshot_on_gpu(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_trainer(base_args(corpus, run, steps=3, **{"profiling.memory_snapshot": "true", "profiling.start_step": 1,
+                                                  "profiling.steps": 2, "checkpoint.enable": "false"}))
+    snapshot = run / "profile" / "memory_snapshot.rank0.step-2.pickle"
+    assert snapshot.stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer_stops_before_allocating_a_config_too_big_for_the_gpu(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = base_args(corpus, run, steps=3) + [
+        "--model.flavor", "1.5B", "--model.dim", "1600", "--model.n_layers", "54", "--model.n_heads", "25",
+        "--model.n_kv_heads", "5", "--model.ffn_dim", "4352", "--model.vocab_size", "32000",
+        "--training.seq_len", "2048", "--training.local_batch_size", "128",
+    ]
+    out = run_trainer(args, expect_rc=1)
+    assert "ConfigError: planned peak memory" in out and "--profiling.memory_check false" in out
+    assert not os.path.exists(run / "checkpoints")
