@@ -178,6 +178,63 @@ def _throughput(elapsed_s: float, steps: int, batch_size: int, seq_len: int, flo
     return out
 
 
+# Which attention kernel SDPA dispatched to, by the aten op the profiler records (these names are
+# the same on torch 2.11 and 2.13); the first match wins, so the CPU variant comes before flash.
+SDPA_OPS = (
+    ("_scaled_dot_product_flash_attention_for_cpu", "flash (CPU)"),
+    ("_scaled_dot_product_flash_attention", "flash"),
+    ("_scaled_dot_product_cudnn_attention", "cudnn"),
+    ("_scaled_dot_product_efficient_attention", "efficient"),
+    ("_scaled_dot_product_attention_math", "math"),
+    ("flex_attention", "flex"),
+)
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def sdpa_kernels(op_names) -> str:
+    """The attention kernels among profiled op names, e.g. "flash" or "cudnn+math"; "n/a" if none."""
+    found = []
+    for name in op_names:
+        for op, kernel in SDPA_OPS:
+            if op in name:
+                if kernel not in found:
+                    found.append(kernel)
+                break
+    return "+".join(sorted(found)) or "n/a"
+
+
+def detect_sdpa_kernel(run_one_step: Callable[[], object]) -> str:
+    """Run one step under torch.profiler (CPU activity: the dispatcher records every aten op,
+    compiled graphs' attention included, since inductor calls SDPA as an extern kernel) and name
+    the attention kernel(s) it dispatched to."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_one_step()
+    return sdpa_kernels(e.key for e in prof.key_averages())
+
+
+def sdpa_backend_context(backend: str):
+    """`--sdpa-backend`: allow only that SDPA kernel (torch.nn.attention.sdpa_kernel); "auto"
+    leaves SDPA's own choice."""
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend])
+
+
+def planned_allocated_gib(cfg: C.Config, device: torch.device) -> float | None:
+    """The memory planner's peak allocated memory for this one-GPU run (GPU only)."""
+    if device.type != "cuda":
+        return None
+    from mobilellm_train.plan import GIB, estimate_config
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    return estimate_config(cfg, 1, total / GIB).allocated_bytes / GIB
+
+
 # ---------------------------------------------------------------------------------------------
 # The two ways of training.
 
@@ -222,8 +279,11 @@ def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int)
     finally:
         gc.enable()
     counts_end = compile_counts()
+    sdpa_kernel_used = detect_sdpa_kernel(lambda: run_steps(warmup_steps + steps + 1, 1))
     result = {
         "status": "ok",
+        "sdpa_kernel": sdpa_kernel_used,
+        "planned_allocated_gib": planned_allocated_gib(cfg, device),
         "local_batch_size": tcfg.local_batch_size,
         **_throughput(elapsed_s, steps, tcfg.local_batch_size, tcfg.seq_len, flops_per_token(model_args, tcfg.seq_len),
                       detect_peak_flops(device, cfg.metrics.peak_tflops), device),
@@ -294,8 +354,10 @@ def run_hf_baseline(
     timer.begin()
     loss = run_steps(warmup_steps + 1, steps)
     elapsed_s = timer.end()
+    sdpa_kernel_used = detect_sdpa_kernel(lambda: run_steps(warmup_steps + steps + 1, 1))
     result = {
         "status": "ok",
+        "sdpa_kernel": sdpa_kernel_used,
         "local_batch_size": batch_size,
         **_throughput(elapsed_s, steps, batch_size, seq_len, flops_per_token(model_args, seq_len),
                       detect_peak_flops(device), device),
@@ -429,8 +491,8 @@ def format_table(results: dict) -> str:
         f"seq_len {results['seq_len'] or 'preset'}, {results['warmup_steps']} warm-up + {results['steps']} timed steps",
         "",
         "| preset | batch | AC | compile | tokens/s/GPU | MFU | peak GiB | step ms | HF batch | HF tokens/s | "
-        "HF MFU | HF peak GiB | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "HF MFU | HF peak GiB | speed-up | SDPA (ours / HF) | planned GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         ours, base = r["ours"], r.get("baseline") or {}
@@ -446,6 +508,8 @@ def format_table(results: dict) -> str:
             r["preset"], str(ours.get("local_batch_size", "-")), r["activation_checkpoint"], str(r["compile"]).lower(),
             *cells(ours), str(base.get("local_batch_size", "-")), base_cells[0], base_cells[1], base_cells[2],
             _fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+            f"{ours.get('sdpa_kernel', '-')} / {base.get('sdpa_kernel', '-')}",
+            _fmt(ours.get("planned_allocated_gib"), ".1f"),
         ]) + " |")
     oom = [f"{r['preset']} {who} at {m['oom_batch_sizes']}" for r in results["runs"]
            for who, m in (("ours", r["ours"]), ("HF", r.get("baseline") or {})) if m.get("oom_batch_sizes")]
@@ -501,6 +565,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="the baseline uses fused AdamW (HF Trainer's default with torch >= 2.8)")
     parser.add_argument("--oom-retry", action=argparse.BooleanOptionalAction, default=True,
                         help="after an out-of-memory, retry at half the micro-batch")
+    parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
+                        help="allow only this attention kernel (both trainers); auto: SDPA chooses")
     parser.add_argument("--loss", action="store_true", help="time the lm-head loss variants instead of training")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--loss-iters", type=int, default=5)
@@ -553,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _, _, device = init_distributed()
     results = {"environment": environment(device), "seq_len": args.seq_len, "steps": args.steps,
+               "sdpa_backend": args.sdpa_backend,
                "warmup_steps": args.warmup_steps, "overrides": overrides}
     try:
         if args.loss:
@@ -582,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
                 return run_ours(cfg, device, args.steps, args.warmup_steps)
 
             print(f"bench: {preset}: ours, micro-batch {tcfg.local_batch_size} x {tcfg.seq_len}", flush=True)
-            run["ours"] = with_oom_retry(ours, tcfg.local_batch_size, args.oom_retry, device)
+            with sdpa_backend_context(args.sdpa_backend):
+                run["ours"] = with_oom_retry(ours, tcfg.local_batch_size, args.oom_retry, device)
             if with_baseline:
                 batch = args.baseline_batch_size or REFERENCE_BATCH.get(cfg.model.flavor, tcfg.local_batch_size)
 
@@ -592,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
                                            args.baseline_fused_adamw)
 
                 print(f"bench: {preset}: HF baseline, batch {batch} x {tcfg.seq_len}", flush=True)
-                run["baseline"] = with_oom_retry(baseline, batch, args.oom_retry, device)
+                with sdpa_backend_context(args.sdpa_backend):
+                    run["baseline"] = with_oom_retry(baseline, batch, args.oom_retry, device)
                 if run["ours"]["status"] == "ok" and run["baseline"]["status"] == "ok":
                     run["speedup"] = run["ours"]["tokens_per_second"] / run["baseline"]["tokens_per_second"]
             results["runs"].append(run)

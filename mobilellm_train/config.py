@@ -290,6 +290,23 @@ class EvalConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    enable: bool = False
+    """Record a torch.profiler trace of steps start_step .. start_step + steps - 1 into
+    <dump_folder>/profile/ (open it in Perfetto or TensorBoard)."""
+    start_step: int = 10
+    """First profiled step (after compile and warm-up)."""
+    steps: int = 3
+    """Number of profiled steps."""
+    memory_snapshot: bool = False
+    """CUDA: record every allocation and write a memory snapshot after step start_step + steps - 1
+    and on out-of-memory, for https://pytorch.org/memory_viz."""
+    memory_check: bool = True
+    """CUDA: stop at start-up when the planned peak memory (mobilellm-plan) exceeds the GPU's; false
+    logs the estimate and starts anyway."""
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -304,6 +321,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,6 +606,10 @@ def validate(cfg: Config, world_size: int) -> None:
     check(cfg.metrics.log_freq > 0, f"metrics.log_freq must be positive (got {cfg.metrics.log_freq})")
     check_writable_folder(cfg.job.dump_folder, "job.dump_folder")
     check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
+
+    pr = cfg.profiling
+    check(pr.start_step >= 1 and pr.steps >= 1,
+          f"profiling.start_step and profiling.steps must be >= 1 (got {pr.start_step}, {pr.steps})")
 
 
 def check_writable_folder(path: str, key: str) -> None:

@@ -497,6 +497,8 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     from mobilellm_train.model import count_params
     from mobilellm_train.optim import build_lr_scheduler, build_optimizer
     from mobilellm_train.parallelize import build_mesh
+    from mobilellm_train.plan import check_memory
+    from mobilellm_train.profiling import StepProfiler
     from mobilellm_train.resilience import (
         RunFolderLock,
         SpikeDetector,
@@ -535,6 +537,10 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
 
     on_gpu = device.type == "cuda"
     model_args = C.build_model_args(cfg.model)
+    # Before anything is allocated: a config that cannot fit stops here, not with an OOM mid-compile.
+    check_memory(cfg, world_size, device, torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                 torch.cuda.get_device_properties(device).total_memory if on_gpu else None)
+    profiler = StepProfiler(cfg.profiling, dump_folder, rank, device)
     mesh = build_mesh(device.type, world_size, cfg.parallelism.dp_replicate)
     model = build_model(
         model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile
@@ -621,6 +627,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     while train_state.step < total_steps:
         step = train_state.step + 1
         checkpointer.raise_if_failed()  # a background save that failed stops the run here
+        profiler.step_begin(step)
         garbage.collect(step)
         wait_begin = time.perf_counter()
         batches = [next(data_iter) for _ in range(accum_steps)]
@@ -638,6 +645,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
         train_state.tokens_seen += global_batch_tokens
         steps_since_log += 1
         interval_loss += loss_sum  # on the device: no sync until the next record
+        profiler.step_end(step)
 
         # The spike check reads the loss on the host every step anyway, so it reads the flag too.
         if spikes.enabled and step not in nonfinite.check(step):
@@ -720,6 +728,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
             break
 
     checkpointer.close()  # the last save must be on disk before the process ends
+    profiler.close()
     stop.restore()
     garbage.close()
     logger.info("%s at step %d of %d, %.3g tokens seen", "finished" if train_state.step >= total_steps else "stopped",
@@ -749,7 +758,7 @@ def run(cfg: C.Config) -> None:
 
     try:
         train(cfg)
-    except (DataError, CheckpointError, NonFiniteError, TaskDataError, RunFolderError) as e:
+    except (C.ConfigError, DataError, CheckpointError, NonFiniteError, TaskDataError, RunFolderError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
         if isinstance(e, RunFolderError):  # raised before logging is set up
             print(f"RunFolderError: {e}", file=sys.stderr)

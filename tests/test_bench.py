@@ -202,3 +202,29 @@ def test_sdpa_runs_flash_or_cudnn_for_our_shapes(flavor):
     kernels = [e.key for e in prof.key_averages()]
     assert any("flash" in k.lower() or "cudnn" in k.lower() for k in kernels), kernels
     assert not any("fmha_cutlass" in k.lower() or "efficient_attention" in k.lower() for k in kernels), kernels
+
+
+def test_bench_records_and_forces_the_sdpa_kernel(tmp_path):
+    common = ["--presets", "debug", "--steps", "1", "--warmup-steps", "1", "--seq-len", "16", "--local-batch-size",
+              "2", "--baseline-batch-size", "2", *TINY]
+    run_bench([*common, "--out", str(tmp_path / "auto")])
+    run_bench([*common, "--sdpa-backend", "math", "--out", str(tmp_path / "math")])
+    auto = json.loads((tmp_path / "auto" / "bench.json").read_text())
+    forced = json.loads((tmp_path / "math" / "bench.json").read_text())
+    assert forced["sdpa_backend"] == "math"
+    # On CPU SDPA picks its fused CPU flash kernel for causal attention; forcing math is seen too.
+    assert auto["runs"][0]["ours"]["sdpa_kernel"] == "flash (CPU)"
+    assert forced["runs"][0]["ours"]["sdpa_kernel"] == "math"
+    if HAVE_TRANSFORMERS:
+        assert forced["runs"][0]["baseline"]["sdpa_kernel"] == "math"
+    assert "| flash (CPU) / " in (tmp_path / "auto" / "bench.md").read_text()
+
+
+def test_sdpa_kernel_names():
+    from mobilellm_train.bench import sdpa_kernels
+
+    assert sdpa_kernels(["aten::mm", "aten::_scaled_dot_product_cudnn_attention"]) == "cudnn"
+    assert sdpa_kernels(["aten::_scaled_dot_product_flash_attention_for_cpu"]) == "flash (CPU)"
+    assert sdpa_kernels(["aten::_scaled_dot_product_efficient_attention",
+                         "aten::_scaled_dot_product_attention_math"]) == "efficient+math"
+    assert sdpa_kernels(["aten::mm"]) == "n/a"

@@ -185,3 +185,45 @@ def test_slurm_script_ranks_follow_the_allocation(tmp_path, allocation, ranks):
     srun = record.read_text()
     assert "--cpus-per-task=12" in srun and f"--nproc_per_node={ranks}" in srun
     assert "-m mobilellm_train.launch" in srun and f"x {ranks} rank(s)" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
+    """The GPU script's whole flow on CPU with tiny shapes: a row per preset in summary.md as it goes,
+    a failed preset reported and passed over, the rest in one archive, nothing else in OUT, and
+    a budget that runs out skips what is left instead of overrunning."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = subprocess_env(ALLOW_CPU=1, SMOKE_PRESETS="debug missing", TIMED_PRESETS="debug debug", BUDGET_S=60,
+                         BENCH_ARGS="--seq-len 32 --local-batch-size 2 --baseline-batch-size 2",
+                         GPU_TESTS=0, GPU_CHECK=0, OUT=out, PY=sys.executable, TMPDIR=tmp_path)
+    r = subprocess.run(["bash", "launch/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    summary = (out / "summary.md").read_text()
+    assert "- debug (AC none, compile false): ok at micro-batch 2" in summary and "SDPA flash (CPU)" in summary
+    assert "- smoke_missing: exit 1" in summary and "no preset 'missing'" in summary
+    assert "- debug: ours " in summary and "speed-up" in summary or "no baseline" in summary
+    assert sorted(os.listdir(out)) == ["all_results.tar.gz", "summary.md"]
+    with tarfile.open(out / "all_results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./smoke/debug.json" in names and "./timed/debug.json" in names and "./logs/smoke_missing.log" in names
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_bench.")]  # the work folder is removed
+    with open(os.path.join(ROOT, "launch", "gpu_bench.sh")) as f:
+        assert "/tmp/" not in f.read().replace('"${TMPDIR:-/tmp}/gpu_bench', "")  # no fixed paths
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_stops_at_its_budget(tmp_path):
+    out = tmp_path / "out"
+    env = subprocess_env(ALLOW_CPU=1, SMOKE_PRESETS="debug debug debug", TIMED_PRESETS="debug", BUDGET_S=25,
+                         SMOKE_BUDGET_S=25, BENCH_ARGS="--seq-len 32 --local-batch-size 2 --no-baseline",
+                         GPU_TESTS=0, GPU_CHECK=0, OUT=out, PY=sys.executable, TMPDIR=tmp_path)
+    begin = time.time()
+    r = subprocess.run(["bash", "launch/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert time.time() - begin < 25 + 30  # a stage is cut at the budget (plus its kill grace), never later
+    summary = (out / "summary.md").read_text()
+    assert "skipped" in summary or "timed out" in summary
