@@ -269,6 +269,8 @@ def _main_executorch(args: argparse.Namespace) -> None:
         if args.dtype != "float32":
             raise ExportError("--format executorch takes the fp32 weights; use --quantize for smaller weights")
         edge.require_executorch()
+        if not os.path.isdir(args.checkpoint):
+            raise ExportError(f"--checkpoint {args.checkpoint}: no such folder")
         tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
         if tokenizer and os.path.isdir(tokenizer):
             raise ExportError(f"{args.checkpoint} has only tokenizer.json; the program ships a SentencePiece "
