@@ -11,6 +11,10 @@ LlamaTokenizer. It loads with `AutoModelForCausalLM.from_pretrained(FOLDER)` and
 `AutoTokenizer.from_pretrained(FOLDER)`. A layer-sharing model becomes a Llama model of 2L layers
 whose layers 2i and 2i+1 are equal; `hf.load_hf_checkpoint` reads it back as L shared blocks.
 
+`--format executorch --out model.pte` writes instead an on-device ExecuTorch program for the
+XNNPACK backend, from a step folder or a Hugging Face folder, with the tokenizer beside it
+(options --max-context, --quantize, --group-size, --report; see mobilellm_train/edge.py).
+
 The tokenizer comes from the step folder (the trainer copies it there), else from --tokenizer;
 without either the model is exported alone, with a warning. Nothing is overwritten: an existing,
 non-empty --out is refused unless --overwrite, and the folder is written under a temporary name
@@ -237,14 +241,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="DCP step folder, e.g. <run>/checkpoints/step-1000")
     parser.add_argument("--out", required=True, help="folder to create (refused if it exists and is not empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
-    parser.add_argument("--format", dest="weight_format", choices=sorted(WEIGHT_FILES), default="safetensors",
-                        help="model.safetensors (default) or pytorch_model.bin")
+    parser.add_argument("--format", dest="weight_format", choices=sorted(WEIGHT_FILES) + ["executorch"],
+                        default="safetensors",
+                        help="model.safetensors (default), pytorch_model.bin, or executorch: an on-device "
+                             ".pte program for XNNPACK (--out names the .pte; see mobilellm_train/edge.py)")
     parser.add_argument("--tokenizer", default="", help="SentencePiece tokenizer.model, when the step folder has none")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the files against the checksums recorded at save")
+    edge_options = parser.add_argument_group("--format executorch")
+    edge_options.add_argument("--max-context", type=int, default=512,
+                              help="tokens the program's KV cache holds, prompt and generation together (default 512)")
+    edge_options.add_argument("--quantize", choices=("none", "8da4w", "8da8w"), default="none",
+                              help="linear layers: none (fp32), 8da4w (int8 dynamic activations, int4 weights "
+                                   "in groups) or 8da8w (int8 per-channel weights)")
+    edge_options.add_argument("--group-size", type=int, default=32, help="8da4w weight group size (default 32)")
+    edge_options.add_argument("--report", action="store_true",
+                              help="after writing, load the program in the ExecuTorch runtime and print its size, "
+                                   "agreement with the eager model and prefill/decode tokens/s beside eager")
+    edge_options.add_argument("--report-data", default="",
+                              help="held-out token data (JSONL or prepared shards, as mobilellm-eval reads) for "
+                                   "the report's perplexity and agreement; without it, random tokens (agreement only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    if args.weight_format == "executorch":
+        _main_executorch(args)
+        return
     from mobilellm_train.checkpoint import CheckpointError  # only now: the command line is usable
 
     try:
@@ -255,6 +277,54 @@ def main(argv: list[str] | None = None) -> None:
         print(f"export error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(out)
+
+
+def _main_executorch(args: argparse.Namespace) -> None:
+    """--format executorch: the checkpoint (step or HF folder) as a .pte, with mobilellm_train.edge."""
+    from mobilellm_train import edge
+    from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError
+    from mobilellm_train.data.jsonl import DataError
+    from mobilellm_train.evaluation.loading import (
+        TokenizerMismatchError,
+        check_same_tokenizer,
+        check_tokenizer_fits,
+        find_tokenizer,
+        load_model,
+    )
+    from mobilellm_train.hf import HFCheckpointError
+
+    try:
+        if args.dtype != "float32":
+            raise ExportError("--format executorch takes the fp32 weights; use --quantize for smaller weights")
+        edge.require_executorch()
+        if not os.path.isdir(args.checkpoint):
+            raise ExportError(f"--checkpoint {args.checkpoint}: no such folder")
+        check_same_tokenizer(args.checkpoint, args.tokenizer)
+        tokenizer = args.tokenizer or find_tokenizer(args.checkpoint)
+        if tokenizer and os.path.isdir(tokenizer):
+            raise ExportError(f"{args.checkpoint} has only tokenizer.json; the program ships a SentencePiece "
+                              "tokenizer.model: pass --tokenizer")
+        if not tokenizer:
+            logger.warning("%s holds no %s and --tokenizer is not given: writing the program without a tokenizer",
+                           args.checkpoint, TOKENIZER_FILE)
+        model = load_model(args.checkpoint, verify=args.verify)
+        if tokenizer:
+            import sentencepiece as spm
+
+            check_tokenizer_fits(tokenizer, spm.SentencePieceProcessor(model_file=tokenizer).vocab_size(),
+                                 model.args.vocab_size)
+        out = edge.write_program(
+            model, args.out, tokenizer, args.max_context, args.quantize, args.group_size, args.overwrite,
+            source=os.path.abspath(args.checkpoint),
+        )
+        print(out)
+        if args.report:
+            result = edge.report(edge.EdgeProgram(out), model, args.report_data)
+            print(json.dumps(result, indent=2))
+    except (ExportError, CheckpointError, HFCheckpointError, TokenizerMismatchError, edge.EdgeError, DataError,
+            OSError, ValueError) as e:
+        print(f"export error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

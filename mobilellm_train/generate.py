@@ -5,7 +5,9 @@
         [--max-new-tokens 64] [--temperature 0.8] [--top-p 0.95] [--num-samples 3] [--seed 0]
 
 --checkpoint is a DCP step folder or a Hugging Face folder (export.py's, or any Llama that maps
-onto MobileLLM). Temperature 0 (the default) is greedy decoding.
+onto MobileLLM). Temperature 0 (the default) is greedy decoding. `--pte model.pte` instead samples
+from an ExecuTorch program (mobilellm-export --format executorch) in the ExecuTorch runtime, with
+the same sampling, so what is seen is the artifact that ships.
 
 The cached decoding path reuses the model's own modules (embedding, norms, projections,
 feed-forward, output) and only re-implements the attention step, to append each new position's
@@ -189,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="mobilellm-generate", description="Sample continuations of prompts from a checkpoint."
     )
-    p.add_argument("--checkpoint", required=True, help="DCP step folder or Hugging Face folder")
+    p.add_argument("--checkpoint", default="", help="DCP step folder or Hugging Face folder")
+    p.add_argument("--pte", default="",
+                   help="an ExecuTorch program from mobilellm-export --format executorch, run in the ExecuTorch "
+                        "runtime instead of --checkpoint (its tokenizer.model is read from beside it)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for several")
     p.add_argument("--prompt-file", default="", help="a file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
     args = p.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.pte):
+        p.error("give exactly one of --checkpoint FOLDER and --pte PROGRAM")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     import torch  # only now: the command line is known to be usable
 
@@ -222,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("give --prompt TEXT or --prompt-file FILE")
         if args.max_new_tokens < 1 or args.num_samples < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
             raise ValueError("need --max-new-tokens >= 1, --num-samples >= 1, 0 < --top-p <= 1, --temperature >= 0")
+        if args.pte:
+            _main_pte(args, prompts)
+            return
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
         model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
@@ -243,6 +253,34 @@ def main(argv: list[str] | None = None) -> None:
             header = f"=== prompt {i + 1}" + (f", sample {j + 1}" if args.num_samples > 1 else "") + " ==="
             # Decoded together with the prompt: SentencePiece drops the leading space of a
             # sequence's first piece, which would glue the continuation to the prompt.
+            print(f"{header}\n{tokenizer.decode(ids + sample)}\n")
+
+
+def _main_pte(args: argparse.Namespace, prompts: list[str]) -> None:
+    """--pte: the same sampling through the ExecuTorch program (mobilellm_train/edge.py)."""
+    from mobilellm_train import edge
+    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_tokenizer
+
+    try:
+        program = edge.EdgeProgram(args.pte)
+        tokenizer_path = args.tokenizer or edge.tokenizer_path_for(args.pte)
+        tokenizer = load_tokenizer("", tokenizer_path)
+        check_tokenizer_fits(tokenizer_path, tokenizer.vocab_size, program.vocab_size)
+    except (edge.EdgeError, OSError, ValueError) as e:  # TokenizerMismatchError is a ValueError
+        print(f"generate error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for i, text in enumerate(prompts):
+        ids = tokenizer.encode(text)
+        if not args.no_bos and tokenizer.bos_id >= 0:
+            ids = [tokenizer.bos_id] + ids
+        try:
+            samples = edge.generate_pte(program, ids, args.max_new_tokens, args.temperature, args.top_p,
+                                        args.num_samples, tokenizer.eos_id, args.seed + i, tokenizer.vocab_size)
+        except ValueError as e:
+            print(f"generate error: prompt {i + 1}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        for j, sample in enumerate(samples):
+            header = f"=== prompt {i + 1}" + (f", sample {j + 1}" if args.num_samples > 1 else "") + " ==="
             print(f"{header}\n{tokenizer.decode(ids + sample)}\n")
 
 

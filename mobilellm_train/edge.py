@@ -1,0 +1,491 @@
+"""On-device export: a MobileLLM as an ExecuTorch program (`.pte`) for the XNNPACK backend, with a
+static KV cache, and the ExecuTorch runtime from Python to run it.
+
+    mobilellm-export --checkpoint STEP_OR_HF_FOLDER --format executorch --out model.pte \
+        [--max-context 512] [--quantize none|8da4w|8da8w] [--group-size 32] [--report]
+    mobilellm-generate --pte model.pte --prompt "Return the"
+
+The program has one method, `forward(tokens [1, T] int64, input_pos [1] int64) -> logits
+[1, T, vocab] fp32`, for any 1 <= T <= max_context: it computes positions input_pos..input_pos+T,
+writes their keys and values into the cache (mutable buffers the runtime keeps between calls of a
+loaded method) and attends to every cached position up to each query. A prompt is one call at
+input_pos 0 (prefill), then one call per generated token (decode). The cache never needs clearing:
+a new sequence starts at input_pos 0 and the mask hides whatever lies beyond the current position.
+
+What is lowered is the model in model.py, unchanged: `StaticCacheModel` reuses its embedding,
+norms, feed-forward, output and rotary tables and only re-implements the attention step to read
+and write the cache (as generate.py does for eager decoding). A layer-sharing block stays one
+module called twice, so its weights are stored once in the program; each of its passes has its
+own cache. Linear layers go to XNNPACK; with `--quantize` they are first quantized by torchao
+(8da4w: int8 dynamic activations with int4 weights in groups of --group-size, the layout XNNPACK
+runs for LLMs; 8da8w: int8 per-channel weights), the embedding staying fp32.
+
+`executorch` and `torchao` are the optional `edge` extra (pip install -e '.[edge]'); they are
+imported only when lowering or running a program.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilellm_train.model import Attention, MobileLLM, apply_rope
+
+logger = logging.getLogger("mobilellm_train")
+
+QUANTIZE_CHOICES = ("none", "8da4w", "8da8w")
+DEFAULT_MAX_CONTEXT = 512
+DEFAULT_GROUP_SIZE = 32
+# Written beside model.pte: what the program was built from and for, read by the runtime wrapper.
+META_SUFFIX = ".json"
+
+
+class EdgeError(RuntimeError):
+    """The program cannot be built or run: missing packages, bad options or a bad .pte."""
+
+
+def require_executorch() -> None:
+    """Raise an EdgeError saying how to install the extra when executorch is not importable."""
+    try:
+        import executorch.exir  # noqa: F401
+        import executorch.runtime  # noqa: F401
+    except ImportError as e:
+        raise EdgeError(
+            f"--format executorch needs ExecuTorch ({e}); install the edge extra: "
+            "pip install -e '.[edge]' (see docs/EXPORT.md for the pinned versions)"
+        ) from None
+
+
+def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's query, key and value projections of x [B, T, dim], heads not yet split.
+
+    The one place that knows how the projections are stored: separate wq/wk/wv, or one fused
+    wqkv whose output is [q | k | v]."""
+    fused = getattr(attn, "wqkv", None)
+    if fused is not None:
+        q_dim = attn.n_heads * attn.head_dim
+        kv_dim = attn.n_kv_heads * attn.head_dim
+        return fused(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+    return attn.wq(x), attn.wk(x), attn.wv(x)
+
+
+class StaticCacheModel(nn.Module):
+    """`model` with a KV cache of `max_context` positions for batch 1, as the exported program
+    computes it; usable eagerly too (the tests compare the two).
+
+    forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab] for positions
+    input_pos..input_pos+T-1. The caller keeps input_pos + T <= max_context.
+    """
+
+    def __init__(self, model: MobileLLM, max_context: int):
+        super().__init__()
+        args = model.args
+        if not 1 <= max_context <= args.max_seq_len:
+            raise EdgeError(
+                f"--max-context {max_context}: must be between 1 and the model's max_seq_len "
+                f"{args.max_seq_len} (the rotary tables end there)"
+            )
+        self.model = model
+        self.max_context = max_context
+        self.num_passes = args.n_layers * args.n_passes
+        shape = (1, args.n_kv_heads, max_context, args.head_dim)
+        dtype = model.tok_embeddings.weight.dtype
+        # One buffer per pass rather than one stacked tensor: each update is then an in-place
+        # write into its own buffer, which the runtime keeps without copying the whole cache.
+        for i in range(self.num_passes):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def _attention(
+        self, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        positions: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, index: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = _qkv(attn, x)
+        q = q.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = getattr(self, f"k_cache_{index}"), getattr(self, f"v_cache_{index}")
+        k_cache.index_copy_(2, positions, k)
+        v_cache.index_copy_(2, positions, v)
+        # Expanded to the query heads explicitly: the export of SDPA's enable_gqa is not lowered
+        # by every ExecuTorch release, and at batch 1 the copy is small.
+        groups = attn.n_heads // attn.n_kv_heads
+        # Slots past the last written position hold whatever the device's memory held (the
+        # runtime does not initialise mutable buffers): masked scores get zero weight, but a NaN
+        # there would still poison the sum, so they are read as zeros.
+        keys = torch.where(valid, k_cache, 0.0).repeat_interleave(groups, dim=1)
+        values = torch.where(valid, v_cache, 0.0).repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return attn.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        T = tokens.shape[1]
+        positions = input_pos[0] + torch.arange(T, dtype=torch.long, device=tokens.device)
+        cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+        # Query at position p sees cached positions 0..p; later slots hold nothing of this sequence.
+        slots = torch.arange(self.max_context, dtype=torch.long, device=tokens.device)
+        mask = (slots[None, :] <= positions[:, None])[None, None]
+        valid = (slots <= positions[-1])[None, None, :, None]
+        h = model.tok_embeddings(tokens)
+        index = 0
+        for block in model.layers:
+            for _ in range(block.n_passes):
+                h = h + self._attention(block.attention, block.attention_norm(h), cos, sin, positions, mask, valid, index)
+                h = h + block.feed_forward(block.ffn_norm(h))
+                index += 1
+        return model.output(model.norm(h))
+
+
+def apply_quantization(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Quantize every nn.Linear of `model` in place with torchao for XNNPACK: 8da4w (int8 dynamic
+    activations, int4 weights in groups of group_size) or 8da8w (int8 per-channel weights).
+
+    A tied output layer is quantized on its own; the embedding keeps its fp32 table."""
+    if scheme == "none":
+        return
+    if scheme not in QUANTIZE_CHOICES:
+        raise EdgeError(f"--quantize {scheme!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if scheme == "8da4w":
+        widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
+        bad = [w for w in widths if w % group_size]
+        if group_size < 1 or bad:
+            raise EdgeError(
+                f"--group-size {group_size} does not divide the input width of every linear layer "
+                f"({widths}); choose a divisor of {math.gcd(*widths)}"
+            )
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    else:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    if isinstance(model, MobileLLM) and model.args.tie_embeddings:
+        # quantize_ replaces output.weight; give the output its own parameter first so the
+        # embedding table is not replaced with it.
+        model.output.weight = nn.Parameter(model.output.weight.detach().clone())
+    quantize_(model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear))
+
+
+def export_program(
+    model: MobileLLM, max_context: int = DEFAULT_MAX_CONTEXT, quantize: str = "none",
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> bytes:
+    """The serialized ExecuTorch program (.pte bytes) of `model` (fp32, on the CPU; it is modified
+    when quantizing): torch.export with a dynamic token count, XNNPACK lowering."""
+    require_executorch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from torch.export import Dim, export
+
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    if quantize != "none":
+        model = copy.deepcopy(model)  # quantize_ replaces modules in place; the caller's stays fp32
+    apply_quantization(model, quantize, group_size)
+    wrapper = StaticCacheModel(model, max_context).eval()
+    example_len = min(2, max_context)
+    example = (torch.zeros(1, example_len, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    dynamic = {"tokens": {1: Dim("tokens", min=1, max=max_context)}, "input_pos": None} if max_context > 1 else None
+    with torch.no_grad():
+        exported = export(wrapper, example, dynamic_shapes=dynamic, strict=False)
+    edge = to_edge_transform_and_lower(
+        exported,
+        partitioner=[XnnpackPartitioner()],
+        # The cache update is an in-place write the edge dialect's verifier does not list.
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            # Mutable buffers (the cache) get planned memory that persists across calls.
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        )
+    )
+    return program.buffer
+
+
+@dataclass
+class ProgramInfo:
+    """What the program beside it was built from and for (written as <out>.json)."""
+
+    max_context: int
+    vocab_size: int
+    quantize: str
+    group_size: int
+    layer_sharing: bool
+    n_layers: int
+    dim: int
+    parameters: int
+    source: str
+    executorch_version: str
+    torch_version: str
+
+    @classmethod
+    def read(cls, path: str) -> "ProgramInfo":
+        with open(path) as f:
+            data = json.load(f)
+        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        if missing:
+            raise EdgeError(f"{path}: missing {', '.join(missing)}; re-export the program")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def meta_path(pte_path: str) -> str:
+    return os.path.splitext(pte_path)[0] + META_SUFFIX
+
+
+def tokenizer_path_for(pte_path: str) -> str:
+    """Where export writes the tokenizer: tokenizer.model beside the program."""
+    from mobilellm_train.checkpoint import TOKENIZER_FILE
+
+    return os.path.join(os.path.dirname(os.path.abspath(pte_path)), TOKENIZER_FILE)
+
+
+def write_program(
+    model: MobileLLM, out_path: str, tokenizer_path: str = "", max_context: int = DEFAULT_MAX_CONTEXT,
+    quantize: str = "none", group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False, source: str = "",
+) -> str:
+    """Write `out_path` (the .pte), its .json description and the tokenizer beside it; returns
+    the .pte path. Nothing existing is replaced unless `overwrite`; files appear only complete."""
+    import executorch
+
+    out_path = os.path.abspath(out_path)
+    tok_dest = tokenizer_path_for(out_path)
+    if os.path.isdir(out_path):
+        raise EdgeError(f"--out {out_path} is a folder; give the program's file name, e.g. model.pte")
+    if not out_path.endswith(".pte"):
+        raise EdgeError(f"--out {out_path}: an ExecuTorch program's name ends in .pte")
+    targets = [out_path, meta_path(out_path)] + ([tok_dest] if tokenizer_path else [])
+    existing = [p for p in targets if os.path.exists(p)]
+    if existing and not overwrite:
+        raise EdgeError(f"{', '.join(existing)} exists; choose another --out or pass --overwrite")
+    if tokenizer_path and not os.path.isfile(tokenizer_path):
+        raise EdgeError(f"--tokenizer {tokenizer_path}: no such file")
+    if quantize not in QUANTIZE_CHOICES:
+        raise EdgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    args = model.args
+    info = ProgramInfo(
+        max_context=max_context, vocab_size=args.vocab_size, quantize=quantize, group_size=group_size,
+        layer_sharing=args.layer_sharing, n_layers=args.n_layers, dim=args.dim,
+        parameters=sum(p.numel() for p in model.parameters()), source=source,
+        executorch_version=getattr(executorch, "__version__", "unknown"), torch_version=torch.__version__,
+    )
+    buffer = export_program(model, max_context, quantize, group_size)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    writes = [(out_path, buffer), (meta_path(out_path), (json.dumps(info.__dict__, indent=2) + "\n").encode())]
+    tmp_paths = []
+    try:
+        for path, data in writes:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp_paths.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(data)
+        if tokenizer_path and os.path.abspath(tokenizer_path) != tok_dest:
+            tmp = f"{tok_dest}.tmp-{os.getpid()}"
+            tmp_paths.append(tmp)
+            shutil.copyfile(tokenizer_path, tmp)
+            writes.append((tok_dest, b""))
+        # The program last: its presence means the description and tokenizer are in place.
+        for (path, _), tmp in reversed(list(zip(writes, tmp_paths))):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmp_paths:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    return out_path
+
+
+class EdgeProgram:
+    """A loaded .pte run through ExecuTorch's runtime: `forward(tokens, start)` as
+    StaticCacheModel's, with the position checks the program itself cannot make."""
+
+    def __init__(self, pte_path: str):
+        require_executorch()
+        from executorch.runtime import Runtime
+
+        if not os.path.isfile(pte_path):
+            raise EdgeError(f"--pte {pte_path}: no such file")
+        meta = meta_path(pte_path)
+        if not os.path.isfile(meta):
+            raise EdgeError(f"{meta} is missing: the program's description is written beside it by mobilellm-export")
+        self.info = ProgramInfo.read(meta)
+        self.path = pte_path
+        try:
+            program = Runtime.get().load_program(pte_path)
+            self._method = program.load_method("forward")
+        except Exception as e:  # the runtime raises RuntimeError/ValueError by release
+            raise EdgeError(f"{pte_path}: the ExecuTorch runtime cannot load it ({e})") from None
+        self.max_context = self.info.max_context
+        self.vocab_size = self.info.vocab_size
+
+    def forward(self, tokens: list[int] | torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [T, vocab] for tokens at positions start..start+T-1 (the cache holds 0..start)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+        end = start + tokens.shape[1]
+        if tokens.shape[1] < 1 or start < 0 or end > self.max_context:
+            raise ValueError(f"positions {start}..{end} do not fit the program's context of {self.max_context}")
+        (logits,) = self._method.execute([tokens, torch.tensor([start], dtype=torch.long)])
+        return logits[0]
+
+
+def generate_pte(
+    program: EdgeProgram, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+    top_p: float = 1.0, num_samples: int = 1, eos_id: int = -1, seed: int = 0, vocab_limit: int = 0,
+) -> list[list[int]]:
+    """generate.generate through the program: `num_samples` continuations, each its own pass
+    (the program's batch is 1), sampled with generate.sample_next; total length stops at the
+    program's max_context."""
+    from mobilellm_train.generate import sample_next
+
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    if len(prompt) >= program.max_context:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room within the program's context {program.max_context}")
+    max_len = min(len(prompt) + max_new_tokens, program.max_context)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(num_samples):
+        logits = program.forward(prompt, 0)[-1:]
+        out: list[int] = []
+        for position in range(len(prompt), max_len):
+            if vocab_limit:
+                logits[:, vocab_limit:] = float("-inf")
+            next_id = int(sample_next(logits, temperature, top_p, generator)[0])
+            if next_id == eos_id:
+                break
+            out.append(next_id)
+            if position + 1 == max_len:
+                break
+            logits = program.forward([next_id], position)
+        samples.append(out)
+    return samples
+
+
+def measure_throughput(forward, prompt_len: int, decode_tokens: int, vocab_size: int, repeats: int = 3) -> dict:
+    """Prefill and decode tokens/s of `forward(tokens, start)`: a prompt of prompt_len tokens in
+    one call, then decode_tokens single-token calls; the best of `repeats` runs of each."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (prompt_len,), generator=gen).tolist()
+    forward(prompt, 0)  # warm-up: first-call allocations and XNNPACK weight packing
+    prefill_s = decode_s = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(prompt, 0)
+        prefill_s = min(prefill_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(decode_tokens):
+            forward([prompt[i % prompt_len]], prompt_len + i)
+        decode_s = min(decode_s, time.perf_counter() - t0)
+    return {
+        "prefill_tokens_per_s": prompt_len / prefill_s,
+        "decode_tokens_per_s": decode_tokens / decode_s,
+    }
+
+
+def eager_forward(model: MobileLLM, max_context: int):
+    """forward(tokens, start) -> logits [T, vocab] of the eager model with its KV cache
+    (generate.forward_cached), the baseline the program is measured beside."""
+    from mobilellm_train.generate import KVCache, forward_cached
+
+    cache = KVCache(model, 1, max_context)
+
+    @torch.no_grad()
+    def forward(tokens, start):
+        return forward_cached(model, torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1), cache, start)[0]
+
+    return forward
+
+
+@torch.no_grad()
+def compare_with_eager(program: EdgeProgram, model: MobileLLM, windows: torch.Tensor) -> dict:
+    """How the program's predictions agree with the eager fp32 model's on token windows
+    [N, L] (L <= the program's context), each one prefill call from position 0.
+
+    kl: mean KL(eager || program) of the next-token distributions, nats per token; top1: the
+    fraction of positions whose argmax agrees; max_abs_logit_diff; and the perplexity of both on
+    the windows' next tokens (every token but the first is predicted)."""
+    if windows.shape[1] > program.max_context:
+        raise EdgeError(f"windows of {windows.shape[1]} tokens exceed the program's context {program.max_context}")
+    kl_sum = agree = nll_program = nll_eager = 0.0
+    max_diff = 0.0
+    count = 0
+    for window in windows:
+        got = program.forward(window, 0).float()
+        want = model(window[None])[0].float()
+        log_p, log_q = F.log_softmax(want, -1), F.log_softmax(got, -1)
+        kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+        agree += (got.argmax(-1) == want.argmax(-1)).sum().item()
+        max_diff = max(max_diff, (got - want).abs().max().item())
+        targets = window[1:]
+        nll_program += F.cross_entropy(log_q[:-1], targets, reduction="sum").item()
+        nll_eager += F.cross_entropy(log_p[:-1], targets, reduction="sum").item()
+        count += window.shape[0]
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    return {
+        "positions": count,
+        "kl": kl_sum / count,
+        "top1": agree / count,
+        "max_abs_logit_diff": max_diff,
+        "perplexity_program": math.exp(nll_program / predicted) if predicted else float("nan"),
+        "perplexity_eager": math.exp(nll_eager / predicted) if predicted else float("nan"),
+    }
+
+
+def report_windows(data_path: str, vocab_size: int, window_len: int, max_windows: int = 8) -> torch.Tensor:
+    """Held-out token windows for the report: from `data_path` (token JSONL or a prepared shard
+    dataset, as mobilellm-eval's perplexity reads), else random tokens (agreement only: their
+    perplexity means nothing)."""
+    if data_path:
+        from mobilellm_train.evaluation.perplexity import pack_windows, token_documents
+
+        return pack_windows(token_documents(data_path, vocab_size), window_len, max_windows)
+    return torch.randint(0, vocab_size, (max_windows, window_len), generator=torch.Generator().manual_seed(0))
+
+
+def report(
+    program: EdgeProgram, model: MobileLLM | None, data_path: str = "", prompt_tokens: int = 128,
+    decode_tokens: int = 64, max_windows: int = 8,
+) -> dict:
+    """What a device would pay: program size, and the runtime's prefill and decode tokens/s on
+    this machine's CPU; with `model` (fp32) also eager KV-cache tokens/s beside them and the
+    program's agreement with eager (compare_with_eager) on held-out windows of `data_path`."""
+    # A short context is measured within itself: at most half of it decoded.
+    decode_tokens = max(1, min(decode_tokens, program.max_context // 2))
+    prompt_tokens = max(1, min(prompt_tokens, program.max_context - decode_tokens))
+    if program.max_context < 2:
+        raise EdgeError("a program of context 1 has no decode step to measure")
+    result = {
+        "program": program.path,
+        "program_bytes": os.path.getsize(program.path),
+        "parameters": program.info.parameters,
+        "fp32_parameter_bytes": 4 * program.info.parameters,
+        "quantize": program.info.quantize,
+        "max_context": program.max_context,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "torch": torch.__version__,
+        "executorch": program.info.executorch_version,
+        "torch_threads": torch.get_num_threads(),
+        "runtime": measure_throughput(program.forward, prompt_tokens, decode_tokens, program.vocab_size),
+    }
+    if model is not None:
+        model = model.to(device="cpu", dtype=torch.float32).eval()
+        result["eager"] = measure_throughput(
+            eager_forward(model, program.max_context), prompt_tokens, decode_tokens, program.vocab_size
+        )
+        windows = report_windows(data_path, program.vocab_size, program.max_context, max_windows)
+        result["agreement"] = {"data": data_path or "random tokens", **compare_with_eager(program, model, windows)}
+    return result

@@ -1,0 +1,218 @@
+"""Tests of the on-device export (edge.py): programs are run in ExecuTorch's own runtime and
+compared with the eager model. fp32 logits equal eager's (prefill, a chunk at an offset, single
+tokens), greedy generation from the program equals eager KV-cache generation, layer-sharing
+blocks are stored once, an 8da4w program agrees with the fp32 model on held-out tokens (KL,
+top-1, perplexity), and the two commands (mobilellm-export --format executorch, mobilellm-generate
+--pte) work end to end and refuse bad input.
+
+Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("executorch.runtime", reason="needs ExecuTorch: pip install -e '.[edge]'")
+pytest.importorskip("torchao", reason="needs torchao: pip install -e '.[edge]'")
+
+from conftest import init_model, subprocess_env  # noqa: E402
+from test_generate import save_step_folder  # noqa: E402
+from mobilellm_train import edge  # noqa: E402
+from mobilellm_train.generate import generate  # noqa: E402
+from mobilellm_train.model import ModelArgs, count_params  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97, max_seq_len=64)
+CONTEXT = 40
+
+
+def pattern_batch(generator, batch, length, noise=0.15):
+    """Sequences of a fixed rule (next = 5 * token + 3 mod 97) with some random tokens: a tiny
+    model learns confident, non-trivial predictions from it in a few seconds."""
+    tokens = torch.empty(batch, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, ARGS.vocab_size, (batch,), generator=generator)
+    for t in range(1, length):
+        tokens[:, t] = (5 * tokens[:, t - 1] + 3) % ARGS.vocab_size
+        noisy = torch.rand(batch, generator=generator) < noise
+        tokens[noisy, t] = torch.randint(0, ARGS.vocab_size, (int(noisy.sum()),), generator=generator)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny tied model trained on pattern_batch: random weights give near-uniform logits, on
+    which top-1 agreement would measure noise."""
+    torch.manual_seed(0)
+    model = init_model(ARGS, seed=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = pattern_batch(gen, 16, 33)
+        loss = model(batch[:, :-1], labels=batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory, trained):
+    """fp32 programs of the trained tied model and of an LS model, and an 8da4w program."""
+    folder = tmp_path_factory.mktemp("pte")
+    ls_model = init_model(replace(ARGS, layer_sharing=True), seed=5)
+    paths = {}
+    for name, model, quantize in [("fp32", trained, "none"), ("ls", ls_model, "none"), ("8da4w", trained, "8da4w")]:
+        paths[name] = edge.write_program(model, str(folder / f"{name}.pte"), max_context=CONTEXT, quantize=quantize)
+    return {"paths": paths, "ls_model": ls_model}
+
+
+def runtime_logits(program, tokens, pieces):
+    return torch.cat([program.forward(tokens[a:b], a) for a, b in pieces])
+
+
+@pytest.mark.parametrize("variant", ["fp32", "ls"])
+def test_fp32_program_logits_equal_eager_in_the_runtime(programs, trained, variant):
+    model = trained if variant == "fp32" else programs["ls_model"]
+    program = edge.EdgeProgram(programs["paths"][variant])
+    tokens = torch.randint(0, ARGS.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(tokens[None])[0]
+    # A prompt, a chunk at an offset, single tokens: each call reads what earlier calls cached.
+    got = runtime_logits(program, tokens, [(0, 11), (11, 18), (18, 19), (19, 20), (20, 30)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # A second sequence overwrites the first from position 0: no stale keys leak into it.
+    other = tokens.flip(0)
+    with torch.no_grad():
+        torch.testing.assert_close(program.forward(other[:9], 0), model(other[None, :9])[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="context of 40"):
+        program.forward(tokens[:5], CONTEXT - 4)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "ls"])
+def test_greedy_generation_from_the_program_equals_eager_kv_cache(programs, trained, variant):
+    model = trained if variant == "fp32" else programs["ls_model"]
+    program = edge.EdgeProgram(programs["paths"][variant])
+    prompt = [7, 38, 0, 3, 18]
+    (want,) = generate(model, prompt, max_new_tokens=25)
+    (got,) = edge.generate_pte(program, prompt, max_new_tokens=25)
+    assert got == want and len(got) == 25
+    # The total length stops at the program's context, and EOS ends a sample before it.
+    (long,) = edge.generate_pte(program, prompt, max_new_tokens=100)
+    assert len(long) == CONTEXT - len(prompt)
+    eos = want[6]
+    assert edge.generate_pte(program, prompt, 25, eos_id=eos) == [want[: want.index(eos)]]
+    a = edge.generate_pte(program, prompt, 10, temperature=1.0, num_samples=3, seed=4)
+    assert a == edge.generate_pte(program, prompt, 10, temperature=1.0, num_samples=3, seed=4) and len(a) == 3
+
+
+def test_layer_sharing_blocks_are_stored_once(programs):
+    plain, ls = (os.path.getsize(programs["paths"][k]) for k in ("fp32", "ls"))
+    param_bytes = 4 * count_params(ARGS)
+    embedding_bytes = 4 * ARGS.vocab_size * ARGS.dim
+    block_bytes = param_bytes - embedding_bytes - 4 * ARGS.dim
+    # Duplicated blocks would add block_bytes; the LS program only has more instructions.
+    assert ls - plain < 0.25 * block_bytes, (plain, ls, block_bytes)
+    # The weights once, plus the tied table kept twice (the embedding and the XNNPACK output
+    # layer's own copy) and the program's fixed overhead.
+    assert plain < param_bytes + embedding_bytes + 96 * 1024, (plain, param_bytes)
+
+
+def test_8da4w_program_agrees_with_fp32_eager_on_held_out_tokens(programs, trained):
+    program = edge.EdgeProgram(programs["paths"]["8da4w"])
+    assert program.info.quantize == "8da4w"
+    held_out = pattern_batch(torch.Generator().manual_seed(123), 6, CONTEXT)
+    with torch.no_grad():
+        result = edge.compare_with_eager(program, trained, held_out)
+    assert result["positions"] == 6 * CONTEXT
+    assert result["top1"] >= 0.9, result
+    assert result["kl"] < 0.05, result
+    assert result["perplexity_program"] < 1.05 * result["perplexity_eager"], result
+    # The rule is learnt: far below the 97 of a uniform guess.
+    assert result["perplexity_eager"] < 8, result
+    fp32_program = edge.EdgeProgram(programs["paths"]["fp32"])
+    exact = edge.compare_with_eager(fp32_program, trained, held_out)
+    assert exact["top1"] == 1.0 and exact["kl"] < 1e-6 and result["kl"] > exact["kl"]
+    assert os.path.getsize(program.path) < 0.6 * os.path.getsize(fp32_program.path)
+
+
+def test_options_are_checked(tmp_path, trained):
+    with pytest.raises(edge.EdgeError, match="max_seq_len 64"):
+        edge.write_program(trained, str(tmp_path / "m.pte"), max_context=65)
+    with pytest.raises(edge.EdgeError, match="--group-size 48"):
+        edge.write_program(trained, str(tmp_path / "m.pte"), max_context=8, quantize="8da4w", group_size=48)
+    with pytest.raises(edge.EdgeError, match="ends in .pte"):
+        edge.write_program(trained, str(tmp_path / "m.bin"), max_context=8)
+    assert os.listdir(tmp_path) == []
+    # StaticCacheModel is what is exported; eagerly it is the model.
+    wrapper = edge.StaticCacheModel(trained, 16)
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        got = torch.cat([wrapper(tokens[:, :7], torch.tensor([0])), wrapper(tokens[:, 7:], torch.tensor([7]))], 1)
+        torch.testing.assert_close(got, trained(tokens), rtol=1e-5, atol=1e-5)
+        # The runtime leaves the cache's memory as it finds it: slots not yet written, NaN here,
+        # must not reach the logits.
+        for name, buffer in wrapper.named_buffers():
+            if "cache" in name:
+                buffer.fill_(float("nan"))
+        torch.testing.assert_close(wrapper(tokens[:, :5], torch.tensor([0])), trained(tokens[:, :5]), rtol=1e-5, atol=1e-5)
+
+
+def _tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    prefix = str(tmp_path / "sp")
+    lines = ["the quick brown fox jumps over the lazy dog", "a dog and a cat sat on the mat"] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
+                                   vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
+                                   minloglevel=2, num_threads=1)
+    return spm.SentencePieceProcessor(model_file=prefix + ".model"), prefix + ".model"
+
+
+@pytest.mark.slow
+def test_export_and_generate_commands(tmp_path):
+    sp, tokenizer = _tokenizer(tmp_path)
+    model = init_model(replace(ARGS, layer_sharing=True), seed=11)
+    step = save_step_folder(model, tmp_path / "step-5", tokenizer)
+    out = tmp_path / "phone" / "model.pte"
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    export = [sys.executable, "-m", "mobilellm_train.export", "--checkpoint", step, "--format", "executorch",
+              "--out", str(out), "--max-context", "24"]
+    r = subprocess.run(export + ["--report"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out.parent)) == ["model.json", "model.pte", "tokenizer.model"]
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    assert report["program_bytes"] == os.path.getsize(out) and report["max_context"] == 24
+    assert report["agreement"]["top1"] == 1.0 and report["agreement"]["data"] == "random tokens"
+    assert report["runtime"]["decode_tokens_per_s"] > 0 and report["eager"]["prefill_tokens_per_s"] > 0
+    with open(out.parent / "model.json") as f:
+        assert json.load(f)["layer_sharing"] is True
+
+    # Nothing is replaced without --overwrite.
+    before = out.read_bytes()
+    r = subprocess.run(export, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 1 and "--overwrite" in r.stderr and out.read_bytes() == before
+
+    generate_cmd = [sys.executable, "-m", "mobilellm_train.generate", "--pte", str(out), "--prompt", "the dog",
+                    "--max-new-tokens", "8"]
+    r = subprocess.run(generate_cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompt = [1] + sp.encode("the dog")
+    (expected,) = generate(model, prompt, 8, eos_id=2, vocab_limit=sp.vocab_size())
+    assert r.stdout.strip().splitlines() == ["=== prompt 1 ===", sp.decode(prompt + expected)]
+
+    r = subprocess.run(generate_cmd + ["--checkpoint", step], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "exactly one of --checkpoint" in r.stderr
+    missing = str(tmp_path / "nothing.pte")
+    r = subprocess.run(generate_cmd[:4] + [missing] + generate_cmd[5:], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 1 and f"--pte {missing}: no such file" in r.stderr
+    # A damaged program is reported as such, not a crash.
+    (out.parent / "bad.pte").write_bytes(before[: len(before) // 3])
+    (out.parent / "bad.json").write_bytes((out.parent / "model.json").read_bytes())
+    r = subprocess.run(generate_cmd[:4] + [str(out.parent / "bad.pte")] + generate_cmd[5:], capture_output=True,
+                       text=True, env=env, cwd=ROOT)
+    assert r.returncode == 1 and "cannot load it" in r.stderr, r.stderr[-2000:]
