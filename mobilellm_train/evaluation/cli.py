@@ -38,7 +38,7 @@ from mobilellm_train.evaluation.perplexity import (
 )
 from mobilellm_train.evaluation.report import PAPER_RESULTS, average, format_table
 from mobilellm_train.evaluation.scoring import evaluate_tasks
-from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, find_task_files
+from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, check_task_files
 from mobilellm_train.hf import HFCheckpointError
 
 logger = logging.getLogger("mobilellm_train")
@@ -81,13 +81,22 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
     mc_tasks = [t for t in tasks if t in TASKS]
     if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
         raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
-    for name in mc_tasks:
-        find_task_files(name, args.data_dir)
+    # Every missing task at once: a user fixing the layout should not discover them one per run.
+    problems = []
+    try:
+        check_task_files(mc_tasks, args.data_dir)
+    except TaskDataError as e:
+        problems.append(str(e))
     if "wikitext" in tasks:
         if args.wikitext and not os.path.isfile(args.wikitext):
             raise UsageError(f"--wikitext {args.wikitext}: no such file")
         if not args.wikitext:
-            find_wikitext(args.data_dir)
+            try:
+                find_wikitext(args.data_dir)
+            except TaskDataError as e:
+                problems.append(str(e))
+    if problems:
+        raise TaskDataError("\n".join(problems))
     if "tokens" in tasks and not args.token_data:
         raise UsageError("--tasks tokens needs --token-data PATH (a prepared shard dataset, or PATH/<node>/*.jsonl)")
     if "tokens" in tasks and not os.path.isdir(args.token_data):
