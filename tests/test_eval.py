@@ -463,7 +463,7 @@ def test_table_layout_average_and_scalars():
     scalars = results_to_scalars(full)
     assert scalars["eval/boolq"] == 50.0 and scalars["eval/piqa_acc"] == 0.5
     assert scalars["eval/avg"] == pytest.approx(34.375)
-    # The paper rows are transcribed whole: each averages to MOBILELLM.md's avg, to its rounding.
+    # The paper rows are transcribed whole: each averages to the README's avg (docs/REFERENCE.md), to its rounding.
     paper_avg = {"MobileLLM-125M": 46.3, "MobileLLM-LS-125M": 47.0, "MobileLLM-350M": 51.3,
                  "MobileLLM-LS-350M": 52.1, "MobileLLM-600M": 54.3, "MobileLLM-1B": 57.3, "MobileLLM-1.5B": 59.4}
     assert set(PAPER_RESULTS) == set(paper_avg)
