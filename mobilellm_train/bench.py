@@ -1,9 +1,9 @@
 """Training-throughput benchmark: our trainer against the original code's way of training, in one run.
 
-    python -m mobilellm_train.bench --presets 125M 125M_ls 1B --out bench_results  # one GPU
-    python -m mobilellm_train.bench --presets 1B --activation_checkpoint.mode selective
-    python -m mobilellm_train.bench --loss --presets 125M 1.5B                   # lm-head loss only
-    python -m mobilellm_train.bench --presets debug --steps 3 --warmup-steps 1   # CPU smoke run
+    mobilellm-bench --presets 125M 125M_ls 1B --out bench_results  # one GPU
+    mobilellm-bench --presets 1B --activation_checkpoint.mode selective
+    mobilellm-bench --loss --presets 125M 1.5B                   # lm-head loss only
+    mobilellm-bench --presets debug --steps 3 --warmup-steps 1   # CPU smoke run
 
 For each preset (a TOML of train_configs/, or a path to a TOML) it builds the model exactly as the
 trainer does (`train.build_model`, `optim.build_optimizer`, `parallelize.build_mesh` in a

@@ -1,6 +1,6 @@
 """Export a training checkpoint (a DCP step folder) as a Hugging Face `LlamaForCausalLM` folder.
 
-    mobilellm-export --checkpoint outputs/125M/checkpoints/step-480000 --out exported/125M
+    mobilellm-export --checkpoint outputs/mobilellm_125M/checkpoints/step-480000 --out exported/125M
     python -m mobilellm_train.export --checkpoint STEP_FOLDER --out FOLDER \
         [--dtype float32|bfloat16] [--format safetensors|torch] [--tokenizer tokenizer.model | --no-tokenizer]
         [--overwrite]

@@ -1,7 +1,7 @@
 """mobilellm-eval: the MobileLLM results table, WikiText-2 and token-data perplexity for your
 own checkpoints, offline, on one GPU or on CPU.
 
-    mobilellm-eval --checkpoint outputs/125M/checkpoints/step-480000 --data-dir ~/eval_data
+    mobilellm-eval --checkpoint outputs/mobilellm_125M/checkpoints/step-480000 --data-dir ~/eval_data
     mobilellm-eval --checkpoint exported/125M --checkpoint exported/LS-125M --names ours,ours-LS \
         --tasks all --data-dir ~/eval_data --reference MobileLLM-125M,MobileLLM-LS-125M --out results.json
     python -m mobilellm_train.evaluation.cli --checkpoint STEP --tasks tokens --token-data outputs/debug/demo_data/val
