@@ -232,6 +232,11 @@ def export_checkpoint(
                 "%s holds no %s and --tokenizer is not given: exporting the model without a tokenizer",
                 checkpoint, TOKENIZER_FILE,
             )
+    if tokenizer_path:
+        # An unusable tokenizer is found before the slow load; the vocabulary check waits for the model.
+        if not os.path.isfile(tokenizer_path):
+            raise ExportError(f"--tokenizer {tokenizer_path}: no such file")
+        tokenizer_files(tokenizer_path, ModelArgs(vocab_size=1 << 31))
     model = load_model_from_checkpoint(checkpoint)
     return write_hf_folder(
         model.args, model.state_dict(), out_dir, dtype, weight_format, tokenizer_path, overwrite

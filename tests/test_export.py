@@ -87,6 +87,12 @@ def test_trainer_checkpoint_exports_to_a_folder_transformers_loads(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(step), "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 1 and "not empty" in r.stderr
+    # --no-tokenizer: the model alone, although the step folder holds a tokenizer.
+    r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(step),
+                        "--out", str(tmp_path / "alone"), "--no-tokenizer"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "alone")) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -136,3 +136,24 @@ def test_unreproducible_tokenizer_is_refused_by_name(tmp_path, corpus):
     with pytest.raises(ExportError, match="junk.model: not a SentencePiece model"):
         write_hf_folder(ARGS, init_model(ARGS).state_dict(), str(tmp_path / "out"),
                         tokenizer_path=str(tmp_path / "junk.model"))
+
+
+def test_export_cli_refuses_an_unreproducible_tokenizer_before_loading_and_no_tokenizer_skips_it(tmp_path, corpus):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    lines = [json.loads(line)["text"] for line in open(os.path.join(corpus, "docs.jsonl"), encoding="utf-8")]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "uds"),
+                                   vocab_size=300, user_defined_symbols=["<tool>"], minloglevel=2, num_threads=1)
+    # The checkpoint folder does not exist: the tokenizer is refused first, before any load.
+    cmd = [sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(tmp_path / "no-step"),
+           "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd + ["--tokenizer", str(tmp_path / "uds.model")], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert r.returncode == 1 and "user-defined symbols" in r.stderr and "--no-tokenizer" in r.stderr
+    r = subprocess.run(cmd + ["--tokenizer", str(tmp_path / "uds.model"), "--no-tokenizer"], capture_output=True,
+                       text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 2 and "contradict" in r.stderr
+    assert not os.path.exists(tmp_path / "out")
