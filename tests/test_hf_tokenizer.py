@@ -58,7 +58,9 @@ def corpus(tmp_path_factory):
 
 
 def prepare_tokenizer(corpus, out, model_type, byte_fallback):
-    prepare.run(["tokenizer", "--input", corpus, "--out", str(out), "--vocab-size", "450" if byte_fallback else "300", "--workers", "1",
+    # Without byte fallback the 256 byte pieces are missing, and so is room for 450 pieces.
+    vocab_size = "450" if byte_fallback else "300"
+    prepare.run(["tokenizer", "--input", corpus, "--out", str(out), "--vocab-size", vocab_size, "--workers", "1",
                  "--model-type", model_type, "--byte-fallback" if byte_fallback else "--no-byte-fallback"])
     return str(out)
 

@@ -42,7 +42,9 @@ logger = logging.getLogger("mobilellm_train")
 WIKITEXT_LAYOUTS = tuple(
     f"{folder}/{pattern}"
     for folder in ("wikitext", "Salesforce/wikitext")
-    for pattern in ("wikitext-2-raw-v1/test-*.parquet", "test-*.parquet", "wiki.test.raw", "wikitext-2-raw/wiki.test.raw")
+    for pattern in (
+        "wikitext-2-raw-v1/test-*.parquet", "test-*.parquet", "wiki.test.raw", "wikitext-2-raw/wiki.test.raw"
+    )
 ) + ("wikitext-2-raw/wiki.test.raw",)
 
 
