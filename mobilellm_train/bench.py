@@ -1,9 +1,9 @@
 """Training-throughput benchmark: our trainer against the original code's way of training, in one run.
 
-    python -m mobilellm_train.bench --presets 125M 125M_ls 1B --out bench_results  # one GPU
-    python -m mobilellm_train.bench --presets 1B --activation_checkpoint.mode selective
-    python -m mobilellm_train.bench --loss --presets 125M 1.5B                   # lm-head loss only
-    python -m mobilellm_train.bench --presets debug --steps 3 --warmup-steps 1   # CPU smoke run
+    mobilellm-bench --presets 125M 125M_ls 1B --out bench_results  # one GPU
+    mobilellm-bench --presets 1B --activation_checkpoint.mode selective
+    mobilellm-bench --loss --presets 125M 1.5B                   # lm-head loss only
+    mobilellm-bench --presets debug --steps 3 --warmup-steps 1   # CPU smoke run
 
 For each preset (a TOML of train_configs/, or a path to a TOML) it builds the model exactly as the
 trainer does (`train.build_model`, `optim.build_optimizer`, `parallelize.build_mesh` in a
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRESETS = ["125M", "125M_ls", "350M", "350M_ls", "600M", "1B", "1.5B"]
 
-# Per-GPU batch of the original-style reference measurement (MOBILELLM.md, one H200). The
+# Per-GPU batch of the original-style reference measurement (docs/REFERENCE.md, one H200). The
 # baseline starts there and halves on OOM; an LS model starts at its base size's entry.
 REFERENCE_BATCH = {"125M": 32, "350M": 32, "600M": 16, "1B": 8, "1.5B": 8}
 
@@ -560,7 +560,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the original-style HF Llama (default: when transformers is installed)")
     parser.add_argument("--baseline-batch-size", type=int, default=0,
-                        help="0: MOBILELLM.md's reference batch for the size (the preset's micro-batch otherwise)")
+                        help="0: the reference measurement's batch for the size (the preset's micro-batch otherwise)")
     parser.add_argument("--baseline-fused-adamw", action="store_true",
                         help="the baseline uses fused AdamW (HF Trainer's default with torch >= 2.8)")
     parser.add_argument("--oom-retry", action=argparse.BooleanOptionalAction, default=True,

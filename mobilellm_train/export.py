@@ -1,15 +1,17 @@
 """Export a training checkpoint (a DCP step folder) as a Hugging Face `LlamaForCausalLM` folder.
 
-    mobilellm-export --checkpoint outputs/125M/checkpoints/step-480000 --out exported/125M
+    mobilellm-export --checkpoint outputs/mobilellm_125M/checkpoints/step-480000 --out exported/125M
     python -m mobilellm_train.export --checkpoint STEP_FOLDER --out FOLDER \
-        [--dtype float32|bfloat16] [--format safetensors|torch] [--tokenizer tokenizer.model] [--overwrite]
+        [--dtype float32|bfloat16] [--format safetensors|torch] [--tokenizer tokenizer.model | --no-tokenizer]
+        [--overwrite]
 
 The folder holds config.json (a Llama config with tied embeddings, hf.hf_llama_config), the
 weights (model.safetensors, or pytorch_model.bin with --format torch), generation_config.json and
-the tokenizer: tokenizer.model with tokenizer_config.json and special_tokens_map.json for
-LlamaTokenizer. It loads with `AutoModelForCausalLM.from_pretrained(FOLDER)` and
-`AutoTokenizer.from_pretrained(FOLDER)`. A layer-sharing model becomes a Llama model of 2L layers
-whose layers 2i and 2i+1 are equal; `hf.load_hf_checkpoint` reads it back as L shared blocks.
+the tokenizer: tokenizer.json (hf_tokenizer.build_tokenizer_json: SentencePiece's ids, id for id),
+tokenizer_config.json, special_tokens_map.json and the SentencePiece tokenizer.model itself. It
+loads with `AutoModelForCausalLM.from_pretrained(FOLDER)` and `AutoTokenizer.from_pretrained(FOLDER)`.
+A layer-sharing model becomes a Llama model of 2L layers whose layers 2i and 2i+1 are equal;
+`hf.load_hf_checkpoint` reads it back as L shared blocks.
 
 `--format executorch --out model.pte` writes instead an on-device ExecuTorch program for the
 XNNPACK backend, from a step folder or a Hugging Face folder, with the tokenizer beside it
@@ -62,14 +64,18 @@ def _check_destination(out_dir: str, overwrite: bool) -> None:
 
 
 def tokenizer_files(tokenizer_path: str, model_args: ModelArgs) -> dict[str, str]:
-    """tokenizer_config.json and special_tokens_map.json for a SentencePiece model, as text.
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a SentencePiece model.
 
-    The special tokens are read from the model itself, so a tokenizer trained with other piece
-    names or ids (the demo corpus's, say) is described as it is.
+    transformers' own reading of a tokenizer.model (LlamaTokenizer) gives other ids than
+    SentencePiece for leading or repeated spaces and for unigram models, so the folder carries a
+    tokenizer.json built from the model (hf_tokenizer) and names the generic fast tokenizer class,
+    which loads it as it is. The special tokens are read from the model itself, so a tokenizer
+    trained with other piece names or ids is described as it is.
     """
-    from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_tokenizer_fits
-
     import sentencepiece as spm
+
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_tokenizer_fits
+    from mobilellm_train.hf_tokenizer import UnsupportedTokenizer, build_tokenizer_json
 
     try:
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
@@ -79,26 +85,39 @@ def tokenizer_files(tokenizer_path: str, model_args: ModelArgs) -> dict[str, str
         check_tokenizer_fits(tokenizer_path, sp.vocab_size(), model_args.vocab_size)
     except TokenizerMismatchError as e:
         raise ExportError(str(e)) from None
+    with open(tokenizer_path, "rb") as f:
+        model_bytes = f.read()
+    try:
+        tokenizer_json = build_tokenizer_json(model_bytes, bos_id=sp.bos_id())
+    except UnsupportedTokenizer as e:
+        raise ExportError(
+            f"{tokenizer_path}: transformers cannot reproduce this tokenizer's ids ({e}); export the model "
+            "alone with --no-tokenizer and tokenize with sentencepiece"
+        ) from None
+    except ValueError as e:
+        raise ExportError(f"{tokenizer_path}: not a SentencePiece model ({e})") from None
 
     def piece(token_id: int) -> str | None:
         return sp.id_to_piece(token_id) if token_id >= 0 else None
 
-    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id())}
     config = {
-        # As MobileLLM's own release: BOS prepended, no EOS appended, the legacy (slow) Llama
-        # SentencePiece behaviour, no pad token.
-        "tokenizer_class": "LlamaTokenizer",
+        # As the training data: BOS before each text, no EOS after it, no pad token.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": sp.bos_id() >= 0,
         "add_eos_token": False,
         **special,
         "pad_token": None,
-        "legacy": True,
+        # SentencePiece spells "<s>" written in a text with normal pieces; so does this tokenizer.
+        "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_args.max_seq_len,
-        "sp_model_kwargs": {},
     }
+    # No unk_token: the unknown piece is not a special token, so that decode writes it as
+    # SentencePiece does (" \u2047 ") instead of dropping it under skip_special_tokens.
     special_map = {k: v for k, v in special.items() if v is not None}
     return {
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False) + "\n",
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(special_map, indent=2) + "\n",
     }
@@ -166,7 +185,7 @@ def write_hf_folder(
     os.makedirs(tmp_dir)
     try:
         for name, text in files.items():
-            with open(os.path.join(tmp_dir, name), "w") as f:
+            with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
                 f.write(text)
         weights_path = os.path.join(tmp_dir, WEIGHT_FILES[weight_format])
         if weight_format == "safetensors":
@@ -209,17 +228,24 @@ def export_checkpoint(
     tokenizer_path: str = "",
     overwrite: bool = False,
     verify: bool = True,
+    with_tokenizer: bool = True,
 ) -> str:
-    """Export a DCP step folder (see the module docstring); returns the written folder."""
+    """Export a DCP step folder (see the module docstring); returns the written folder.
+
+    `with_tokenizer=False` writes the model alone, whatever tokenizer the step folder holds.
+    """
     from mobilellm_train.checkpoint import TOKENIZER_FILE, load_model_from_checkpoint
     from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_same_tokenizer
+    from mobilellm_train.model import ModelArgs
 
     _check_destination(os.path.abspath(out_dir), overwrite)  # fail before the slow load
     try:
         check_same_tokenizer(checkpoint, tokenizer_path)
     except TokenizerMismatchError as e:
         raise ExportError(str(e)) from None
-    if not tokenizer_path:
+    if not with_tokenizer:
+        tokenizer_path = ""
+    elif not tokenizer_path:
         in_step = os.path.join(checkpoint, TOKENIZER_FILE)
         if os.path.isfile(in_step):
             tokenizer_path = in_step
@@ -228,6 +254,11 @@ def export_checkpoint(
                 "%s holds no %s and --tokenizer is not given: exporting the model without a tokenizer",
                 checkpoint, TOKENIZER_FILE,
             )
+    if tokenizer_path:
+        # An unusable tokenizer is found before the slow load; the vocabulary check waits for the model.
+        if not os.path.isfile(tokenizer_path):
+            raise ExportError(f"--tokenizer {tokenizer_path}: no such file")
+        tokenizer_files(tokenizer_path, ModelArgs(vocab_size=1 << 31))
     model = load_model_from_checkpoint(checkpoint, verify=verify)
     return write_hf_folder(
         model.args, model.state_dict(), out_dir, dtype, weight_format, tokenizer_path, overwrite
@@ -246,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="model.safetensors (default), pytorch_model.bin, or executorch: an on-device "
                              ".pte program for XNNPACK (--out names the .pte; see mobilellm_train/edge.py)")
     parser.add_argument("--tokenizer", default="", help="SentencePiece tokenizer.model, when the step folder has none")
+    parser.add_argument("--no-tokenizer", dest="with_tokenizer", action="store_false",
+                        help="write the model alone, without the step folder's tokenizer")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the files against the checksums recorded at save")
@@ -263,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                               help="held-out token data (JSONL or prepared shards, as mobilellm-eval reads) for "
                                    "the report's perplexity and agreement; without it, random tokens (agreement only)")
     args = parser.parse_args(argv)
+    if args.tokenizer and not args.with_tokenizer:
+        parser.error("--tokenizer and --no-tokenizer contradict each other; pass one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     if args.weight_format == "executorch":
         _main_executorch(args)
@@ -271,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         out = export_checkpoint(
-            args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite, args.verify
+            args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite, args.verify,
+            args.with_tokenizer,
         )
     except (ExportError, CheckpointError) as e:
         print(f"export error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Throughput, MFU, memory and the loggers: stdout (rank 0), TensorBoard and <dump_folder>/metrics.jsonl.
 
-MFU uses one formula everywhere (MOBILELLM.md):
+MFU uses one formula everywhere (docs/REFERENCE.md):
     flops per token = 6 x (block matmul params + vocab x hidden) + 12 x layers x hidden x seq_len
 with a layer-sharing model's blocks counted twice, over the device's bf16 dense peak.
 """
@@ -31,7 +31,7 @@ def block_matmul_params(args: ModelArgs) -> int:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward) of the MOBILELLM.md formula."""
+    """Training FLOPs per token (forward + backward) of the formula in docs/REFERENCE.md."""
     layers = args.n_layers * args.n_passes  # an LS block is computed twice
     matmul_params = layers * block_matmul_params(args) + args.vocab_size * args.dim
     return 6 * matmul_params + 12 * layers * args.dim * seq_len

@@ -492,7 +492,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
     from mobilellm_train.evaluation.loading import Tokenizer
     from mobilellm_train.evaluation.report import results_to_scalars
     from mobilellm_train.evaluation.scoring import evaluate_tasks
-    from mobilellm_train.evaluation.tasks import TaskDataError, find_task_files, parse_task_names
+    from mobilellm_train.evaluation.tasks import TaskDataError, check_task_files, parse_task_names
     from mobilellm_train.metrics import MetricsLogger, detect_peak_flops, flops_per_token, peak_memory_gib
     from mobilellm_train.model import count_params
     from mobilellm_train.optim import build_lr_scheduler, build_optimizer
@@ -571,8 +571,7 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
 
     # The task files are found now, so a missing one stops the run before training, not hours in.
     eval_tasks = parse_task_names(cfg.eval.tasks)
-    for name in eval_tasks:
-        find_task_files(name, cfg.eval.data_dir)
+    check_task_files(eval_tasks, cfg.eval.data_dir)
     if eval_tasks and not tokenizer_path:
         raise TaskDataError("eval.tasks needs the data's tokenizer: set data.tokenizer_path")
     eval_tokenizer = Tokenizer(tokenizer_path) if eval_tasks else None

@@ -27,6 +27,7 @@ from conftest import make_corpus, subprocess_env
 from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset
 from mobilellm_train.evaluation.perplexity import (
     evaluate_perplexity,
+    find_wikitext,
     jsonl_documents,
     pack_windows,
     read_wikitext_rows,
@@ -47,6 +48,7 @@ from mobilellm_train.evaluation.tasks import (
     TASKS,
     Example,
     TaskDataError,
+    check_task_files,
     load_task,
     parse_task_names,
     winogrande_example,
@@ -220,7 +222,7 @@ def test_winogrande_scores_only_the_words_after_the_blank():
 def test_missing_task_data_names_the_expected_files(tmp_path):
     with pytest.raises(TaskDataError) as e:
         load_task("obqa", str(tmp_path))
-    assert "obqa/main/test-*.parquet" in str(e.value) and "allenai/openbookqa" in str(e.value)
+    assert "obqa/: main/test-*.parquet" in str(e.value) and "allenai/openbookqa" in str(e.value)
     os.makedirs(tmp_path / "piqa")
     write_jsonl(f"{tmp_path}/piqa/valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}])
     with pytest.raises(TaskDataError, match="valid-labels.lst"):
@@ -231,6 +233,68 @@ def test_missing_task_data_names_the_expected_files(tmp_path):
     assert parse_task_names("obqa,boolq") == ["boolq", "obqa"] and parse_task_names("") == []
     with pytest.raises(ValueError, match="unknown task 'mmlu'"):
         parse_task_names("boolq,mmlu")
+
+
+def test_public_release_layouts_are_found(tmp_path):
+    """The files where the public dataset repositories keep them (as `huggingface-cli download
+    --local-dir <data>/<repository>` or a copy of an original release leaves them) read as the
+    same examples as the task-named folders."""
+    reference = write_task_data(tmp_path / "ref", n=2)
+    expected = {name: load_task(name, reference) for name in TASKS}
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "public")
+
+    def copy(src, dst):
+        os.makedirs(os.path.dirname(f"{d}/{dst}"), exist_ok=True)
+        with open(f"{ref}/{src}", "rb") as f_in, open(f"{d}/{dst}", "wb") as f_out:
+            f_out.write(f_in.read())
+
+    copy("arc_easy/ARC-Easy/test-00000-of-00001.parquet", "ai2_arc/ARC-Easy/test-00000-of-00001.parquet")
+    copy("arc_challenge/ARC-Challenge-Test.jsonl", "ARC-V1-Feb2018-2/ARC-Challenge/ARC-Challenge-Test.jsonl")
+    boolq = pq.read_table(f"{ref}/boolq/data/validation-00000-of-00001.parquet").to_pylist()
+    write_parquet(f"{d}/super_glue/boolq/validation-00000-of-00001.parquet",  # SuperGLUE's int label
+                  [{"question": r["question"], "passage": r["passage"], "idx": i, "label": int(r["answer"])}
+                   for i, r in enumerate(boolq)])
+    labels = open(f"{ref}/piqa/valid-labels.lst").read().split()
+    piqa = [json.loads(line) for line in open(f"{ref}/piqa/valid.jsonl")]
+    write_parquet(f"{d}/piqa/validation.parquet", [{**r, "label": int(lab)} for r, lab in zip(piqa, labels)])
+    siqa = pq.read_table(f"{ref}/siqa/validation-00000-of-00001.parquet").to_pylist()
+    write_jsonl(f"{d}/social_i_qa/socialiqa-train-dev/dev.jsonl", [{k: v for k, v in r.items() if k != "label"}
+                                                                   for r in siqa])
+    with open(f"{d}/social_i_qa/socialiqa-train-dev/dev-labels.lst", "w") as f:
+        f.write("".join(r["label"] + "\n" for r in siqa))
+    copy("hellaswag/data/validation-00000-of-00001.parquet", "Rowan/hellaswag/data/validation-00000-of-00001.parquet")
+    copy("obqa/main/test-00000-of-00001.parquet", "openbookqa/main/test-00000-of-00001.parquet")
+    wino = [json.loads(line) for line in open(f"{ref}/winogrande/dev.jsonl")]
+    write_parquet(f"{d}/winogrande/winogrande_xl/validation-00000-of-00001.parquet", wino)
+    # Train splits beside them are not read.
+    write_parquet(f"{d}/ai2_arc/ARC-Easy/train-00000-of-00001.parquet", [{"question": "not this"}])
+    write_parquet(f"{d}/Salesforce/wikitext/wikitext-2-raw-v1/test-00000-of-00001.parquet", [{"text": " = A = \n"}])
+
+    check_task_files(list(TASKS), d)
+    for name in TASKS:
+        assert load_task(name, d) == expected[name], name
+    assert find_wikitext(d).endswith("Salesforce/wikitext/wikitext-2-raw-v1/test-00000-of-00001.parquet")
+
+
+def test_every_missing_task_is_reported_at_once_with_near_misses(tmp_path):
+    d = str(tmp_path)
+    write_parquet(f"{d}/super_glue/boolq/train-00000-of-00001.parquet", [{"question": "q"}])  # wrong split
+    write_parquet(f"{d}/ARC-Easy/test-00000-of-00001.parquet", [{"question": "q"}])  # missing a folder level
+    write_task_data(tmp_path / "ok", n=1)
+    os.rename(f"{d}/ok/winogrande", f"{d}/winogrande")
+    with pytest.raises(TaskDataError) as e:
+        check_task_files(list(TASKS), d)
+    message = str(e.value)
+    assert message.startswith(f"7 of 8 tasks have no data under {d}")
+    for name in TASKS:
+        assert (f"{name}: no data found" in message) == (name != "winogrande"), name
+    boolq = message[message.index("boolq: no data found"):message.index("piqa: no data found")]
+    assert f"{d}/super_glue/: boolq/validation-*.parquet" in boolq  # the accepted layout, spelled out
+    assert f"{d}/super_glue/boolq/train-00000-of-00001.parquet" in boolq  # the near miss, named
+    arc = message[message.index("arc_easy: no data found"):message.index("arc_challenge: no data found")]
+    assert f"{d}/ARC-Easy/test-00000-of-00001.parquet" in arc and "train-" not in arc
+    with pytest.raises(TaskDataError, match="wikitext: no WikiText-2"):
+        find_wikitext(d)
 
 
 def test_malformed_records_name_the_file_and_record(tmp_path):
@@ -399,7 +463,7 @@ def test_table_layout_average_and_scalars():
     scalars = results_to_scalars(full)
     assert scalars["eval/boolq"] == 50.0 and scalars["eval/piqa_acc"] == 0.5
     assert scalars["eval/avg"] == pytest.approx(34.375)
-    # The paper rows are transcribed whole: each averages to MOBILELLM.md's avg, to its rounding.
+    # The paper rows are transcribed whole: each averages to the README's avg (docs/REFERENCE.md), to its rounding.
     paper_avg = {"MobileLLM-125M": 46.3, "MobileLLM-LS-125M": 47.0, "MobileLLM-350M": 51.3,
                  "MobileLLM-LS-350M": 52.1, "MobileLLM-600M": 54.3, "MobileLLM-1B": 57.3, "MobileLLM-1.5B": 59.4}
     assert set(PAPER_RESULTS) == set(paper_avg)

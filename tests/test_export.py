@@ -29,8 +29,8 @@ VARIANTS = {
 
 
 def train_tokenizer(path, vocab_size=300):
-    """Llama-2 style (identity normalization, byte fallback): the kind transformers' LlamaTokenizer
-    reproduces id for id."""
+    """Llama-2 style (identity normalization, byte fallback); test_hf_tokenizer.py covers the
+    exported tokenizer's ids in depth."""
     spm = pytest.importorskip("sentencepiece")
     lines = ["the quick brown fox jumps over the lazy dog", "Question: is it a dog?\nAnswer: yes it is"] * 30
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path), model_type="bpe",
@@ -66,7 +66,8 @@ def test_trainer_checkpoint_exports_to_a_folder_transformers_loads(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
-                                       "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+                                       "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                       "tokenizer_config.json"]
     ours = load_model_from_checkpoint(str(step))
     tokens = random_tokens()
     hf, theirs = hf_logits(str(out), tokens)
@@ -86,6 +87,12 @@ def test_trainer_checkpoint_exports_to_a_folder_transformers_loads(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(step), "--out", str(out)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 1 and "not empty" in r.stderr
+    # --no-tokenizer: the model alone, although the step folder holds a tokenizer.
+    r = subprocess.run([sys.executable, "-m", "mobilellm_train.export", "--checkpoint", str(step),
+                        "--out", str(tmp_path / "alone"), "--no-tokenizer"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "alone")) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -27,7 +27,7 @@ from mobilellm_train.model import (
     precompute_rope,
 )
 
-# MOBILELLM.md's table: parameters, tied, norms included.
+# docs/REFERENCE.md's table: parameters, tied, norms included.
 PUBLISHED_PARAMS = {
     "125M": 124_635_456,
     "350M": 345_355_200,

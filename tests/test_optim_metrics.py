@@ -54,7 +54,7 @@ def test_no_weight_decay_on_norms():
 
 
 def test_mfu_formula_matches_reference_table():
-    # MOBILELLM.md: 125M at 168k tokens/s on a 989 TFLOP/s card is 19.9% MFU;
+    # docs/REFERENCE.md: 125M at 168k tokens/s on a 989 TFLOP/s card is 19.9% MFU;
     # 1.5B at 27k tokens/s is 30.7%.
     assert 168e3 * flops_per_token(MODEL_PRESETS["125M"], 2048) / 989e12 == pytest.approx(0.199, abs=1e-3)
     assert 27e3 * flops_per_token(MODEL_PRESETS["1.5B"], 2048) / 989e12 == pytest.approx(0.307, abs=2e-3)

@@ -822,7 +822,7 @@ def cmd_tokenizer(args) -> dict:
             model_type=args.model_type,
             vocab_size=args.vocab_size,
             byte_fallback=args.byte_fallback,
-            # Llama-2 ids (MOBILELLM.md): unk 0, bos 1, eos 2, no pad.
+            # Llama-2 ids, as MobileLLM's tokenizer (docs/REFERENCE.md): unk 0, bos 1, eos 2, no pad.
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             # Keep text as it is (whitespace, newlines via byte fallback): decode(encode(x)) == x.
             normalization_rule_name="identity",

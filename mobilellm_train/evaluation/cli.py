@@ -1,7 +1,7 @@
 """mobilellm-eval: the MobileLLM results table, WikiText-2 and token-data perplexity for your
 own checkpoints, offline, on one GPU or on CPU.
 
-    mobilellm-eval --checkpoint outputs/125M/checkpoints/step-480000 --data-dir ~/eval_data
+    mobilellm-eval --checkpoint outputs/mobilellm_125M/checkpoints/step-480000 --data-dir ~/eval_data
     mobilellm-eval --checkpoint exported/125M --checkpoint exported/LS-125M --names ours,ours-LS \
         --tasks all --data-dir ~/eval_data --reference MobileLLM-125M,MobileLLM-LS-125M --out results.json
     python -m mobilellm_train.evaluation.cli --checkpoint STEP --tasks tokens --token-data outputs/debug/demo_data/val
@@ -25,7 +25,7 @@ import time
 
 from typing import TYPE_CHECKING
 
-from mobilellm_train.evaluation.tasks import TASKS, find_task_files
+from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, check_task_files
 
 if TYPE_CHECKING:
     import torch
@@ -78,13 +78,22 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
     mc_tasks = [t for t in tasks if t in TASKS]
     if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
         raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
-    for name in mc_tasks:
-        find_task_files(name, args.data_dir)
+    # Every missing task at once: a user fixing the layout should not discover them one per run.
+    problems = []
+    try:
+        check_task_files(mc_tasks, args.data_dir)
+    except TaskDataError as e:
+        problems.append(str(e))
     if "wikitext" in tasks:
         if args.wikitext and not os.path.isfile(args.wikitext):
             raise UsageError(f"--wikitext {args.wikitext}: no such file")
         if not args.wikitext:
-            find_wikitext(args.data_dir)
+            try:
+                find_wikitext(args.data_dir)
+            except TaskDataError as e:
+                problems.append(str(e))
+    if problems:
+        raise TaskDataError("\n".join(problems))
     if "tokens" in tasks and not args.token_data:
         raise UsageError("--tasks tokens needs --token-data PATH (a prepared shard dataset, or PATH/<node>/*.jsonl)")
     if "tokens" in tasks and not os.path.isdir(args.token_data):

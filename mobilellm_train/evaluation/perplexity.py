@@ -33,15 +33,19 @@ from torch import nn
 from mobilellm_train.data.jsonl import DataError, BadLine, find_node_folders, list_jsonl_files, parse_token_ids
 from mobilellm_train.evaluation.loading import Tokenizer
 from mobilellm_train.evaluation.scoring import Progress, _world
-from mobilellm_train.evaluation.tasks import TaskDataError
+from mobilellm_train.evaluation.tasks import TaskDataError, near_misses
 
 logger = logging.getLogger("mobilellm_train")
 
-# Inside <data_dir>/wikitext/, first match wins: the hub's wikitext-2-raw-v1 test split, or the
-# original release.
-WIKITEXT_LAYOUTS = (
-    "wikitext-2-raw-v1/test-*.parquet", "test-*.parquet", "wiki.test.raw", "wikitext-2-raw/wiki.test.raw"
-)
+# Relative to the data folder, first match wins: the hub's wikitext-2-raw-v1 test split in a
+# folder named as the task or as its repository, or the original release's raw file.
+WIKITEXT_LAYOUTS = tuple(
+    f"{folder}/{pattern}"
+    for folder in ("wikitext", "Salesforce/wikitext")
+    for pattern in (
+        "wikitext-2-raw-v1/test-*.parquet", "test-*.parquet", "wiki.test.raw", "wikitext-2-raw/wiki.test.raw"
+    )
+) + ("wikitext-2-raw/wiki.test.raw",)
 
 
 @dataclass
@@ -61,15 +65,19 @@ class PerplexityResult:
 
 
 def find_wikitext(data_dir: str) -> str:
-    folder = os.path.join(data_dir, "wikitext")
     for pattern in WIKITEXT_LAYOUTS:
-        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        files = sorted(glob.glob(os.path.join(data_dir, pattern)))
         if files:
             if len(files) > 1:
-                raise TaskDataError(f"wikitext: several files match {os.path.join(folder, pattern)}: {files}")
+                raise TaskDataError(f"wikitext: several files match {os.path.join(data_dir, pattern)}: {files}")
             return files[0]
-    expected = "\n  ".join(os.path.join(folder, p) for p in WIKITEXT_LAYOUTS)
-    raise TaskDataError(f"wikitext: no WikiText-2 test split found; expected one of:\n  {expected}")
+    expected = "\n  ".join(os.path.join(data_dir, p) for p in WIKITEXT_LAYOUTS)
+    message = f"wikitext: no WikiText-2 test split found; expected one of:\n  {expected}"
+    misses = near_misses(data_dir, ("wikitext", "wiki.")) if os.path.isdir(data_dir) else []
+    if misses:
+        message += ("\n  these files look like it but match none of the above (another split or "
+                    "variant?):\n    " + "\n    ".join(os.path.join(data_dir, m) for m in misses))
+    raise TaskDataError(message)
 
 
 def read_wikitext_rows(path: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Results in the layout of MOBILELLM.md's table (a row per model, the eight tasks and their
+"""Results in the layout of the MobileLLM results table (docs/REFERENCE.md) (a row per model, the eight tasks and their
 average, accuracy in %), the paper's own rows to compare with, and TensorBoard scalars.
 
 Each column is one metric per task, `TASKS[task].table_metric`: acc_norm where the harness
@@ -13,7 +13,7 @@ from mobilellm_train.evaluation.tasks import TASKS
 
 TABLE_TASKS = tuple(TASKS)
 
-# MOBILELLM.md's table (the MobileLLM README's rows; its header lists the columns in another
+# The MobileLLM results table, docs/REFERENCE.md (the MobileLLM README's rows; its header lists the columns in another
 # order than its numbers, which are in this one).
 PAPER_RESULTS: dict[str, tuple[float, ...]] = {
     "MobileLLM-125M": (43.9, 27.1, 60.2, 65.3, 42.4, 38.9, 39.5, 53.1),

@@ -1,10 +1,14 @@
 """The eight zero-shot common-sense tasks of the MobileLLM results table, read from local files
 in the layouts of their public releases, turned into lm-evaluation-harness's requests.
 
-Each task reads `<data_dir>/<task>/`, trying the file patterns in `TASKS[task].layouts` in order
-and taking the first that matches (docs/EVALUATION.md lists them). Parquet files are the Hugging
-Face hub's; JSONL files are the hub's records one per line, or the original releases (ARC and
-OpenBookQA's nested `question`, PIQA and Social IQa's separate `*-labels.lst`).
+Each task tries the file patterns in `TASKS[task].layouts` (relative to the data folder) in
+order and takes the first that matches (docs/EVALUATION.md lists them): a folder named as the
+task, or as the public dataset repository that lm-evaluation-harness reads (`ai2_arc/ARC-Easy/`,
+`super_glue/boolq/`, `openbookqa/main/`, `social_i_qa/`, ...), as `huggingface-cli download
+--local-dir` or a copy of the repository leaves it. Parquet files are the Hugging Face hub's;
+JSONL files are the hub's records one per line, or the original releases (ARC and OpenBookQA's
+nested `question`, PIQA and Social IQa's separate `*-labels.lst`). When nothing matches, the error
+lists the accepted patterns and the files under the data folder that look like the task's.
 
 Prompts, choices and gold answers follow the harness's task definitions (lm_eval/tasks/*):
 
@@ -50,9 +54,11 @@ class Example:
 @dataclass(frozen=True)
 class Layout:
     pattern: str
-    """Glob relative to the task's folder."""
+    """Glob relative to the data folder (--data-dir)."""
     labels: str = ""
     """A file beside the matched one with one label per line (original PIQA / Social IQa)."""
+    folder: str = ""
+    """The folder part of `pattern`, to group the accepted files in messages."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class TaskSpec:
     table_metric: str
     """The metric of the MobileLLM table's column: acc_norm where the harness reports one."""
     to_example: Callable[[dict], Example]
+    keywords: tuple[str, ...] = ()
+    """Lower-case path fragments of the task's files, to point at near misses when none match."""
 
 
 def _shared_context(context: str, choices: list[str]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
@@ -164,75 +172,85 @@ def winogrande_example(row: dict) -> Example:
     return Example(tuple((c, continuation) for c in contexts), tuple(contexts), int(answer) - 1)
 
 
-def _arc_layouts(config: str) -> tuple[Layout, ...]:
-    return (
-        Layout(f"{config}/test-*.parquet"),
-        Layout("test-*.parquet"),
-        Layout(f"{config}/{config}-Test.jsonl"),
-        Layout(f"{config}-Test.jsonl"),
+def _layouts(folders: tuple[str, ...], patterns: tuple[str, ...], labels: dict[str, str] | None = None
+             ) -> tuple[Layout, ...]:
+    """Every pattern under every folder, folder by folder; `labels` maps a pattern to the labels
+    file beside its match."""
+    labels = labels or {}
+    return tuple(
+        Layout(f"{folder}/{pattern}", labels.get(pattern, ""), folder) for folder in folders for pattern in patterns
     )
 
 
+def _arc_layouts(task: str, config: str) -> tuple[Layout, ...]:
+    in_config = (f"{config}/test-*.parquet", f"{config}/{config}-Test.jsonl")
+    return (
+        # A folder of its own may drop the config level; ai2_arc/ holds both configs, so not there.
+        *_layouts((task,), (*in_config, "test-*.parquet", f"{config}-Test.jsonl")),
+        *_layouts(("ai2_arc", "allenai/ai2_arc", "ARC-V1-Feb2018-2"), in_config),
+    )
+
+
+_PIQA_PATTERNS = ("valid.jsonl", "validation.parquet", "validation-*.parquet", "data/validation-*.parquet",
+                  "plain_text/validation/*.parquet", "plain_text/validation-*.parquet")
+_SIQA_PATTERNS = ("dev.jsonl", "socialiqa-train-dev/dev.jsonl", "validation.parquet", "validation-*.parquet",
+                  "data/validation-*.parquet", "default/validation/*.parquet", "default/validation-*.parquet")
+_HELLASWAG_PATTERNS = ("data/validation-*.parquet", "validation-*.parquet", "validation.parquet",
+                       "default/validation/*.parquet", "hellaswag_val.jsonl", "data/hellaswag_val.jsonl")
+_OBQA_PATTERNS = ("main/test-*.parquet", "test-*.parquet", "Main/test.jsonl", "test.jsonl",
+                  "OpenBookQA-V1-Sep2018/Data/Main/test.jsonl", "Data/Main/test.jsonl")
+_WINOGRANDE_PATTERNS = ("winogrande_xl/validation-*.parquet", "winogrande_xl/validation/*.parquet",
+                        "validation-*.parquet", "dev.jsonl", "winogrande_1.1/dev.jsonl")
+
 TASKS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec(
-        "arc_easy", "allenai/ai2_arc, config ARC-Easy, split test", _arc_layouts("ARC-Easy"), "acc_norm", arc_example
+        "arc_easy", "allenai/ai2_arc, config ARC-Easy, split test", _arc_layouts("arc_easy", "ARC-Easy"),
+        "acc_norm", arc_example, ("arc-easy", "arc_easy"),
     ),
     "arc_challenge": TaskSpec(
-        "arc_challenge", "allenai/ai2_arc, config ARC-Challenge, split test", _arc_layouts("ARC-Challenge"),
-        "acc_norm", arc_example,
+        "arc_challenge", "allenai/ai2_arc, config ARC-Challenge, split test",
+        _arc_layouts("arc_challenge", "ARC-Challenge"), "acc_norm", arc_example, ("arc-challenge", "arc_challenge"),
     ),
     "boolq": TaskSpec(
-        "boolq", "google/boolq, split validation",
-        (Layout("data/validation-*.parquet"), Layout("validation-*.parquet"), Layout("dev.jsonl")),
-        "acc", boolq_example,
+        "boolq", "google/boolq, split validation, or super_glue (aps/super_glue), config boolq",
+        (
+            *_layouts(("boolq", "google/boolq"), ("data/validation-*.parquet", "validation-*.parquet", "dev.jsonl",
+                                                  "val.jsonl")),
+            # SuperGLUE: the hub's boolq config, or the original release's BoolQ/val.jsonl.
+            *_layouts(("super_glue", "aps/super_glue"), ("boolq/validation-*.parquet", "BoolQ/val.jsonl")),
+            Layout("BoolQ/val.jsonl"),
+        ),
+        "acc", boolq_example, ("boolq",),
     ),
     "piqa": TaskSpec(
-        "piqa", "ybisk/piqa, split validation (original release: valid.jsonl + valid-labels.lst)",
-        (
-            Layout("valid.jsonl", labels="valid-labels.lst"),
-            Layout("data/validation-*.parquet"),
-            Layout("validation-*.parquet"),
-            Layout("plain_text/validation/*.parquet"),
-        ),
-        "acc_norm", piqa_example,
+        "piqa", "ybisk/piqa (baber/piqa), split validation (original release: valid.jsonl + valid-labels.lst)",
+        _layouts(("piqa", "ybisk/piqa", "baber/piqa"), _PIQA_PATTERNS, {"valid.jsonl": "valid-labels.lst"}),
+        "acc_norm", piqa_example, ("piqa",),
     ),
     "siqa": TaskSpec(
         "siqa", "allenai/social_i_qa, split validation (original release: dev.jsonl + dev-labels.lst)",
-        (
-            Layout("dev.jsonl", labels="dev-labels.lst"),
-            Layout("data/validation-*.parquet"),
-            Layout("validation-*.parquet"),
-            Layout("default/validation/*.parquet"),
-        ),
-        "acc", siqa_example,
+        _layouts(("siqa", "social_i_qa", "allenai/social_i_qa"), _SIQA_PATTERNS,
+                 {"dev.jsonl": "dev-labels.lst", "socialiqa-train-dev/dev.jsonl": "dev-labels.lst"}),
+        "acc", siqa_example, ("siqa", "social_i_qa", "socialiqa"),
     ),
     "hellaswag": TaskSpec(
         "hellaswag", "Rowan/hellaswag, split validation (original release: hellaswag_val.jsonl)",
-        (
-            Layout("data/validation-*.parquet"),
-            Layout("validation-*.parquet"),
-            Layout("default/validation/*.parquet"),
-            Layout("hellaswag_val.jsonl"),
-        ),
-        "acc_norm", hellaswag_example,
+        _layouts(("hellaswag", "Rowan/hellaswag"), _HELLASWAG_PATTERNS),
+        "acc_norm", hellaswag_example, ("hellaswag",),
     ),
     "obqa": TaskSpec(
         "obqa", "allenai/openbookqa, config main, split test",
-        (Layout("main/test-*.parquet"), Layout("test-*.parquet"), Layout("Main/test.jsonl"), Layout("test.jsonl")),
-        "acc_norm", obqa_example,
+        (*_layouts(("obqa", "openbookqa", "allenai/openbookqa"), _OBQA_PATTERNS),
+         Layout("OpenBookQA-V1-Sep2018/Data/Main/test.jsonl")),
+        "acc_norm", obqa_example, ("obqa", "openbookqa"),
     ),
     "winogrande": TaskSpec(
         "winogrande", "allenai/winogrande, config winogrande_xl, split validation (original release: dev.jsonl)",
-        (
-            Layout("winogrande_xl/validation-*.parquet"),
-            Layout("validation-*.parquet"),
-            Layout("winogrande_xl/validation/*.parquet"),
-            Layout("dev.jsonl"),
-        ),
-        "acc", winogrande_example,
+        (*_layouts(("winogrande", "allenai/winogrande"), _WINOGRANDE_PATTERNS), Layout("winogrande_1.1/dev.jsonl")),
+        "acc", winogrande_example, ("winogrande",),
     ),
 }
-"""The table's columns, in the order of MOBILELLM.md's results table."""
+"""The table's columns, in the order of the MobileLLM paper's results table."""
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, dict]]:
@@ -273,24 +291,70 @@ def _with_labels(rows: list[tuple[str, dict]], labels_path: str) -> list[tuple[s
 
 
 def expected_files(name: str, data_dir: str) -> list[str]:
-    folder = os.path.join(data_dir, name)
-    return [
-        os.path.join(folder, layout.pattern) + (f" (+ {layout.labels})" if layout.labels else "")
-        for layout in TASKS[name].layouts
-    ]
+    """The accepted files, one line per folder: `<data_dir>/<folder>/: pattern, pattern, ...`."""
+    by_folder: dict[str, list[str]] = {}
+    for layout in TASKS[name].layouts:
+        rel = layout.pattern[len(layout.folder) + 1:] if layout.folder else layout.pattern
+        by_folder.setdefault(layout.folder, []).append(rel + (f" (+ {layout.labels})" if layout.labels else ""))
+    return [f"{os.path.join(data_dir, folder, '')}: {', '.join(patterns)}" for folder, patterns in by_folder.items()]
+
+
+NEAR_MISS_SUFFIXES = (".parquet", ".jsonl", ".json", ".lst", ".csv", ".tsv", ".txt", ".arrow", ".zip", ".gz")
+
+
+def near_misses(data_dir: str, keywords: tuple[str, ...], limit: int = 8, max_entries: int = 20000) -> list[str]:
+    """Data files under `data_dir` whose path (lower case) holds one of `keywords`: what the user
+    probably meant, in another split, name or depth. A bounded walk: a huge folder is not read whole."""
+    found: list[str] = []
+    seen = 0
+    for root, dirs, files in os.walk(data_dir):
+        dirs.sort()
+        rel_root = os.path.relpath(root, data_dir)
+        if rel_root.count(os.sep) >= 5:
+            dirs[:] = []
+        for f in sorted(files):
+            seen += 1
+            rel = os.path.normpath(os.path.join(rel_root, f))
+            if f.lower().endswith(NEAR_MISS_SUFFIXES) and any(k in rel.lower() for k in keywords):
+                found.append(rel)
+                if len(found) == limit:
+                    return found
+        if seen > max_entries:
+            break
+    return found
 
 
 def find_task_files(name: str, data_dir: str) -> tuple[list[str], Layout]:
-    """The files of the first layout that matches in <data_dir>/<name>/; TaskDataError if none."""
+    """The files of the first layout that matches under data_dir; TaskDataError if none, listing
+    the accepted patterns and the near misses."""
     if name not in TASKS:
         raise TaskDataError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    folder = os.path.join(data_dir, name)
     for layout in TASKS[name].layouts:
-        files = sorted(glob.glob(os.path.join(folder, layout.pattern)))
+        files = sorted(glob.glob(os.path.join(data_dir, layout.pattern)))
         if files:
             return files, layout
     expected = "\n  ".join(expected_files(name, data_dir))
-    raise TaskDataError(f"{name}: no data found ({TASKS[name].source}); expected one of:\n  {expected}")
+    message = f"{name}: no data found ({TASKS[name].source}); expected one of:\n  {expected}"
+    misses = near_misses(data_dir, TASKS[name].keywords) if os.path.isdir(data_dir) else []
+    if misses:
+        message += ("\n  these files look like the task's but match none of the above (another split, "
+                    "name or folder?):\n    " + "\n    ".join(os.path.join(data_dir, m) for m in misses))
+    raise TaskDataError(message)
+
+
+def check_task_files(names: list[str], data_dir: str) -> None:
+    """Find every task's files; one TaskDataError naming every task that has none."""
+    problems = []
+    for name in names:
+        try:
+            find_task_files(name, data_dir)
+        except TaskDataError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise TaskDataError(problems[0])
+    if problems:
+        raise TaskDataError(f"{len(problems)} of {len(names)} tasks have no data under {data_dir}:\n"
+                            + "\n".join(problems))
 
 
 def load_task(name: str, data_dir: str, limit: int = 0) -> list[Example]:
