@@ -337,7 +337,7 @@ def test_checkpoint_with_unfused_projections_loads_for_export_and_is_refused_for
         dcp.save({"model": old_layout, "train_state": TrainState(step=100, model_args=model_args_fingerprint(args))},
                  checkpoint_id=path, no_dist=True)
 
-    loaded = load_model_from_checkpoint(path)
+    loaded = load_model_from_checkpoint(path, verify=False)  # written before checksum manifests existed
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
