@@ -195,7 +195,7 @@ def test_gpu_bench_script_dry_run_on_cpu(tmp_path):
     import tarfile
 
     out = tmp_path / "out"
-    env = subprocess_env(ALLOW_CPU=1, SMOKE_PRESETS="debug missing", TIMED_PRESETS="debug debug", BUDGET_S=60,
+    env = subprocess_env(ALLOW_CPU=1, SMOKE_PRESETS="debug|missing", TIMED_PRESETS="debug debug", BUDGET_S=150,
                          BENCH_ARGS="--seq-len 32 --local-batch-size 2 --baseline-batch-size 2",
                          GPU_TESTS=0, GPU_CHECK=0, OUT=out, PY=sys.executable, TMPDIR=tmp_path)
     r = subprocess.run(["bash", "launch/gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
