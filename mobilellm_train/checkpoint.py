@@ -637,7 +637,10 @@ class Checkpointer:
         checking it (collective when checkpoint.verify is on)."""
         if not self.cfg.enable:
             return "Checkpointing is off."
-        step = self.newest_complete_step()
+        try:
+            step = self.newest_complete_step()
+        except CheckpointError as e:  # the save in flight failed: say so too
+            return str(e)
         if step is None:
             return "No checkpoint has been saved yet."
         if not self.cfg.verify:
@@ -832,6 +835,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
 
 def describe_save_failure(error: BaseException, path: str) -> str:

@@ -683,23 +683,28 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
             now = time.perf_counter()
             interval = now - last_log_time
             tokens_per_second = steps_since_log * global_batch_tokens / world_size / interval
-            metrics.log({
-                "step": step,
-                "loss": interval_loss.item() / world_size / steps_since_log,
-                "lr": step_lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_second": tokens_per_second,
-                "mfu": None if peak_flops is None else tokens_per_second * n_flops_per_token / peak_flops,
-                "peak_memory_gib": peak_memory_gib(device),
-                "data_wait_fraction": data_wait_s / interval,
-                "step_time_s": interval / steps_since_log,
-                "tokens_seen": train_state.tokens_seen,
-                "elapsed_s": now - train_begin,
-                "eta_s": (total_steps - step) * interval / steps_since_log,
-                "checkpoint_blocked_s": checkpoint_blocked_s,
-                "skipped_steps": nonfinite.skipped_steps,
-                **({} if val_loss is None else {"val_loss": val_loss}),
-            })
+            try:
+                metrics.log({
+                    "step": step,
+                    "loss": interval_loss.item() / world_size / steps_since_log,
+                    "lr": step_lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_second": tokens_per_second,
+                    "mfu": None if peak_flops is None else tokens_per_second * n_flops_per_token / peak_flops,
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "data_wait_fraction": data_wait_s / interval,
+                    "step_time_s": interval / steps_since_log,
+                    "tokens_seen": train_state.tokens_seen,
+                    "elapsed_s": now - train_begin,
+                    "eta_s": (total_steps - step) * interval / steps_since_log,
+                    "checkpoint_blocked_s": checkpoint_blocked_s,
+                    "skipped_steps": nonfinite.skipped_steps,
+                    **({} if val_loss is None else {"val_loss": val_loss}),
+                })
+            except OSError:
+                # A full disk fails the save in flight too: report that, the cause, if it did.
+                checkpointer.wait()
+                raise
             last_log_time, data_wait_s, steps_since_log = now, 0.0, 0
             interval_loss.zero_()
 

@@ -390,3 +390,27 @@ def test_restricted_unpickler_accepts_real_metadata_and_nothing_else(trained, tm
         pickle.dump(metadata, f)
     with pytest.raises(C.CheckpointError, match="not a file of this folder"):
         C.read_metadata(str(bad))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_memory_async_mode_saves_every_time(tmp_path, one_rank_group):
+    """torch 2.11's DefaultStager failed on its second save; each save must hold its own step's
+    weights, not those written after its staging finished."""
+    model, train_state, states = tiny_states()
+    model.cuda()
+    ck = C.Checkpointer(CheckpointConfig(async_mode="async_with_pinned_mem", keep_latest_k=0), str(tmp_path),
+                        states, rank=0)
+    for step in (1, 2, 3):
+        train_state.step = step
+        with torch.no_grad():
+            model.tok_embeddings.weight.fill_(step)
+        ck.save(step)
+        ck.wait_for_staging()
+        with torch.no_grad():  # what the next optimizer step does: must not reach the file
+            model.tok_embeddings.weight.fill_(-1.0)
+        ck.wait()
+    ck.close()
+    for step in (1, 2, 3):
+        C.verify_checkpoint(ck.path(step))
+        assert (C.load_model_from_checkpoint(ck.path(step)).tok_embeddings.weight == step).all()
