@@ -6,6 +6,7 @@ torch.compile without graph breaks.
 """
 
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -109,3 +110,18 @@ def test_op_ac_compiles_without_graph_breaks():
     assert grads_compiled.keys() == grads_plain.keys()
     for name, g in grads_plain.items():
         torch.testing.assert_close(grads_compiled[name], g, rtol=0, atol=1e-6, msg=name)
+
+
+def test_ac_bench_reports_what_each_mode_saves_and_recomputes(tmp_path, capsys):
+    from mobilellm_train.ac_bench import main
+
+    out = tmp_path / "ac.json"
+    main(["--flavor", "debug", "--n-layers", "4", "--batch", "1", "--seq-len", "256", "--repeats", "1",
+          "--loss-chunk-tokens", "64", "--out", str(out)])
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"none", "selective", "op", "full"}
+    saved = {mode: r["saved_activations_gib"] for mode, r in modes.items()}
+    assert saved["full"] < saved["op"] < saved["none"] and saved["full"] < saved["selective"] < saved["none"]
+    assert modes["op"]["backward_matmuls"] == modes["none"]["backward_matmuls"]
+    assert modes["none"]["backward_matmuls"] < modes["selective"]["backward_matmuls"] < modes["full"]["backward_matmuls"]
+    assert "saved_activations_gib" in capsys.readouterr().out
