@@ -45,7 +45,8 @@ class JobConfig:
     """Free text, logged at start."""
     stop_file: str = ""
     """If this file appears, all ranks save a checkpoint at the next step and exit cleanly
-    (launch/train.slurm creates it on its time-limit signal). Empty: no such file is watched."""
+    (launch/train.slurm creates it before the time limit). One present at start, left by an
+    earlier run, is deleted. Empty: no such file is watched."""
 
 
 @dataclass
