@@ -123,8 +123,8 @@ class SpikeDetector:
 def exit_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere nothing).
 
-    A rank's parent is its launcher (torchrun's agent, srun's step daemon, a shell). If that is
-    killed, SIGTERM makes the rank save at the next step and exit like any other stop, instead of
+    Under torchrun a rank's parent is torchrun's agent. If that is killed (even by kill -9),
+    SIGTERM makes the rank save at the next step and exit like any other stop, instead of
     training on unsupervised beside a restarted run. The signal is tied to the parent *thread*:
     torchrun starts its ranks from its main thread, so that lives as long as torchrun does. Only
     under torchrun: a plain run's parent is a shell, and `nohup mobilellm-train &` must survive it.
@@ -135,13 +135,14 @@ def exit_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        zero = ctypes.c_ulong(0)  # prctl is variadic: pass full-width arguments
+        if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), zero, zero, zero) != 0:
             logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); this rank will not follow its launcher",
                            ctypes.get_errno())
             return
     except (OSError, AttributeError):
         return
-    # The parent may have died before prctl took effect; the kernel would then never signal.
+    # The parent may have died between the two getppid() calls; the kernel would then never signal.
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
 

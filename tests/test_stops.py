@@ -136,7 +136,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(data, uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_to_the_launcher_reaches_every_rank(data, uninterrupted, tmp_path, sig):
     run = tmp_path / "run"
     args = base_args(data, run, steps=STEPS, **COMMON)
