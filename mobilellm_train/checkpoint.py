@@ -589,6 +589,8 @@ class Checkpointer:
         raise CheckpointError(
             f"no checkpoint in {self.folder} verifies against its checksums: "
             + "; ".join(problem for _, problem in failed)
+            + ". Nothing was loaded or changed; restore the damaged files, move the folders away to "
+            "start over, or set --checkpoint.verify false to load the newest one unchecked."
         )
 
     def _set_aside(self, step: int) -> str:

@@ -140,15 +140,22 @@ def test_truncated_shard_is_reported(corpus, tmp_path):
     step = run / "checkpoints" / "step-10"
     shard = max((p for p in step.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # The checksum manifest catches it first, naming the shard; with no older checkpoint to fall
+    # back to, the start stops.
     out = run_trainer(base_args(corpus, run, steps=20), expect_rc=1)
+    assert "CheckpointError" in out and f"{shard} is damaged" in out and "truncated" in out
+    # Unverified, the read itself reports it.
+    out = run_trainer(base_args(corpus, run, steps=20, **{"checkpoint.verify": "false"}), expect_rc=1)
     assert "CheckpointError" in out and "step-10 cannot be read" in out and "truncated" in out
-    # The same message where evaluation and export load a step folder in a lone process (cut
+    # The same messages where evaluation and export load a step folder in a lone process (cut
     # further: they read the model alone, which may lie in the first half).
     from mobilellm_train.checkpoint import CheckpointError, load_model_from_checkpoint
 
     shard.write_bytes(shard.read_bytes()[:64])
-    with pytest.raises(CheckpointError, match="(?s)step-10 cannot be read.*truncated"):
+    with pytest.raises(CheckpointError, match=f"{shard} is damaged"):
         load_model_from_checkpoint(str(step))
+    with pytest.raises(CheckpointError, match="(?s)step-10 cannot be read.*truncated"):
+        load_model_from_checkpoint(str(step), verify=False)
 
 
 def test_other_flavor_is_refused(corpus, tmp_path):
