@@ -130,18 +130,32 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
-def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+_compiled_create_block_mask = None
+
+
+def document_block_mask(position_ids: torch.Tensor, compiled: bool | None = None) -> BlockMask:
     """FlexAttention's block-sparse form of `document_causal_mask`: the same rule, stored per
     128 x 128 tile (empty tiles skipped, full tiles unmasked), so no [T, T] mask or score matrix
-    is materialised and the fused kernel runs."""
+    is materialised and the fused kernel runs.
+
+    compiled (default: on CUDA) builds it with a compiled create_block_mask, which evaluates the
+    rule tile by tile; eagerly it is evaluated on a dense [B, T, T] grid first (~1 GB of int64
+    at 32 x 2048). The guards are on shapes only, so new document boundaries do not recompile.
+    """
+    global _compiled_create_block_mask
     doc_ids = (position_ids == 0).cumsum(dim=1)
     B, T = position_ids.shape
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
+    build = create_block_mask
+    if compiled or (compiled is None and position_ids.is_cuda):
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask)
+        build = _compiled_create_block_mask
     # H=None: one mask broadcast over all heads.
-    return create_block_mask(same_document_causal, B, None, T, T, device=position_ids.device)
+    return build(same_document_causal, B, None, T, T, device=position_ids.device)
 
 
 # flex_attention outside torch.compile runs an unfused reference that materialises the scores;
@@ -153,6 +167,11 @@ _compiled_flex_attention = None
 
 def run_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     global _compiled_flex_attention
+    # Contiguous [B, H, T, head_dim] inputs: inside a compiled block, inductor's CPU FlexAttention
+    # template reads q and k wrongly when they come out of a fused elementwise op (RoPE) in the
+    # transposed [B, T, H, head_dim] layout (torch 2.13, found by tests/test_attention.py). At most
+    # one copy each; kept on every device until the CUDA test shows it is not needed there.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # CPU: the eager reference (FlexAttention has no CPU backward, so CPU training takes the
     # boolean-mask path; see MobileLLM.flex_doc_mask).
     if torch.compiler.is_compiling() or q.device.type == "cpu":

@@ -31,10 +31,15 @@ def tiny(layer_sharing=False, device="cpu"):
     return model.eval()
 
 
-def test_block_mask_is_the_boolean_document_mask():
-    block_mask = document_block_mask(POSITIONS)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_mask_is_the_boolean_document_mask(compiled):
+    block_mask = document_block_mask(POSITIONS, compiled=compiled)
     dense = create_mask(block_mask.mask_mod, 2, 1, 200, 200, device="cpu")
     assert torch.equal(dense, document_causal_mask(POSITIONS))
+    # The same tiles whichever way it was built.
+    eager = document_block_mask(POSITIONS, compiled=False)
+    assert torch.equal(block_mask.kv_num_blocks, eager.kv_num_blocks)
+    assert torch.equal(block_mask.kv_indices, eager.kv_indices)
     # Tiles wholly outside every document are skipped, not computed and masked.
     many_docs = positions([[64] * 8])  # eight documents of half a tile in 512 tokens
     sparse = document_block_mask(many_docs)
