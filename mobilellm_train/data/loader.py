@@ -234,7 +234,8 @@ def open_sources(
         )
     else:
         logger.warning(
-            "data checksums not verified (verify_checksums off): %d shards checked for size only", len(all_shards)
+            "data checksums not verified (--data.verify_checksums false): %d shards checked for size only",
+            len(all_shards)
         )
     return out
 
