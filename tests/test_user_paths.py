@@ -321,3 +321,20 @@ def test_progress_units_follow_the_size():
     line = Progress("encode", 15_300_000, 4, Counter()).line()
     assert " 2.50/15.30 MB " in line
     assert format_bytes(512) == "512 B" and format_bytes(4500) == "4.5 kB" and format_bytes(2.1e9) == "2.1 GB"
+
+
+@pytest.mark.slow
+def test_demo_run_says_each_thing_once(tmp_path):
+    """The demo corpus is announced once ('built', not also 'already built'), with no library warnings."""
+    from conftest import ROOT
+
+    def args(steps):
+        return ["--config", os.path.join(ROOT, "train_configs", "debug.toml"), "--job.dump_folder",
+                str(tmp_path / "run"), "--training.steps", str(steps), "--training.local_batch_size", "2",
+                "--training.seq_len", "32", "--metrics.enable_tensorboard", "false"]
+
+    out = run_trainer(args(1))
+    assert out.count("demo corpus built") == 1 and "already built" not in out
+    assert "Warning" not in out
+    out = run_trainer(args(2))
+    assert out.count("demo corpus already built") == 1 and "resumed from" in out
