@@ -206,12 +206,18 @@ def test_config_refuses_non_finite_numbers_a_file_as_data_path_and_an_unusable_r
 
     with pytest.raises(ConfigError, match=f"job.dump_folder: {text}/run cannot be created: {text} is a file"):
         load_config(["--job.dump_folder", str(text / "run")])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes regardless of permissions")
+def test_config_refuses_a_run_folder_it_cannot_write(tmp_path):
+    from mobilellm_train.config import ConfigError, load_config
+
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as root: permissions do not stop writes")
-    with pytest.raises(ConfigError, match="job.dump_folder: .* cannot be created .* is not writable"):
+    with pytest.raises(ConfigError, match=r"job.dump_folder: .*run cannot be created: .*locked is not writable by this user"):
         load_config(["--job.dump_folder", str(locked / "run")])
+    with pytest.raises(ConfigError, match=r"job.dump_folder: .*locked is not writable by this user"):
+        load_config(["--job.dump_folder", str(locked)])
 
 
 def test_trainer_config_errors_exit_2_before_any_process_group(tmp_path):
