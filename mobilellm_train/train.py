@@ -49,7 +49,7 @@ def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -
     """
     import torch
     import torch.distributed as dist
-    
+
     from mobilellm_train.resilience import set_flight_recorder_env
 
     comm = comm or C.CommConfig()
@@ -145,7 +145,7 @@ def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, s
     """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
     rank 0."""
     import torch.distributed as dist
-    
+
     from mobilellm_train.data.demo import build_demo_corpus
 
     if cfg.path or cfg.sources:
@@ -189,7 +189,7 @@ def build_model(
     allocates only its shard: a 1.5B model never exists whole on one rank.
     """
     import torch
-    
+
     from mobilellm_train.model import MobileLLM
     from mobilellm_train.parallelize import parallelize
 
@@ -350,6 +350,7 @@ def train(cfg: C.Config) -> None:
     from mobilellm_train.optim import build_lr_scheduler, build_optimizer
     from mobilellm_train.parallelize import build_mesh
     from mobilellm_train.resilience import SpikeDetector, StopRequest, set_train_timeout
+
     rank, world_size, device = init_distributed(cfg.comm, cfg.job.dump_folder)
     setup_logging(rank)
     tcfg = cfg.training
