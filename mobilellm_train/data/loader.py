@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mobilellm_train.data.jsonl import DataError, quiet_stateful_dataloader
 from mobilellm_train.data.shards import (
