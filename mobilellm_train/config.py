@@ -622,8 +622,8 @@ def check_writable_folder(path: str, key: str) -> None:
     if not os.path.isdir(existing):
         raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == os.path.abspath(path) else f"cannot be created ({existing} is not writable)"
-        raise ConfigError(f"{key}: {path} {what} by this user; choose another folder")
+        what = "is not" if existing == os.path.abspath(path) else f"cannot be created: {existing} is not"
+        raise ConfigError(f"{key}: {path} {what} writable by this user; choose another folder")
 
 
 # ---------------------------------------------------------------------------------------------

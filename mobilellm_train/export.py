@@ -32,7 +32,6 @@ import logging
 import os
 import shutil
 import sys
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

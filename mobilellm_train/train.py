@@ -98,7 +98,7 @@ def init_distributed(comm: C.CommConfig | None = None, dump_folder: str = ".") -
     """
     import torch
     import torch.distributed as dist
-    
+
     from mobilellm_train.resilience import set_flight_recorder_env
 
     comm = comm or C.CommConfig()
@@ -199,7 +199,7 @@ def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, s
     """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
     rank 0."""
     import torch.distributed as dist
-    
+
     from mobilellm_train.data.demo import build_demo_corpus
 
     if cfg.path or cfg.sources:
@@ -243,7 +243,7 @@ def build_model(
     allocates only its shard: a 1.5B model never exists whole on one rank.
     """
     import torch
-    
+
     from mobilellm_train.model import MobileLLM
     from mobilellm_train.parallelize import parallelize
 

@@ -206,12 +206,18 @@ def test_config_refuses_non_finite_numbers_a_file_as_data_path_and_an_unusable_r
 
     with pytest.raises(ConfigError, match=f"job.dump_folder: {text}/run cannot be created: {text} is a file"):
         load_config(["--job.dump_folder", str(text / "run")])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes regardless of permissions")
+def test_config_refuses_a_run_folder_it_cannot_write(tmp_path):
+    from mobilellm_train.config import ConfigError, load_config
+
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as root: permissions do not stop writes")
-    with pytest.raises(ConfigError, match="job.dump_folder: .* cannot be created .* is not writable"):
+    with pytest.raises(ConfigError, match=r"job.dump_folder: .*run cannot be created: .*locked is not writable by this user"):
         load_config(["--job.dump_folder", str(locked / "run")])
+    with pytest.raises(ConfigError, match=r"job.dump_folder: .*locked is not writable by this user"):
+        load_config(["--job.dump_folder", str(locked)])
 
 
 def test_trainer_config_errors_exit_2_before_any_process_group(tmp_path):
@@ -321,3 +327,20 @@ def test_progress_units_follow_the_size():
     line = Progress("encode", 15_300_000, 4, Counter()).line()
     assert " 2.50/15.30 MB " in line
     assert format_bytes(512) == "512 B" and format_bytes(4500) == "4.5 kB" and format_bytes(2.1e9) == "2.1 GB"
+
+
+@pytest.mark.slow
+def test_demo_run_says_each_thing_once(tmp_path):
+    """The demo corpus is announced once ('built', not also 'already built'), with no library warnings."""
+    from conftest import ROOT
+
+    def args(steps):
+        return ["--config", os.path.join(ROOT, "train_configs", "debug.toml"), "--job.dump_folder",
+                str(tmp_path / "run"), "--training.steps", str(steps), "--training.local_batch_size", "2",
+                "--training.seq_len", "32", "--metrics.enable_tensorboard", "false"]
+
+    out = run_trainer(args(1))
+    assert out.count("demo corpus built") == 1 and "already built" not in out
+    assert "Warning" not in out
+    out = run_trainer(args(2))
+    assert out.count("demo corpus already built") == 1 and "resumed from" in out

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mobilellm_train.data.jsonl import DataError, ignore_stop_signals, quiet_stateful_dataloader
 from mobilellm_train.data.shards import (
@@ -234,7 +233,8 @@ def open_sources(
         )
     else:
         logger.warning(
-            "data checksums not verified (verify_checksums off): %d shards checked for size only", len(all_shards)
+            "data checksums not verified (--data.verify_checksums false): %d shards checked for size only",
+            len(all_shards)
         )
     return out
 
