@@ -253,6 +253,19 @@ def tokenizer_path_for(pte_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(pte_path)), TOKENIZER_FILE)
 
 
+def check_destination(out_path: str, with_tokenizer: bool, overwrite: bool) -> None:
+    """Refuse an --out that is not a .pte file name, or whose files exist, unless overwrite."""
+    out_path = os.path.abspath(out_path)
+    if os.path.isdir(out_path):
+        raise EdgeError(f"--out {out_path} is a folder; give the program's file name, e.g. model.pte")
+    if not out_path.endswith(".pte"):
+        raise EdgeError(f"--out {out_path}: an ExecuTorch program's name ends in .pte")
+    targets = [out_path, meta_path(out_path)] + ([tokenizer_path_for(out_path)] if with_tokenizer else [])
+    existing = [p for p in targets if os.path.exists(p)]
+    if existing and not overwrite:
+        raise EdgeError(f"{', '.join(existing)} exists; choose another --out or pass --overwrite")
+
+
 def write_program(
     model: MobileLLM, out_path: str, tokenizer_path: str = "", max_context: int = DEFAULT_MAX_CONTEXT,
     quantize: str = "none", group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False, source: str = "",
@@ -263,14 +276,7 @@ def write_program(
 
     out_path = os.path.abspath(out_path)
     tok_dest = tokenizer_path_for(out_path)
-    if os.path.isdir(out_path):
-        raise EdgeError(f"--out {out_path} is a folder; give the program's file name, e.g. model.pte")
-    if not out_path.endswith(".pte"):
-        raise EdgeError(f"--out {out_path}: an ExecuTorch program's name ends in .pte")
-    targets = [out_path, meta_path(out_path)] + ([tok_dest] if tokenizer_path else [])
-    existing = [p for p in targets if os.path.exists(p)]
-    if existing and not overwrite:
-        raise EdgeError(f"{', '.join(existing)} exists; choose another --out or pass --overwrite")
+    check_destination(out_path, bool(tokenizer_path), overwrite)
     if tokenizer_path and not os.path.isfile(tokenizer_path):
         raise EdgeError(f"--tokenizer {tokenizer_path}: no such file")
     if quantize not in QUANTIZE_CHOICES:
@@ -337,6 +343,8 @@ class EdgeProgram:
         end = start + tokens.shape[1]
         if tokens.shape[1] < 1 or start < 0 or end > self.max_context:
             raise ValueError(f"positions {start}..{end} do not fit the program's context of {self.max_context}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, the program's vocabulary")
         (logits,) = self._method.execute([tokens, torch.tensor([start], dtype=torch.long)])
         return logits[0]
 

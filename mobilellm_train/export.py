@@ -342,6 +342,7 @@ def _main_executorch(args: argparse.Namespace) -> None:
         if not tokenizer:
             logger.warning("%s holds no %s and --tokenizer is not given: writing the program without a tokenizer",
                            args.checkpoint, TOKENIZER_FILE)
+        edge.check_destination(args.out, bool(tokenizer), args.overwrite)  # before the slow load
         model = load_model(args.checkpoint, verify=args.verify)
         if tokenizer:
             import sentencepiece as spm

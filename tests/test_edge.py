@@ -91,6 +91,8 @@ def test_fp32_program_logits_equal_eager_in_the_runtime(programs, trained, varia
         torch.testing.assert_close(program.forward(other[:9], 0), model(other[None, :9])[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="context of 40"):
         program.forward(tokens[:5], CONTEXT - 4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        program.forward([3, ARGS.vocab_size], 0)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "ls"])
@@ -191,11 +193,6 @@ def test_export_and_generate_commands(tmp_path):
     with open(out.parent / "model.json") as f:
         assert json.load(f)["layer_sharing"] is True
 
-    # Nothing is replaced without --overwrite.
-    before = out.read_bytes()
-    r = subprocess.run(export, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert r.returncode == 1 and "--overwrite" in r.stderr and out.read_bytes() == before
-
     generate_cmd = [sys.executable, "-m", "mobilellm_train.generate", "--pte", str(out), "--prompt", "the dog",
                     "--max-new-tokens", "8"]
     r = subprocess.run(generate_cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -204,15 +201,43 @@ def test_export_and_generate_commands(tmp_path):
     (expected,) = generate(model, prompt, 8, eos_id=2, vocab_limit=sp.vocab_size())
     assert r.stdout.strip().splitlines() == ["=== prompt 1 ===", sp.decode(prompt + expected)]
 
-    r = subprocess.run(generate_cmd + ["--checkpoint", step], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 2 and "exactly one of --checkpoint" in r.stderr
+
+def test_commands_refuse_bad_input(tmp_path, programs, capsys):
+    from mobilellm_train import export, generate as generate_module
+
+    pte = programs["paths"]["fp32"]
+    # Nothing is replaced without --overwrite, and the check comes before the slow work.
+    before = open(pte, "rb").read()
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(tmp_path), "--format", "executorch", "--out", pte])
+    assert e.value.code == 1 and "pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(tmp_path), "--format", "executorch", "--out", str(tmp_path / "m.pte")])
+    assert e.value.code == 1 and "neither a complete DCP step folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(tmp_path), "--format", "executorch", "--out", str(tmp_path / "m.pte"),
+                     "--dtype", "bfloat16"])
+    assert e.value.code == 1 and "--quantize" in capsys.readouterr().err
+    with pytest.raises(edge.EdgeError, match="--overwrite"):
+        edge.write_program(init_model(ARGS), pte, max_context=8)
+    assert open(pte, "rb").read() == before
+
+    def run_generate(*argv):
+        with pytest.raises(SystemExit) as e:
+            generate_module.main(["--prompt", "x", *argv])
+        return e.value.code, capsys.readouterr().err
+
+    code, err = run_generate("--pte", pte, "--checkpoint", str(tmp_path))
+    assert code == 2 and "exactly one of --checkpoint" in err
     missing = str(tmp_path / "nothing.pte")
-    r = subprocess.run(generate_cmd[:4] + [missing] + generate_cmd[5:], capture_output=True, text=True,
-                       env=env, cwd=ROOT)
-    assert r.returncode == 1 and f"--pte {missing}: no such file" in r.stderr
-    # A damaged program is reported as such, not a crash.
-    (out.parent / "bad.pte").write_bytes(before[: len(before) // 3])
-    (out.parent / "bad.json").write_bytes((out.parent / "model.json").read_bytes())
-    r = subprocess.run(generate_cmd[:4] + [str(out.parent / "bad.pte")] + generate_cmd[5:], capture_output=True,
-                       text=True, env=env, cwd=ROOT)
-    assert r.returncode == 1 and "cannot load it" in r.stderr, r.stderr[-2000:]
+    code, err = run_generate("--pte", missing)
+    assert code == 1 and f"--pte {missing}: no such file" in err
+    # A damaged program is reported as such, not a crash; so is a program without its description.
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(before[: len(before) // 3])
+    (tmp_path / "bad.json").write_bytes(open(edge.meta_path(pte), "rb").read())
+    code, err = run_generate("--pte", str(bad))
+    assert code == 1 and "cannot load it" in err, err
+    os.remove(tmp_path / "bad.json")
+    code, err = run_generate("--pte", str(bad))
+    assert code == 1 and "bad.json is missing" in err, err
