@@ -215,7 +215,10 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # A copy of v of its own: attention keeps v for backward, and a view would keep the whole
+        # fused output alive with it, q and k before RoPE included ((dim + kv) values per token
+        # per block that nothing needs; the planner's count in plan.py assumes they are freed).
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2).contiguous()
         return q, k, v
 
     def forward(

@@ -38,7 +38,12 @@ import sys
 import typing
 
 from mobilellm_train import config as C
-from mobilellm_train.model import ModelArgs, count_params
+
+if typing.TYPE_CHECKING:
+    from mobilellm_train.model import ModelArgs
+
+# The model module (and with it torch) is imported where a plan is computed, so that --help and
+# argument errors answer at once.
 
 GIB = 2**30
 
@@ -170,6 +175,8 @@ def estimate(
     compiled = compile_cfg.enable
     tokens = micro_batch * training.seq_len
     passes = a.n_passes
+
+    from mobilellm_train.model import count_params
 
     params = count_params(a)
     block_params = (count_params(dataclasses.replace(a, n_layers=1)) - count_params(dataclasses.replace(a, n_layers=0)))

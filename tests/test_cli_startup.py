@@ -41,6 +41,8 @@ CASES = [
     ("mobilellm_train.generate", ["--checkpoint", "x", "--temperature", "hot"], 2, "--temperature"),
     ("mobilellm_train.export", ["--help"], 0, "--out"),
     ("mobilellm_train.export", ["--checkpoint", "x"], 2, "--out"),
+    ("mobilellm_train.plan", ["--help"], 0, "--card"),
+    ("mobilellm_train.plan", ["--card", "tpu"], 2, "--card"),
 ]
 
 
