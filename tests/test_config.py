@@ -48,6 +48,10 @@ def test_precedence_defaults_toml_cli(tmp_path):
         (["--data.path", "/no/such/folder"], "data.path: /no/such/folder does not exist"),
         (["--lr_scheduler.decay_type", "step"], "lr_scheduler.decay_type: must be one of"),
         (["--config", "/no/such.toml"], "no such file"),
+        (["--job.stop_check_freq", "0"], "job.stop_check_freq must be positive"),
+        (["--training.gc_full_freq", "-1"], "training.gc_full_freq must be >= 0"),
+        (["--training.doc_mask_attention", "dense"], "training.doc_mask_attention: must be one of"),
+        (["--activation_checkpoint.mode", "ops"], "activation_checkpoint.mode: must be one of"),
     ],
 )
 def test_bad_config_names_the_key(argv, message):

@@ -125,3 +125,31 @@ def test_ac_bench_reports_what_each_mode_saves_and_recomputes(tmp_path, capsys):
     assert modes["op"]["backward_matmuls"] == modes["none"]["backward_matmuls"]
     assert modes["none"]["backward_matmuls"] < modes["selective"]["backward_matmuls"] < modes["full"]["backward_matmuls"]
     assert "saved_activations_gib" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["op", "full"])
+def test_ac_under_inductor_on_cuda_gives_the_gradients_of_no_ac(mode):
+    """The GPU configuration: inductor per block, SDPA's flash/efficient kernels saved by the op
+    policy. fp32, so the comparison is tight."""
+    plain = tiny().cuda()
+    wrapped = copy.deepcopy(plain)
+    apply_ac(wrapped, ActivationCheckpointConfig(mode=mode))
+    torch._dynamo.reset()
+    for model in (plain, wrapped):
+        for name, block in model.layers.named_children():
+            model.layers.register_module(name, torch.compile(block, fullgraph=True))
+
+    def loss_and_grads(model):
+        model.zero_grad(set_to_none=True)
+        inputs, labels = (t.cuda() for t in tokens())
+        loss = model(inputs, labels=labels)
+        loss.backward()
+        return loss.detach(), {canonical(n): p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_plain, grads_plain = loss_and_grads(plain)
+    loss_ac, grads_ac = loss_and_grads(wrapped)
+    torch.testing.assert_close(loss_ac, loss_plain, rtol=0, atol=1e-5)
+    for name, g in grads_plain.items():
+        torch.testing.assert_close(grads_ac[name], g, rtol=1e-4, atol=1e-5, msg=name)
