@@ -207,6 +207,8 @@ def detect_sdpa_kernel(run_one_step: Callable[[], object]) -> str:
     """Run one step under torch.profiler (CPU activity: the dispatcher records every aten op,
     compiled graphs' attention included, since inductor calls SDPA as an extern kernel) and name
     the attention kernel(s) it dispatched to."""
+    import torch
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run_one_step()
     return sdpa_kernels(e.key for e in prof.key_averages())
@@ -227,6 +229,8 @@ def sdpa_backend_context(backend: str):
 
 def planned_allocated_gib(cfg: C.Config, device: torch.device) -> float | None:
     """The memory planner's peak allocated memory for this one-GPU run (GPU only)."""
+    import torch
+
     if device.type != "cuda":
         return None
     from mobilellm_train.plan import GIB, estimate_config
@@ -241,6 +245,7 @@ def planned_allocated_gib(cfg: C.Config, device: torch.device) -> float | None:
 
 def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int) -> dict:
     """Time `train.train_step` on the model `train.build_model` builds for `cfg`, one rank."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     from mobilellm_train.metrics import detect_peak_flops, flops_per_token, reset_peak_memory
@@ -377,6 +382,7 @@ def run_loss_variant(
     compile_chunk: bool, iters: int, device: torch.device,
 ) -> dict:
     """Time forward+backward of one loss variant and its peak memory above the inputs."""
+    import torch
     import torch.nn.functional as F
 
     from mobilellm_train.losses import chunked_cross_entropy
