@@ -184,8 +184,8 @@ def export_program(
     model: MobileLLM, max_context: int = DEFAULT_MAX_CONTEXT, quantize: str = "none",
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> bytes:
-    """The serialized ExecuTorch program (.pte bytes) of `model` (fp32, on the CPU; it is modified
-    when quantizing): torch.export with a dynamic token count, XNNPACK lowering."""
+    """The serialized ExecuTorch program (.pte bytes) of `model`: torch.export with a dynamic token
+    count, XNNPACK lowering. `model` is moved to the CPU in fp32; quantization works on a copy."""
     require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -210,7 +210,8 @@ def export_program(
     )
     program = edge.to_executorch(
         ExecutorchBackendConfig(
-            # Mutable buffers (the cache) get planned memory that persists across calls.
+            # Inputs are the caller's tensors, not planned memory; the cache buffers are planned
+            # and live as long as the loaded method, so they persist across calls.
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         )
     )
