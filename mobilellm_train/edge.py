@@ -4,6 +4,7 @@ static KV cache, and the ExecuTorch runtime from Python to run it.
     mobilellm-export --checkpoint STEP_OR_HF_FOLDER --format executorch --out model.pte \
         [--max-context 512] [--quantize none|8da4w|8da8w] [--group-size 32] [--report]
     mobilellm-generate --pte model.pte --prompt "Return the"
+    python -m mobilellm_train.edge --pte model.pte [--checkpoint FOLDER] [--report-data DATA]   # the report
 
 The program has one method, `forward(tokens [1, T] int64, input_pos [1] int64) -> logits
 [1, T, vocab] fp32`, for any 1 <= T <= max_context: it computes positions input_pos..input_pos+T,
@@ -183,8 +184,8 @@ def export_program(
     model: MobileLLM, max_context: int = DEFAULT_MAX_CONTEXT, quantize: str = "none",
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> bytes:
-    """The serialized ExecuTorch program (.pte bytes) of `model` (fp32, on the CPU; it is modified
-    when quantizing): torch.export with a dynamic token count, XNNPACK lowering."""
+    """The serialized ExecuTorch program (.pte bytes) of `model`: torch.export with a dynamic token
+    count, XNNPACK lowering. `model` is moved to the CPU in fp32; quantization works on a copy."""
     require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -209,7 +210,8 @@ def export_program(
     )
     program = edge.to_executorch(
         ExecutorchBackendConfig(
-            # Mutable buffers (the cache) get planned memory that persists across calls.
+            # Inputs are the caller's tensors, not planned memory; the cache buffers are planned
+            # and live as long as the loaded method, so they persist across calls.
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         )
     )
@@ -253,6 +255,16 @@ def tokenizer_path_for(pte_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(pte_path)), TOKENIZER_FILE)
 
 
+def executorch_version() -> str:
+    """The installed ExecuTorch's version (the package has no __version__)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("executorch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def check_destination(out_path: str, with_tokenizer: bool, overwrite: bool) -> None:
     """Refuse an --out that is not a .pte file name, or whose files exist, unless overwrite."""
     out_path = os.path.abspath(out_path)
@@ -272,8 +284,6 @@ def write_program(
 ) -> str:
     """Write `out_path` (the .pte), its .json description and the tokenizer beside it; returns
     the .pte path. Nothing existing is replaced unless `overwrite`; files appear only complete."""
-    import executorch
-
     out_path = os.path.abspath(out_path)
     tok_dest = tokenizer_path_for(out_path)
     check_destination(out_path, bool(tokenizer_path), overwrite)
@@ -286,7 +296,7 @@ def write_program(
         max_context=max_context, vocab_size=args.vocab_size, quantize=quantize, group_size=group_size,
         layer_sharing=args.layer_sharing, n_layers=args.n_layers, dim=args.dim,
         parameters=sum(p.numel() for p in model.parameters()), source=source,
-        executorch_version=getattr(executorch, "__version__", "unknown"), torch_version=torch.__version__,
+        executorch_version=executorch_version(), torch_version=torch.__version__,
     )
     buffer = export_program(model, max_context, quantize, group_size)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -485,7 +495,7 @@ def report(
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "torch": torch.__version__,
-        "executorch": program.info.executorch_version,
+        "executorch": executorch_version(),
         "torch_threads": torch.get_num_threads(),
         "runtime": measure_throughput(program.forward, prompt_tokens, decode_tokens, program.vocab_size),
     }
@@ -497,3 +507,36 @@ def report(
         windows = report_windows(data_path, program.vocab_size, program.max_context, max_windows)
         result["agreement"] = {"data": data_path or "random tokens", **compare_with_eager(program, model, windows)}
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The report of an existing program, beside the checkpoint it came from when given."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m mobilellm_train.edge",
+        description="Size, agreement with eager and runtime tokens/s of an ExecuTorch program (a JSON report).",
+    )
+    p.add_argument("--pte", required=True, help="the program, from mobilellm-export --format executorch")
+    p.add_argument("--checkpoint", default="", help="its step or HF folder: adds eager tokens/s and agreement")
+    p.add_argument("--report-data", default="", help="held-out token data (JSONL or prepared shards)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length measured")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps measured")
+    args = p.parse_args(argv)
+    from mobilellm_train.checkpoint import CheckpointError
+    from mobilellm_train.evaluation.loading import load_model
+    from mobilellm_train.hf import HFCheckpointError
+
+    try:
+        program = EdgeProgram(args.pte)
+        model = load_model(args.checkpoint) if args.checkpoint else None
+        result = report(program, model, args.report_data, args.prompt_tokens, args.decode_tokens)
+    except (EdgeError, CheckpointError, HFCheckpointError, OSError, ValueError) as e:
+        print(f"edge report error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -191,7 +191,9 @@ def test_export_and_generate_commands(tmp_path):
     assert report["agreement"]["top1"] == 1.0 and report["agreement"]["data"] == "random tokens"
     assert report["runtime"]["decode_tokens_per_s"] > 0 and report["eager"]["prefill_tokens_per_s"] > 0
     with open(out.parent / "model.json") as f:
-        assert json.load(f)["layer_sharing"] is True
+        info = json.load(f)
+    assert info["layer_sharing"] is True and info["max_context"] == 24 and info["quantize"] == "none"
+    assert info["executorch_version"] == report["executorch"] != "unknown"
 
     generate_cmd = [sys.executable, "-m", "mobilellm_train.generate", "--pte", str(out), "--prompt", "the dog",
                     "--max-new-tokens", "8"]

@@ -125,7 +125,7 @@ def test_stop_file_and_sigterm_single_rank(corpus, tmp_path):
     env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm_train.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run, 5, proc)
+    wait_for_step(run, stopped + 2, proc)  # a step of this run: its signal handlers are in place
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
