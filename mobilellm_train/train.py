@@ -451,6 +451,19 @@ class RunParts:
                 close()
             except Exception as e:  # the run is failing already; report the first error, not this
                 logger.warning("stopping the data loader: %s: %s", type(e).__name__, e)
+        # Workers the error's traceback still holds on to (an error raised in a worker keeps its
+        # loader iterator alive) would be ended at exit with SIGTERM, which loader workers ignore
+        # (see data.jsonl.ignore_stop_signals), and exit would wait for them forever.
+        # They are killed instead, after the loader's SIGCHLD handler (which would turn a killed
+        # worker into a new error in place of the one being reported) is put back to the default.
+        import multiprocessing
+        import signal
+
+        if multiprocessing.active_children():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=5)
         if self.checkpointer is not None:
             try:
                 self.checkpointer.close()

@@ -134,7 +134,7 @@ def test_refused_start_keeps_config_and_budget_change_is_logged(corpus, tmp_path
     out = run_trainer(base_args(corpus, run, steps=20, **{"model.vocab_size": 80}), expect_rc=1)
     assert "CheckpointError" in out and "vocab_size" in out
     assert (run / "config.toml").read_text() == written
-    assert sorted(os.listdir(run)) == sorted(["config.toml", "checkpoints", "metrics.jsonl"])
+    assert sorted(os.listdir(run)) == sorted(["config.toml", "checkpoints", "metrics.jsonl", "run.lock"])
 
     out = run_trainer(base_args(corpus, run, steps=20))
     assert "config changed since the last start" in out and "training.steps 10 -> 20" in out
