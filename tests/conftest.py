@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,3 +88,50 @@ def read_metrics(dump_folder):
     """metrics.jsonl as {step: record}; a resumed run's records replace the ones it repeats."""
     with open(os.path.join(dump_folder, "metrics.jsonl")) as f:
         return {r["step"]: r for r in map(json.loads, f)}
+
+
+def wait_for_step(run, step, proc, timeout=120):
+    """Wait until the trainer `proc`, writing into `run`, has logged `step`; fail if it exits first."""
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()[-4000:]}"
+        if os.path.exists(path) and read_metrics(run) and max(read_metrics(run)) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def children(pid):
+    """Process ids whose parent is `pid` (a launcher's ranks, a rank's loader workers)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def descendants(pid):
+    """pid and every process below it: what slurm signals when it signals a job."""
+    out = [pid]
+    for child in children(pid):
+        out += descendants(child)
+    return out
+
+
+def train_tiny_tokenizer(folder) -> str:
+    """A 60-piece SentencePiece BPE model (bos 1, eos 2) trained in-process on two sentences;
+    returns its tokenizer.model path."""
+    import sentencepiece as spm
+
+    prefix = os.path.join(str(folder), "sp")
+    lines = ["the quick brown fox jumps over the lazy dog", "a dog and a cat sat on the mat"] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
+                                   vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
+                                   minloglevel=2, num_threads=1)
+    return prefix + ".model"

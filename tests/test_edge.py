@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("executorch.runtime", reason="needs ExecuTorch: pip install -e '.[edge]'")
 pytest.importorskip("torchao", reason="needs torchao: pip install -e '.[edge]'")
 
-from conftest import init_model, subprocess_env  # noqa: E402
+from conftest import init_model, subprocess_env, train_tiny_tokenizer  # noqa: E402
 from test_generate import save_step_folder  # noqa: E402
 from mobilellm_train import edge  # noqa: E402
 from mobilellm_train.generate import generate  # noqa: E402
@@ -166,12 +166,8 @@ def test_options_are_checked(tmp_path, trained):
 
 def _tokenizer(tmp_path):
     spm = pytest.importorskip("sentencepiece")
-    prefix = str(tmp_path / "sp")
-    lines = ["the quick brown fox jumps over the lazy dog", "a dog and a cat sat on the mat"] * 30
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
-                                   vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
-                                   minloglevel=2, num_threads=1)
-    return spm.SentencePieceProcessor(model_file=prefix + ".model"), prefix + ".model"
+    path = train_tiny_tokenizer(tmp_path)
+    return spm.SentencePieceProcessor(model_file=path), path
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import init_model, subprocess_env
+from conftest import init_model, subprocess_env, train_tiny_tokenizer
 from mobilellm_train.checkpoint import TOKENIZER_FILE, ChecksummedWriter, TrainState, model_args_fingerprint
 from mobilellm_train.generate import KVCache, forward_cached, generate, sample_next
 from mobilellm_train.model import ModelArgs
@@ -98,20 +98,17 @@ def save_step_folder(model, path, tokenizer_path=""):
 
 @pytest.mark.slow
 def test_generate_cli_on_a_dcp_checkpoint(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
-    prefix = str(tmp_path / "sp")
-    lines = ["the quick brown fox jumps over the lazy dog", "a dog and a cat sat on the mat"] * 30
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
-                                   vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
-                                   minloglevel=2, num_threads=1)
+    tokenizer = train_tiny_tokenizer(tmp_path)
     model = init_model(replace(ARGS, layer_sharing=True), seed=11)
-    step = save_step_folder(model, tmp_path / "step-5", prefix + ".model")
+    step = save_step_folder(model, tmp_path / "step-5", tokenizer)
     env = subprocess_env()
     cmd = [sys.executable, "-m", "mobilellm_train.generate", "--checkpoint", step, "--prompt", "the dog",
            "--max-new-tokens", "8", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
     prompt = [1] + sp.encode("the dog")
     (expected,) = generate(model, prompt, 8, eos_id=2, vocab_limit=sp.vocab_size())
     assert max(expected) < sp.vocab_size()

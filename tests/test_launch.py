@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_args, read_metrics, subprocess_env
+from conftest import ROOT, base_args, descendants, read_metrics, subprocess_env, wait_for_step
 
 SRUN = """#!/bin/bash
 # srun stand-in: record srun's own options, then run the command once (one node).
@@ -108,24 +108,6 @@ def start_script(args, env):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def wait_for_step(run, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not (os.path.exists(run / "metrics.jsonl") and read_metrics(run) and max(read_metrics(run)) >= step):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-        time.sleep(0.05)
-
-
-def descendants(pid):
-    out = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out += descendants(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer, subprocess_env
+from conftest import ROOT, base_args, children, make_corpus, read_metrics, run_trainer, subprocess_env, wait_for_step
 
 STEPS = 60
 COMMON = {"checkpoint.interval": 5, "training.global_batch_size": 16}
@@ -39,29 +39,6 @@ def start_trainer(args, nproc=2):
                             start_new_session=True)
 
 
-def wait_for_step(run, step, proc, timeout=120):
-    path = os.path.join(run, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()[-4000:]}"
-        if os.path.exists(path) and read_metrics(run) and max(read_metrics(run)) >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
-def children(pid):
-    """Process ids whose parent is `pid` (the torchrun agent's workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
 
 
 def losses(run):

@@ -11,7 +11,17 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer, subprocess_env
+from conftest import (
+    ROOT,
+    base_args,
+    children,
+    descendants,
+    make_corpus,
+    read_metrics,
+    run_trainer,
+    subprocess_env,
+    wait_for_step,
+)
 
 STEPS = 40
 # Loader workers on: they receive the job's signals too. Only the stop writes a checkpoint.
@@ -57,36 +67,7 @@ def start(args, nproc):
                             text=True, start_new_session=True)
 
 
-def wait_for_step(run, step, proc, timeout=120):
-    path = os.path.join(run, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()[-4000:]}"
-        if os.path.exists(path) and read_metrics(run) and max(read_metrics(run)) >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
-
-def children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def descendants(pid):
-    """pid and every process below it: what slurm signals when it signals a job."""
-    out = [pid]
-    for child in children(pid):
-        out += descendants(child)
-    return out
 
 
 def finish(proc, timeout=120):
