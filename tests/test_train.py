@@ -99,6 +99,10 @@ def test_checkpoint_mismatch_and_load_step_errors(corpus, tmp_path):
     assert "holds newer checkpoints [20]" in out
     out = run_trainer(base_args(corpus, run, steps=30, **{"checkpoint.load_step": 15}), expect_rc=1)
     assert "no complete checkpoint" in out and "step-15" in out
+    # The JSONL reader's position belongs to its worker count: refused in words, not an AssertionError.
+    out = run_trainer(base_args(corpus, run, steps=30, **{"data.num_workers": 1}), expect_rc=1)
+    assert "saved with --data.num_workers 0" in out and "Resume with --data.num_workers 0" in out
+    assert "AssertionError" not in out
 
     # A save killed half-way leaves a folder without .metadata: ignored, with a warning.
     os.makedirs(run / "checkpoints" / "step-25")

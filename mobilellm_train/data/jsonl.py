@@ -452,12 +452,32 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def quiet_stateful_dataloader(dataset, **kwargs) -> StatefulDataLoader:
+def quiet_stateful_dataloader(dataset, loader_class: type = StatefulDataLoader, **kwargs) -> StatefulDataLoader:
     """A StatefulDataLoader without the deprecation warning about `torch.set_vital` that its
     constructor raises on every run: torchdata's own call, nothing a user can act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-        return StatefulDataLoader(dataset, **kwargs)
+        return loader_class(dataset, **kwargs)
+
+
+class JsonlLoader(StatefulDataLoader):
+    """The JSONL reader's loader: a position saved with one number of loader workers is refused
+    in words under another (torchdata's own check is a bare AssertionError at the first batch),
+    since each worker holds its own share of the rank's lines."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        snapshot = state_dict.get("_snapshot")
+        saved = 0 if snapshot is None else snapshot.get("_main_snapshot", {}).get("_num_workers")
+        if saved != self.num_workers:
+            from mobilellm_train.checkpoint import CheckpointError  # here: checkpoint imports this module's users
+
+            raise CheckpointError(
+                f"this run's data position (JSONL layout) was saved with --data.num_workers {saved}, and this "
+                f"start asks for {self.num_workers}: each worker reads its own share of the lines, so the "
+                f"position cannot move to another worker count. Resume with --data.num_workers {saved} (or "
+                "prepare the data with mobilellm-prepare, whose position moves freely)."
+            )
+        super().load_state_dict(state_dict)
 
 
 def build_dataloader(
@@ -466,6 +486,7 @@ def build_dataloader(
     """Batches of {"input", "label"} as [local_batch_size, seq_len] int64; state_dict() resumes exactly."""
     return quiet_stateful_dataloader(
         dataset,
+        loader_class=JsonlLoader,
         batch_size=local_batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
