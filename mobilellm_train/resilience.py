@@ -2,8 +2,8 @@
 NCCL flight recorder, and a loss-spike detector.
 
 A stop request (SIGTERM, SIGINT, SIGUSR1, or a stop file appearing) only sets a flag; every
-`job.stop_check_freq` steps the ranks agree on it with one tiny all-reduce, so that every rank saves the same step
-and exits together instead of one rank leaving the others in a collective. A second Ctrl-C aborts
+`job.stop_check_freq` steps the ranks agree on it with one tiny all-reduce, so that every rank
+saves the same step and exits together instead of one rank leaving the others in a collective. A second Ctrl-C aborts
 at once. A rank also never outlives the process that started it (`exit_with_parent`), and one run
 folder holds one run at a time (`RunFolderLock`).
 """
