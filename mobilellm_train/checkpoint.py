@@ -341,12 +341,17 @@ def read_metadata(path: str) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's filesystem reader with `.metadata` read by the restricted unpickler."""
+    """DCP's filesystem reader with `.metadata` read by the restricted unpickler (or given, when
+    the caller has read it already)."""
+
+    def __init__(self, path: str, metadata: Metadata | None = None):
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if kwargs.get("rank") is not None:
             raise CheckpointError("per-rank DCP metadata files are not supported")
-        metadata = read_metadata(str(self.path))
+        metadata = self._metadata if self._metadata is not None else read_metadata(str(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -902,16 +907,21 @@ def has_unfused_projections(path: str) -> bool:
     """Whether a checkpoint holds separate wq/wk/wv and w1/w3 weights: the layout of checkpoints
     written before the blocks fused them into wqkv and w13."""
     try:
-        keys = read_metadata(path).state_dict_metadata
+        return _is_unfused(read_metadata(path))
     except CheckpointError:  # unreadable or refused metadata is reported by the load itself
         return False
-    return any(k.startswith("model.") and k.endswith(".attention.wq.weight") for k in keys)
+
+
+def _is_unfused(metadata: Metadata) -> bool:
+    return any(k.startswith("model.") and k.endswith(".attention.wq.weight") for k in metadata.state_dict_metadata)
 
 
 def _checked_load(states: dict, path: str) -> None:
     """dcp.load inside a process group or in a lone process (eval, export), through the reader
     and planner that run no code from the folder, reporting a damaged checkpoint as such."""
-    if isinstance(states.get("model"), ModelState) and has_unfused_projections(path):
+    # Read here, once: inside dcp.load, DCP would fold our refusal into an error of its own.
+    metadata = read_metadata(path)
+    if isinstance(states.get("model"), ModelState) and _is_unfused(metadata):
         # A sharded fused weight is not the concatenation of its parts' shards, so this cannot
         # be loaded in place; the lone-process loader (eval, export) can, and export writes the
         # Hugging Face layout that a new run starts from.
@@ -922,9 +932,7 @@ def _checked_load(states: dict, path: str) -> None:
             f"--checkpoint {path} --out <folder>, which reads either layout) and starting a new run folder "
             "with --checkpoint.initial_load_path <folder>; the optimizer state and data position start fresh."
         )
-    # Read here first: inside dcp.load, DCP would fold our refusal into an error of its own.
-    read_metadata(path)
-    reader, planner = SafeFileSystemReader(path), SafeLoadPlanner(path)
+    reader, planner = SafeFileSystemReader(path, metadata), SafeLoadPlanner(path)
     try:
         if dist.is_initialized():
             dcp.load(states, storage_reader=reader, planner=planner)

@@ -223,7 +223,6 @@ def main(argv: list[str] | None = None) -> None:
     from mobilellm_train.data.jsonl import DataError
     from mobilellm_train.evaluation.loading import TokenizerMismatchError
     from mobilellm_train.evaluation.report import average, format_table
-    from mobilellm_train.evaluation.tasks import TaskDataError
     from mobilellm_train.hf import HFCheckpointError
 
     args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
