@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mobilellm_train.config import CheckpointConfig
+from mobilellm_train.errors import CheckpointError
 from mobilellm_train.data.shards import TOKENIZER_FILE  # a step folder names its tokenizer as a dataset does
 from mobilellm_train.hf import HFCheckpointError, is_hf_folder, load_hf_into_model, unfuse_projections
 from mobilellm_train.model import MobileLLM, ModelArgs
@@ -63,10 +64,6 @@ logger = logging.getLogger("mobilellm_train")
 _TORCH_VERSION = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run."""
 
 
 @dataclass

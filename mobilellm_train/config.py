@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 # Parsing the command line (and --help) imports nothing heavy: torch takes seconds to import, so
 # the model, data and task modules are imported where values are checked (validate).
+from mobilellm_train.errors import ConfigError, DataError, raw_text_hint
 from mobilellm_train.evaluation.tasks import parse_task_names
 
 
@@ -42,10 +43,6 @@ def __getattr__(name: str):
 
         return getattr(model, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, of the wrong type or holds an impossible value."""
 
 
 @dataclass
@@ -504,8 +501,7 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
 
 def validate(cfg: Config, world_size: int) -> None:
     """Reject impossible values with the key's name, before anything expensive starts."""
-    from mobilellm_train.data.jsonl import DataError, raw_text_hint
-    from mobilellm_train.data.loader import parse_sources
+    from mobilellm_train.data.sources import parse_sources
 
     def check(ok: bool, msg: str) -> None:
         if not ok:

@@ -364,9 +364,9 @@ def generate_pte(
     top_p: float = 1.0, num_samples: int = 1, eos_id: int = -1, seed: int = 0, vocab_limit: int = 0,
 ) -> list[list[int]]:
     """generate.generate through the program: `num_samples` continuations, each its own pass
-    (the program's batch is 1), sampled with generate.sample_next; total length stops at the
+    (the program's batch is 1), sampled with decoding.sample_next; total length stops at the
     program's max_context."""
-    from mobilellm_train.generate import sample_next
+    from mobilellm_train.decoding import sample_next
 
     if not prompt:
         raise ValueError("the prompt has no tokens")
@@ -415,8 +415,8 @@ def measure_throughput(forward, prompt_len: int, decode_tokens: int, vocab_size:
 
 def eager_forward(model: MobileLLM, max_context: int):
     """forward(tokens, start) -> logits [T, vocab] of the eager model with its KV cache
-    (generate.forward_cached), the baseline the program is measured beside."""
-    from mobilellm_train.generate import KVCache, forward_cached
+    (decoding.forward_cached), the baseline the program is measured beside."""
+    from mobilellm_train.decoding import KVCache, forward_cached
 
     cache = KVCache(model, 1, max_context)
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from mobilellm_train.config import CommConfig
+from mobilellm_train.errors import RunFolderError
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -145,10 +146,6 @@ def exit_with_parent() -> None:
     # The parent may have died between the two getppid() calls; the kernel would then never signal.
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-class RunFolderError(RuntimeError):
-    """Another run holds this run folder."""
 
 
 class RunFolderLock:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from mobilellm_train import config as C
+from mobilellm_train.errors import NonFiniteError
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 # --help and command-line errors answer at once (importing torch takes seconds).
 
 logger = logging.getLogger("mobilellm_train")
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
 
 
 class NonFiniteSteps:

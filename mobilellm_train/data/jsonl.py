@@ -57,7 +57,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 # Defined apart, in a module that imports nothing heavy, so that mobilellm-prepare starts fast.
-from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
+from mobilellm_train.errors import JSON_TOO_DEEP, BadLine, CheckpointError, DataError, raw_text_hint
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +167,6 @@ def list_jsonl_files(folder: str) -> list[str]:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: empty file (0 bytes)")
     return files
-
-
-def raw_text_hint(path: str, tokenizer_path: str = "") -> str:
-    """What to do when `path` holds text rather than token ids: the exact commands."""
-    base = os.path.splitext(os.path.abspath(path).rstrip(os.sep))[0]
-    out = base + "_tokens"
-    lines = ["If it is raw text (JSONL with a text field, Parquet or plain text), tokenize it first:"]
-    if not tokenizer_path:
-        tokenizer_path = base + "_tokenizer.model"
-        lines.append(f"    mobilellm-prepare tokenizer --input {path} --out {tokenizer_path} --vocab-size 32000")
-    lines.append(f"    mobilellm-prepare encode --input {path} --tokenizer {tokenizer_path} --out {out}")
-    lines.append(f"then train with --data.path {out} (docs/DATA.md).")
-    return "\n".join(lines)
 
 
 
@@ -469,8 +456,6 @@ class JsonlLoader(StatefulDataLoader):
         snapshot = state_dict.get("_snapshot")
         saved = 0 if snapshot is None else snapshot.get("_main_snapshot", {}).get("_num_workers")
         if saved != self.num_workers:
-            from mobilellm_train.checkpoint import CheckpointError  # here: checkpoint imports this module's users
-
             raise CheckpointError(
                 f"this run's data position (JSONL layout) was saved with --data.num_workers {saved}, and this "
                 f"start asks for {self.num_workers}: each worker reads its own share of the lines, so the "

@@ -32,7 +32,6 @@ load_state_dict() restarts the workers at that position: a run saved on 8 ranks 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,7 +40,9 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mobilellm_train.data.jsonl import DataError, ignore_stop_signals, quiet_stateful_dataloader
+from mobilellm_train.data.jsonl import ignore_stop_signals, quiet_stateful_dataloader
+from mobilellm_train.data.sources import parse_sources  # noqa: F401 (part of the loader's interface)
+from mobilellm_train.errors import DataError
 from mobilellm_train.data.shards import (
     Manifest,
     TokenStream,
@@ -150,29 +151,6 @@ class Mixture:
 
 # ---------------------------------------------------------------------------------------------
 # Sources: manifests checked before training, and the sampler that turns indices into batches.
-
-
-def parse_sources(text: str) -> list[tuple[str, float]]:
-    """'path' or 'path1:0.7,path2:0.3' -> [(path, weight), ...]; a bare path weighs 1."""
-    sources = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        path, sep, weight = part.rpartition(":")
-        if sep:
-            try:
-                value = float(weight)
-            except ValueError:
-                path, value = part, 1.0  # a colon inside the path, no weight
-        else:
-            path, value = part, 1.0
-        if not (value > 0 and math.isfinite(value)):
-            raise DataError(f"data sources {text!r}: weight of {path!r} must be a positive number, got {weight!r}")
-        sources.append((path, value))
-    if not sources:
-        raise DataError(f"data sources {text!r}: no folder given")
-    return sources
 
 
 @dataclass

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.errors import JSON_TOO_DEEP, BadLine, DataError
+from mobilellm_train.errors import JSON_TOO_DEEP, BadLine, DataError
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,

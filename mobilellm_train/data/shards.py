@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.data.errors import DataError
+from mobilellm_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-
-class TaskDataError(ValueError):
-    """A task's files are missing or a record in them is malformed; names the file and record."""
+from mobilellm_train.errors import TaskDataError
 
 
 @dataclass(frozen=True)

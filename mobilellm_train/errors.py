@@ -1,0 +1,55 @@
+"""The errors a user can act on, and the messages they share: the bottom of the import graph.
+
+Every layer may import this module; it imports nothing of the project and nothing heavy (the
+command-line tools raise these errors before, or without ever, importing torch). So the data
+readers raise `CheckpointError` without importing the checkpointer, and the config check raises
+`DataError` without importing the loader. `mobilellm-train` reports each of these in one line
+and exits 1 (a `ConfigError` before start: exit 2).
+"""
+
+import os
+
+# Python's json parser recurses once per nesting level; thousands of "[" exhaust the stack.
+JSON_TOO_DEEP = "invalid JSON: nested too deeply to parse (a RecursionError)"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or holds an impossible value."""
+
+
+class DataError(ValueError):
+    """Bad training data or a data layout/state that cannot be read; says which file and line."""
+
+
+class BadLine(Exception):
+    """What is wrong with one line; the reader adds file:line and decides to skip or raise."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+class TaskDataError(ValueError):
+    """A task's files are missing or a record in them is malformed; names the file and record."""
+
+
+class RunFolderError(RuntimeError):
+    """Another run holds this run folder."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
+
+
+def raw_text_hint(path: str, tokenizer_path: str = "") -> str:
+    """What to do when `path` holds text rather than token ids: the exact commands (the config
+    check and the JSONL reader both end their refusal with it)."""
+    base = os.path.splitext(os.path.abspath(path).rstrip(os.sep))[0]
+    out = base + "_tokens"
+    lines = ["If it is raw text (JSONL with a text field, Parquet or plain text), tokenize it first:"]
+    if not tokenizer_path:
+        tokenizer_path = base + "_tokenizer.model"
+        lines.append(f"    mobilellm-prepare tokenizer --input {path} --out {tokenizer_path} --vocab-size 32000")
+    lines.append(f"    mobilellm-prepare encode --input {path} --tokenizer {tokenizer_path} --out {out}")
+    lines.append(f"then train with --data.path {out} (docs/DATA.md).")
+    return "\n".join(lines)
