@@ -44,11 +44,13 @@ from mobilellm_train.data.jsonl import ignore_stop_signals, quiet_stateful_datal
 from mobilellm_train.data.sources import parse_sources  # noqa: F401 (part of the loader's interface)
 from mobilellm_train.errors import DataError
 from mobilellm_train.data.shards import (
+    VERIFIED_FILE,
     Manifest,
     TokenStream,
     check_shard_sizes,
     check_tokenizer,
     read_manifest,
+    unverified_shards,
     verify_shards,
 )
 
@@ -172,15 +174,17 @@ def open_sources(
     dp_world_size: int,
 ) -> list[Source]:
     """Read and check every source before training: manifest, file sizes, tokenizer, token range,
-    enough tokens for a window; and (verify_checksums) the sha256 of this rank's share of the shards
-    (rank r of W hashes shards r, r+W, ... over all sources, so together the ranks check all once)."""
+    enough tokens for a window; and (verify_checksums) that each shard is as its full verification
+    recorded it (verified.json: a stat per file, no reading). Shards the record does not vouch for
+    are hashed now, split over the ranks (rank r of W hashes the unvouched ones among shards r,
+    r+W, ... over all sources), and the run is told how to record a full verification once."""
     manifests = [read_manifest(path) for path, _ in sources]
     tokenizers = {m.tokenizer["sha256"]: m.folder for m in manifests if m.tokenizer and "sha256" in m.tokenizer}
     if len(tokenizers) > 1:
         raise DataError(f"the data sources were made with different tokenizers: {', '.join(tokenizers.values())}")
     out = []
     for m in manifests:
-        check_shard_sizes(m)
+        signatures = check_shard_sizes(m)
         check_tokenizer(m, tokenizer_path)
         if vocab_size is not None:
             if m.max_token_id >= vocab_size:
@@ -197,24 +201,35 @@ def open_sources(
             raise DataError(
                 f"{m.folder}: {m.num_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
             )
-        out.append(Source(m, TokenStream(m, vocab_size), num_windows))
-    all_shards = [(m, i) for m in manifests for i in range(len(m.shards))]
+        out.append(Source(m, TokenStream(m, vocab_size, signatures if verify_checksums else None), num_windows))
     if verify_checksums:
-        mine: dict[int, list[int]] = {}
-        for k in range(dp_rank, len(all_shards), dp_world_size):
-            m, i = all_shards[k]
-            mine.setdefault(id(m), []).append(i)
-        seconds = sum(verify_shards(m, mine.get(id(m), [])) for m in manifests)
-        logger.info(
-            "verified the sha256 of %d of %d shards (this rank's share of %d ranks) in %.1f s",
-            sum(map(len, mine.values())), len(all_shards), dp_world_size, seconds,
-        )
+        _check_recorded_verification(out, dp_rank, dp_world_size)
     else:
         logger.warning(
             "data checksums not verified (--data.verify_checksums false): %d shards checked for size only",
-            len(all_shards)
+            sum(len(m.shards) for m in manifests)
         )
     return out
+
+
+def _check_recorded_verification(sources: list[Source], dp_rank: int, dp_world_size: int) -> None:
+    first = 0  # global index of each source's first shard
+    for src in sources:
+        m = src.manifest
+        todo, why = unverified_shards(m, src.stream.signatures)
+        if todo:
+            mine = [i for i in todo if (first + i) % dp_world_size == dp_rank]
+            seconds = verify_shards(m, mine)
+            logger.warning(
+                "%s: %s; hashed %d of the %d unvouched shards (this rank's share of %d ranks) in %.1f s. "
+                "Run `mobilellm-prepare verify %s` once: it hashes every shard and records it in %s, and "
+                "later starts check only sizes and that record", m.folder, why, len(mine), len(todo),
+                dp_world_size, seconds, m.folder, VERIFIED_FILE,
+            )
+        else:
+            logger.info("%s: all %d shards as verified in full before (%s); sizes and stat checked",
+                        m.folder, len(m.shards), VERIFIED_FILE)
+        first += len(m.shards)
 
 
 class Sampler:
@@ -378,6 +393,16 @@ class TokenLoader(Stateful):
             self._micro_batches += 1
             yield batch
 
+    def skip_steps(self, steps: int) -> None:
+        """Move the position `steps` optimizer steps on without reading any data: the same position,
+        and so the same next batches, as taking and dropping steps x accum_steps micro-batches (a
+        spike rewind's skip past the data that led to the spike). Takes effect at the next iter()."""
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        self._start_sample = self.samples_consumed + steps * self.global_batch_size
+        self._micro_batches = 0
+        self._generation += 1  # a live iterator from before would continue at the old position
+
     def state_dict(self) -> dict:
         return {
             "samples_consumed": self.samples_consumed,
@@ -450,6 +475,74 @@ def build_token_loader(
             m.folder, m.num_tokens, m.num_documents, len(m.shards), src.num_windows, seq_len + 1, weight,
         )
     return loader
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget: does a run's number of samples fit in its data's windows?
+
+
+@dataclass
+class DataBudget:
+    """What total_steps steps of global_batch_size samples take from each source."""
+
+    total_samples: int
+    windows: list[int]
+    """Per source: its windows (one epoch)."""
+    samples: list[int]
+    """Per source: the samples the run takes from it."""
+    tokens_missing: list[int]
+    """Per source: how many more tokens it would need for no window to be seen twice (0: none)."""
+    first_repeat_step: int | None
+    """The first step (counted from 1, as training does) with a window seen before; None: none is."""
+    repeat_steps: int
+    """Steps from first_repeat_step to the last: those that see data again."""
+
+
+def data_budget(sampler: Sampler, total_steps: int, global_batch_size: int) -> DataBudget:
+    """Whether a run of total_steps steps fits in one epoch of every source (pure arithmetic)."""
+    mix, T = sampler.mixture, sampler.seq_len
+    total = total_steps * global_batch_size
+    blocks, rest = divmod(total, mix.block_size)
+    windows, samples, missing, first = [], [], [], None
+    for s, src in enumerate(sampler.sources):
+        n, c = src.num_windows, int(mix.counts[s])
+        taken = blocks * c + int(np.sum(mix._source_of[:rest] == s))
+        windows.append(n)
+        samples.append(taken)
+        missing.append(max(0, taken * (T + 1) - src.manifest.num_tokens))
+        if taken > n:  # source s's sample j = n (its first repeat) is global sample g:
+            block, r = divmod(n, c)
+            place = int(np.flatnonzero((mix._source_of == s) & (mix._rank_in_block == r))[0])
+            g = block * mix.block_size + place
+            first = g if first is None else min(first, g)
+    first_step = None if first is None else first // global_batch_size + 1
+    repeat_steps = 0 if first_step is None else total_steps - first_step + 1
+    return DataBudget(total, windows, samples, missing, first_step, repeat_steps)
+
+
+def check_data_budget(loader: TokenLoader, total_steps: int) -> DataBudget:
+    """At start-up: warn once when the run's samples exceed its data's windows, saying how many steps
+    will see data again and how many more tokens would avoid it."""
+    budget = data_budget(loader.sampler, total_steps, loader.global_batch_size)
+    if budget.first_repeat_step is not None:
+        short = [f"{src.manifest.folder}: {w:,} windows for {n:,} samples, {m:,} tokens short"
+                 for src, w, n, m in zip(loader.sampler.sources, budget.windows, budget.samples,
+                                         budget.tokens_missing) if m > 0]
+        logger.warning(
+            "the run's %d steps x %d samples of %d tokens (%s samples) exceed its data: from step %d on, "
+            "the last %d steps see data again (reshuffled). %s. More tokens would avoid it; fewer steps too",
+            total_steps, loader.global_batch_size, loader.sampler.seq_len + 1, f"{budget.total_samples:,}",
+            budget.first_repeat_step, budget.repeat_steps, "; ".join(short),
+        )
+    return budget
+
+
+def coverage_summary(num_tokens: int, seq_len: int, global_batch_size: int) -> str:
+    """For mobilellm-prepare's summary: the windows num_tokens make and the steps they cover."""
+    windows = num_tokens // (seq_len + 1)
+    steps = windows // global_batch_size
+    return (f"{windows:,} windows of seq_len + 1 = {seq_len + 1} tokens: {steps:,} steps of global batch "
+            f"{global_batch_size} before any window repeats")
 
 
 # ---------------------------------------------------------------------------------------------
