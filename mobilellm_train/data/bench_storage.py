@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"start-up (default checks): {start_cpu:.2f} CPU-s for build_token_loader, {first_cpu:.3f} CPU-s "
           f"for the first batch; first batch read {first_bytes:,} bytes from storage for {batch_bytes:,} "
           f"bytes of windows ({first_bytes / batch_bytes:.1f}x)")
+    it = iter(build_token_loader(args.folder, T, B, B * W, args.rank, W, num_workers=0, doc_mask=True))
+    evict(shard)
+    evict(shard[: -len(".bin")] + ".idx")
+    before = storage_read_bytes()
+    next(it)
+    print(f"first batch with doc_mask (the .idx read too) after eviction: {storage_read_bytes() - before:,} bytes "
+          f"({(storage_read_bytes() - before) / batch_bytes:.1f}x its windows)")
     cpu = _cpu()
     file_sha256(shard)
     print(f"sha256 of one {os.path.getsize(shard):,}-byte shard: {_cpu() - cpu:.2f} CPU-s (the old default "

@@ -6,13 +6,16 @@ A prepared dataset is one folder (``mobilellm-prepare`` writes it, see docs/DATA
     <dir>/shard-00000.bin    token ids, raw little-endian uint16 (vocab <= 65536) or uint32
     <dir>/shard-00000.idx    end offset of each document in the shard, raw little-endian int64
     <dir>/tokenizer.model    the SentencePiece model the data was made with, when there was one
+    <dir>/verified.json      the record of the last full verification (optional)
 
 A shard holds whole documents: its last .idx entry equals its token count. The manifest lists
 every shard with its token and document counts, largest token id and the sha256 of both files
-(sha256 rather than blake2b: with SHA-NI it is the faster one, see docs/DATA.md). Reading
-memory-maps the shards, so training parses no JSON and copies only the tokens it uses.
-``TokenStream`` is the concatenation of a folder's shards, in manifest order, as one token
-sequence: the loader cuts it into windows.
+(sha256 rather than blake2b: with SHA-NI it is the faster one, see docs/DATA.md). After every
+shard was hashed against it (``verify_dataset``, or the writer's hashes of what it wrote),
+verified.json records each file's size, mtime, ctime and inode: a training start then checks
+those with a stat per file instead of reading 2 TB. ``TokenStream`` is the concatenation of a
+folder's shards, in manifest order, as one token sequence (the loader cuts it into windows); it
+reads each window with one pread, so training parses no JSON and fetches only the pages it uses.
 
 Writing is atomic per file (a temporary name, then ``os.replace``), so a killed run leaves
 ``*.tmp.<pid>`` files that no reader opens, never a half shard under a shard's name.
@@ -570,8 +573,8 @@ class TokenStream:
         self.num_tokens = int(self.shard_starts[-1])
         self._bins: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._idxs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._idx_lookups = 0
-        self._max_open = 0
+        self._idx_lookups = self._max_open = 0
+        self._buf: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -600,14 +603,11 @@ class TokenStream:
         file = os.path.join(self.folder, self.names[shard] + ext)
         fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            if self.signatures is not None:
-                now = _signature(os.fstat(fd))
-                if now != self.signatures[self.names[shard] + ext]:
-                    raise DataError(
-                        f"{file}: changed since this run started (size, mtime, ctime, inode "
-                        f"{self.signatures[self.names[shard] + ext]} then, {now} now); check what writes "
-                        f"to the data folder, then run `mobilellm-prepare verify {self.folder}` before resuming"
-                    )
+            then = None if self.signatures is None else self.signatures[self.names[shard] + ext]
+            if then is not None and (now := _signature(os.fstat(fd))) != then:
+                raise DataError(f"{file}: changed since this run started (size, mtime, ctime, inode {then} then, "
+                                f"{now} now); check what writes to the data folder, then run "
+                                f"`mobilellm-prepare verify {self.folder}` before resuming")
         except BaseException:
             os.close(fd)
             raise
@@ -650,11 +650,13 @@ class TokenStream:
         n = out.shape[0]
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         itemsize = self.dtype.itemsize
+        if self._buf is None or self._buf.shape[0] < n:
+            self._buf = np.empty(n, dtype=self.dtype)  # reused: out[...] = segment copies out of it
         done = 0
         while done < n:
             local = start + done - int(self.shard_starts[shard])
             take = min(n - done, int(self.shard_starts[shard + 1] - self.shard_starts[shard]) - local)
-            segment = np.empty(take, dtype=self.dtype)
+            segment = self._buf[:take]
             got = os.preadv(self._bin_fd(shard), [segment], local * itemsize) if take else 0
             if got != take * itemsize:
                 raise DataError(
@@ -674,7 +676,8 @@ class TokenStream:
         raise DataError(
             f"{self.folder}/{self.names[shard]}.bin: token id {int(segment[i])} at token {local + i} of the shard "
             f"is outside the model's vocabulary [0, {self.vocab_size}), though manifest.json records no such id: "
-            f"the shard changed after it was prepared. Run `mobilellm-prepare verify {self.folder}` to find every "
+            f"the shard changed after it was prepared. Run `mobilellm-prepare verify {self.folder}` (or train with "
+            "--data.verify_checksums true, which hashes shards changed since their verification) to find every "
             "damaged shard by its sha256, then prepare the data again"
         )
 
