@@ -22,7 +22,8 @@ from mobilellm_train.data.bench_storage import (
     storage_read_bytes,
     virtual_dataset,
 )
-from mobilellm_train.data.loader import build_token_loader, check_data_budget, coverage_summary, data_budget
+from mobilellm_train.data.budget import check_data_budget, coverage_summary, data_budget
+from mobilellm_train.data.loader import build_token_loader
 from mobilellm_train.data.shards import VERIFIED_FILE, read_manifest, verify_dataset, write_token_dataset
 from mobilellm_train.errors import DataError
 

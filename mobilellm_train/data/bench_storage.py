@@ -134,7 +134,8 @@ def _cpu() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from mobilellm_train.data.bench import machine_line
-    from mobilellm_train.data.loader import build_token_loader, data_budget
+    from mobilellm_train.data.budget import data_budget
+    from mobilellm_train.data.loader import build_token_loader
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", required=True, help="where the virtual dataset is (or is built)")

@@ -40,6 +40,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mobilellm_train.data.budget import DataBudget, check_data_budget, coverage_summary, data_budget  # noqa: F401
 from mobilellm_train.data.jsonl import ignore_stop_signals, quiet_stateful_dataloader
 from mobilellm_train.data.sources import parse_sources  # noqa: F401 (part of the loader's interface)
 from mobilellm_train.errors import DataError
@@ -475,74 +476,6 @@ def build_token_loader(
             m.folder, m.num_tokens, m.num_documents, len(m.shards), src.num_windows, seq_len + 1, weight,
         )
     return loader
-
-
-# ---------------------------------------------------------------------------------------------
-# The budget: does a run's number of samples fit in its data's windows?
-
-
-@dataclass
-class DataBudget:
-    """What total_steps steps of global_batch_size samples take from each source."""
-
-    total_samples: int
-    windows: list[int]
-    """Per source: its windows (one epoch)."""
-    samples: list[int]
-    """Per source: the samples the run takes from it."""
-    tokens_missing: list[int]
-    """Per source: how many more tokens it would need for no window to be seen twice (0: none)."""
-    first_repeat_step: int | None
-    """The first step (counted from 1, as training does) with a window seen before; None: none is."""
-    repeat_steps: int
-    """Steps from first_repeat_step to the last: those that see data again."""
-
-
-def data_budget(sampler: Sampler, total_steps: int, global_batch_size: int) -> DataBudget:
-    """Whether a run of total_steps steps fits in one epoch of every source (pure arithmetic)."""
-    mix, T = sampler.mixture, sampler.seq_len
-    total = total_steps * global_batch_size
-    blocks, rest = divmod(total, mix.block_size)
-    windows, samples, missing, first = [], [], [], None
-    for s, src in enumerate(sampler.sources):
-        n, c = src.num_windows, int(mix.counts[s])
-        taken = blocks * c + int(np.sum(mix._source_of[:rest] == s))
-        windows.append(n)
-        samples.append(taken)
-        missing.append(max(0, taken * (T + 1) - src.manifest.num_tokens))
-        if taken > n:  # source s's sample j = n (its first repeat) is global sample g:
-            block, r = divmod(n, c)
-            place = int(np.flatnonzero((mix._source_of == s) & (mix._rank_in_block == r))[0])
-            g = block * mix.block_size + place
-            first = g if first is None else min(first, g)
-    first_step = None if first is None else first // global_batch_size + 1
-    repeat_steps = 0 if first_step is None else total_steps - first_step + 1
-    return DataBudget(total, windows, samples, missing, first_step, repeat_steps)
-
-
-def check_data_budget(loader: TokenLoader, total_steps: int) -> DataBudget:
-    """At start-up: warn once when the run's samples exceed its data's windows, saying how many steps
-    will see data again and how many more tokens would avoid it."""
-    budget = data_budget(loader.sampler, total_steps, loader.global_batch_size)
-    if budget.first_repeat_step is not None:
-        short = [f"{src.manifest.folder}: {w:,} windows for {n:,} samples, {m:,} tokens short"
-                 for src, w, n, m in zip(loader.sampler.sources, budget.windows, budget.samples,
-                                         budget.tokens_missing) if m > 0]
-        logger.warning(
-            "the run's %d steps x %d samples of %d tokens (%s samples) exceed its data: from step %d on, "
-            "the last %d steps see data again (reshuffled). %s. More tokens would avoid it; fewer steps too",
-            total_steps, loader.global_batch_size, loader.sampler.seq_len + 1, f"{budget.total_samples:,}",
-            budget.first_repeat_step, budget.repeat_steps, "; ".join(short),
-        )
-    return budget
-
-
-def coverage_summary(num_tokens: int, seq_len: int, global_batch_size: int) -> str:
-    """For mobilellm-prepare's summary: the windows num_tokens make and the steps they cover."""
-    windows = num_tokens // (seq_len + 1)
-    steps = windows // global_batch_size
-    return (f"{windows:,} windows of seq_len + 1 = {seq_len + 1} tokens: {steps:,} steps of global batch "
-            f"{global_batch_size} before any window repeats")
 
 
 # ---------------------------------------------------------------------------------------------
