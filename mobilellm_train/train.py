@@ -123,6 +123,10 @@ class Trainer:
             cfg.data, data_path, tokenizer_path, tcfg, self.model_args.vocab_size, self.rank, self.world_size,
             self.on_gpu,
         )
+        if self.rank == 0 and hasattr(self.loader, "skip_steps"):  # prepared shards know their windows
+            from mobilellm_train.data.budget import check_data_budget
+
+            check_data_budget(self.loader, self.plan.total_steps)
         self.validation = Validation(cfg.data, tcfg, self.rank, self.world_size, self.model_args.vocab_size,
                                      self.tokenizer_path, self.plan.total_steps)
         # The task files are found now, so a missing one stops the run before training, not hours in.

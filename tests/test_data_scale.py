@@ -221,3 +221,31 @@ def test_skip_steps_yields_exactly_what_replaying_would(tmp_path, num_workers):
     with pytest.raises(ValueError, match="steps"):
         direct.skip_steps(-1)
     del it, got
+
+
+def test_the_loop_repositions_prepared_shards_directly_after_a_rewind(tmp_path):
+    """The spike rewind's restart (loop.batches.StepBatches.restart) moves a shard loader with
+    skip_steps, reading no batch, and yields what replaying past the skipped steps yields."""
+    from mobilellm_train.loop.batches import StepBatches
+    from mobilellm_train.run_parts import RunParts
+
+    rng = np.random.default_rng(2)
+    path = str(tmp_path / "d")
+    write_token_dataset(path, [rng.integers(0, 1000, 50) for _ in range(300)], 1000, tokens_per_shard=1000)
+    replay = build_token_loader(path, 16, 2, 8, 1, 2, seed=3, num_workers=0)
+    loader = build_token_loader(path, 16, 2, 8, 1, 2, seed=3, num_workers=0)
+    saved = loader.state_dict()  # the checkpoint the rewind goes back to: step 0
+    batches = StepBatches(loader, loader.accum_steps, RunParts())
+    batches.start()
+    for _ in range(4):
+        batches.next_step()
+    loader.load_state_dict(saved)
+    read = []
+    loader.skip_steps = (lambda skip: lambda steps: read.append(steps) or skip(steps))(loader.skip_steps)
+    batches.restart(skip_steps=4)
+    assert read == [4]
+    expected = iter(replay)
+    for _ in range(4 * replay.accum_steps):
+        next(expected)
+    for a, b in zip(batches.next_step(), [next(expected) for _ in range(replay.accum_steps)]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
