@@ -15,8 +15,9 @@ folder is a dataset in the format of shards.py, plus ``<out>/val/`` for the held
 (``--val-fraction``) and ``<out>/.progress/`` for the bookkeeping that makes a re-run resume.
 
 How it runs: the inputs are cut into units of about ``--unit-bytes`` of input (byte ranges of a
-JSONL or text file, on line boundaries; groups of Parquet row groups; a whole compressed file),
-and unit i becomes ``shard-<i>`` in ``<out>`` (and in ``<out>/val``), written by one of
+large JSONL or text file, on line boundaries; groups of Parquet row groups; small files, and
+compressed files or text documents, which are never cut, packed together in input order), and
+unit i becomes ``shard-<i>`` in ``<out>`` (and in ``<out>/val``), written by one of
 ``--workers`` processes. A unit's shard files are renamed into place when complete and its
 record ``.progress/unit-<i>.json`` is written after them; a re-run skips the units with a record,
 so a killed run loses only its units in flight, and their temporary files (``*.tmp.<pid>``) are
@@ -46,10 +47,11 @@ The package, one file per part:
 from mobilellm_train.data.prepare.cli import build_parser, main, parse_bytes, run
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
 from mobilellm_train.data.prepare.inputs import (
+    Piece,
     Unit,
     find_inputs,
+    piece_records,
     plan_units,
-    unit_records,
 )
 from mobilellm_train.data.prepare.layout import PROGRESS_DIR, VAL_DIR, unit_record_path
 from mobilellm_train.data.prepare.pipeline import (
@@ -65,6 +67,7 @@ from mobilellm_train.data.prepare.worker import run_unit
 __all__ = [
     "PROGRESS_DIR",
     "VAL_DIR",
+    "Piece",
     "Progress",
     "Unit",
     "build_parser",
@@ -77,10 +80,10 @@ __all__ = [
     "format_bytes",
     "main",
     "parse_bytes",
+    "piece_records",
     "plan_units",
     "run",
     "run_prepare",
     "run_unit",
     "unit_record_path",
-    "unit_records",
 ]

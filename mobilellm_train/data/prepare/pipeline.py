@@ -146,10 +146,14 @@ def _finished_record(out: str, unit: Unit) -> dict | None:
         return None
     with open(path) as f:
         record = json.load(f)
-    if Unit(**record["unit"]) != unit:
+    before = Unit.from_dict(record.get("unit"))
+    if before != unit:
         # The input changed (or an earlier input did, shifting the units): this one is redone.
+        kept = set(before.pieces) if before else set()
+        changed = [p for p in unit.paths if not all(q in kept for q in unit.pieces if q.path == p)] or unit.paths
         logger.warning("%s: changed since an earlier run prepared shard %d from it; redoing that shard",
-                       unit.path, unit.index)
+                       ", ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""),
+                       unit.index)
         os.remove(path)
         return None
     for folder, info in ((out, record["train"]), (os.path.join(out, VAL_DIR), record["val"])):
@@ -242,7 +246,7 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
             "split": split,
             "records_skipped": sum(r["records_skipped"] for r in ordered),
             "empty_documents_dropped": sum(r["empty_documents"] for r in ordered),
-            "sources": sorted({(u.path, u.file_bytes) for u in units}),
+            "sources": sorted({(p.path, p.file_bytes) for u in units for p in u.pieces}),
             "prepare": {**extra, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "python": platform.python_version(), "numpy": np.__version__},
         })
