@@ -41,6 +41,8 @@ The package, one file per part:
 - layout.py     the output folder's val/ and .progress/
 - encode.py     the encode and convert commands
 - tokenizer.py  the tokenizer command: a SentencePiece model from a sample of the input
+- sample.py     that sample: at most --sample-bytes, spread over the inputs by size, streamed
+- space.py      sizes in words, and a full disk in words (what, where, what to do)
 - verify.py     the verify command
 """
 
@@ -54,12 +56,8 @@ from mobilellm_train.data.prepare.inputs import (
     plan_units,
 )
 from mobilellm_train.data.prepare.layout import PROGRESS_DIR, VAL_DIR, unit_record_path
-from mobilellm_train.data.prepare.pipeline import (
-    Progress,
-    byte_unit,
-    format_bytes,
-    run_prepare,
-)
+from mobilellm_train.data.prepare.pipeline import Progress, run_prepare
+from mobilellm_train.data.prepare.space import byte_unit, format_bytes
 from mobilellm_train.data.prepare.tokenizer import cmd_tokenizer
 from mobilellm_train.data.prepare.verify import cmd_verify
 from mobilellm_train.data.prepare.worker import run_unit

@@ -14,6 +14,7 @@ import re
 import sys
 
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
+from mobilellm_train.data.prepare.space import full_disk_message, is_full_disk
 from mobilellm_train.data.prepare.tokenizer import cmd_tokenizer
 from mobilellm_train.data.prepare.verify import cmd_verify
 from mobilellm_train.errors import DataError
@@ -103,7 +104,14 @@ def run(argv: list[str]) -> dict:
         if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
             raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        # A write no command names more precisely (space.maybe_report_full_disk): still in words.
+        where = e.filename or getattr(args, "out", None) or getattr(args, "folder", ".")
+        raise DataError(full_disk_message(where, "its output", "run the same command again", "--out")) from None
 
 
 def main(argv: list[str] | None = None) -> None:

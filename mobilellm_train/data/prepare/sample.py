@@ -3,7 +3,7 @@ the inputs in proportion to their size and over each input from start to end, st
 
 Each input gets a byte budget, ``--sample-bytes`` x its size / the total size (sizes on disk, so a
 .gz or Parquet file counts at its compressed size). It is read in windows spread evenly across
-the file (about one per `WINDOW_BYTES` of its budget; a .gz file by its decompressed size as its
+the file (one per `WINDOW_BYTES` of its budget, at least `MIN_WINDOWS`; a .gz file by its decompressed size as its
 gzip trailer gives it), each taking text from its start until its share of the budget is met (a
 window that holds less text leaves the rest to the next one). What SentencePiece gets is lines,
 a long one (a text file that is one document on one line) cut at whitespace into sentences of at
@@ -38,7 +38,8 @@ from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
 
-WINDOW_BYTES = 4 << 20
+WINDOW_BYTES = 1 << 20
+MIN_WINDOWS = 16
 MAX_SENTENCE_CHARS = 8192  # SentencePiece drops sentences over max_sentence_length (64 KiB)
 READ_BYTES = 1 << 20
 _WHITESPACE = " \t\r\f\v"
@@ -119,17 +120,19 @@ class _Skipper:
 
 def _window_start(f, kind: str, start: int, gz: bool) -> bytes:
     """Move the open file to the window's first record; returns bytes read past it (text only)."""
-    if start <= f.tell():
-        return b""  # the window before ended past this one's start, on a record boundary
-    f.seek(start)  # for gz, decompresses up to there
     if kind == "text":
         # Text is sampled from where the window starts (a one-line document has no line start to
         # go to); only a start inside a UTF-8 sequence moves on to the next character.
+        if start > f.tell():
+            f.seek(start)  # for gz, decompresses up to there
         for _ in range(4):
-            b = f.read(1)
+            b = f.read(1) if f.tell() > 0 else b""
             if not b or b[0] & 0xC0 != 0x80:
                 return b
         return b""
+    if start <= f.tell():
+        return b""  # the window before ended past this one's start, on a record boundary
+    f.seek(start)
     if gz:
         f.readline()
     else:
@@ -147,7 +150,9 @@ def _window_texts(f, path: str, kind: str, start: int, stop: int, text_field: st
     decoder = codecs.getincrementaldecoder("utf-8")()
     while f.tell() - len(pending) < stop:
         pos = f.tell() - len(pending)
-        line = pending if pending.endswith(b"\n") else pending + f.readline(READ_BYTES if kind == "text" else -1)
+        # Plain text is read no further than the window's end: the next window starts there.
+        limit = max(1, min(READ_BYTES, stop - pos - len(pending))) if kind == "text" else -1
+        line = pending if pending.endswith(b"\n") else pending + f.readline(limit)
         pending = b""
         if not line:
             return
@@ -170,7 +175,8 @@ def _file_sample(path: str, kind: str, budget: int, args, bad: _Skipper) -> Iter
     """About `budget` bytes of sentences from windows spread across one input file."""
     size = os.path.getsize(path)
     gz = path.lower().endswith(".gz")
-    windows = max(1, -(-budget // WINDOW_BYTES))
+    # At least MIN_WINDOWS (a small budget is spread too), each worth a few lines at least.
+    windows = max(1, min(max(MIN_WINDOWS, -(-budget // WINDOW_BYTES)), budget // 256))
     taken = 0
     if kind == "parquet":
         groups = len(_parquet_row_groups(path, args.text_field))

@@ -12,8 +12,8 @@ import os
 import time
 from collections.abc import Iterator
 
-from mobilellm_train.data.prepare.pipeline import format_bytes
 from mobilellm_train.data.prepare.sample import SampleStats, sample_sentences
+from mobilellm_train.data.prepare.space import format_bytes, maybe_report_full_disk
 from mobilellm_train.data.shards import tokenizer_info, write_file_atomic
 from mobilellm_train.errors import DataError
 
@@ -79,8 +79,10 @@ def cmd_tokenizer(args) -> dict:
     stash.check()
     logger.info("sampled %s in %d sentences from %d inputs", format_bytes(stats.bytes), stats.sentences,
                 len(stats.per_input))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_file_atomic(args.out, model.getvalue())
+    with maybe_report_full_disk(args.out, "the tokenizer model",
+                                "run the same command again (nothing was written; it samples and trains anew)"):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_file_atomic(args.out, model.getvalue())
     summary = {**tokenizer_info(args.out), "lines": stats.sentences, "sample_bytes": stats.bytes,
                "sample_bytes_per_input": stats.per_input,
                "seconds": round(time.perf_counter() - begin, 2)}

@@ -21,6 +21,7 @@ from mobilellm_train.data.prepare.inputs import (
     piece_records,
 )
 from mobilellm_train.data.prepare.layout import VAL_DIR, unit_record_path
+from mobilellm_train.data.prepare.space import is_full_disk, remove_quietly
 from mobilellm_train.data.shards import ShardInfo, ShardWriter, write_json_atomic
 from mobilellm_train.errors import DataError
 
@@ -49,9 +50,24 @@ def _add_progress(nbytes: int) -> None:
 
 
 def run_unit(unit: Unit, s: dict) -> dict:
-    """Encode one unit into <out>/shard-<i> (and <out>/val/shard-<i>); returns its record."""
-    out = s["out"]
+    """Encode one unit into <out>/shard-<i> (and <out>/val/shard-<i>); returns its record, or
+    {"full_disk": what it was writing} when the disk filled up (its temporary files deleted)."""
     name = f"shard-{unit.index:05d}"
+    try:
+        return _run_unit(unit, s, name)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        # ShardWriter deletes its files on an error unless closing them fails too: made sure here.
+        tmp = f".tmp.{os.getpid()}"
+        folders = (s["out"], os.path.join(s["out"], VAL_DIR))
+        remove_quietly(*(os.path.join(d, name + ext + tmp) for d in folders for ext in (".bin", ".idx")),
+                       unit_record_path(s["out"], unit.index) + tmp)
+        return {"full_disk": f"shard {name}"}
+
+
+def _run_unit(unit: Unit, s: dict, name: str) -> dict:
+    out = s["out"]
     val_rng = np.random.default_rng([s["seed"], unit.index])
     val_fraction = 1.0 if unit.split == "val" else s["val_fraction"]
     skipped, skip_examples, empty = 0, [], 0
