@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="worker processes (default: all cores)")
         q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes(default_unit),
-                       help=f"input bytes per shard, e.g. 256M (default {default_unit})")
+                       help=f"input bytes per shard, e.g. 256M: large files are cut, small ones packed together "
+                            f"(default {default_unit})")
         q.add_argument("--val-fraction", type=float, default=0.0,
                        help="fraction of documents held out into <out>/val (default 0)")
         q.add_argument("--seed", type=int, default=0, help="seed of the held-out selection")
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--character-coverage", type=float, default=0.9995)
     q.add_argument("--sample-bytes", type=parse_bytes, default=parse_bytes("1G"),
-                   help="text to train on, taken evenly from all of the input (default 1G)")
-    q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes("1G"), help=argparse.SUPPRESS)
+                   help="at most this much text to train on, taken from every input in proportion to its size "
+                        "(default 1G)")
     q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip-bad", type=int, default=0, help="skip up to N bad records (each logged)")

@@ -263,7 +263,7 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         shards = [ShardInfo(**r[split]) for r in ordered if r[split]]
         if not shards:
             continue
-        then = f"run the same command again: all {len(units)} shards are finished and kept, it only writes the rest"
+        then = f"run the same command again: every shard ({len(units)}) is finished and kept, it writes what is left"
         if settings.get("tokenizer"):
             with open(settings["tokenizer"], "rb") as f:
                 model = f.read()
