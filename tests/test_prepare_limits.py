@@ -296,7 +296,8 @@ def test_real_full_disk_for_every_command(tmp_path, tokenizer, small_disk):
     fill(small_disk / "filler")
     rc, err = cli("tokenizer", "--input", raw, "--out", small_disk / "tok.model", "--vocab-size", "300",
                   "--sample-bytes", "64K", "--workers", "1")
-    assert rc == 1 and "Traceback" not in err and "tok.model: no space left on the device" in err, err
+    assert rc == 1 and "Traceback" not in err and "tok.model: not enough space on the device" in err, err
+    assert "Free some space on that disk (or choose another --out), then run the same command again" in err
     assert not [n for n in os.listdir(small_disk) if n.startswith("tok.model")]
     nodes = tmp_path / "nodes" / "1"
     nodes.mkdir(parents=True)

@@ -37,14 +37,27 @@ def format_bytes(num_bytes: float) -> str:
     return f"{num_bytes:.0f} B" if scale == 1.0 else f"{num_bytes / scale:.3g} {unit}"
 
 
-def free_space(path: str) -> str:
-    """'12.0 kB free of 2.10 MB' on the disk that holds path (or its nearest existing folder)."""
+def _disk_usage(path: str):
+    """shutil.disk_usage of the disk that holds path (or its nearest existing folder); None if unknown."""
     folder = os.path.abspath(path)
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
     try:
-        usage = shutil.disk_usage(folder)
+        return shutil.disk_usage(folder)
     except OSError:
+        return None
+
+
+def free_bytes(path: str) -> float:
+    """Bytes free on the disk that holds path (infinite when that cannot be known)."""
+    usage = _disk_usage(path)
+    return float("inf") if usage is None else usage.free
+
+
+def free_space(path: str) -> str:
+    """'12.0 kB free of 2.10 MB' on the disk that holds path (or its nearest existing folder)."""
+    usage = _disk_usage(path)
+    if usage is None:
         return "free space unknown"
     return f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
 

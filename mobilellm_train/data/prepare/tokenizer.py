@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 from mobilellm_train.data.prepare.sample import SampleStats, sample_sentences
-from mobilellm_train.data.prepare.space import format_bytes, maybe_report_full_disk
+from mobilellm_train.data.prepare.space import format_bytes, free_bytes, free_space, maybe_report_full_disk
 from mobilellm_train.data.shards import tokenizer_info, write_file_atomic
 from mobilellm_train.errors import DataError
 
@@ -21,8 +21,8 @@ logger = logging.getLogger("mobilellm_train.prepare")
 
 
 class _Stash:
-    """Sentences for SentencePiece, and the error that ended them: raised once training returns
-    (an exception inside its sentence iterator would surface as SentencePiece's own)."""
+    """Sentences for SentencePiece, and the error that ended them: it stops the training, which
+    reports it as a RuntimeError of its own; `check` raises the original (a DataError, say)."""
 
     def __init__(self, sentences: Iterator[str]):
         self.sentences, self.error = sentences, None
@@ -30,12 +30,13 @@ class _Stash:
     def __iter__(self) -> Iterator[str]:
         try:
             yield from self.sentences
-        except Exception as e:  # noqa: BLE001 (re-raised by check)
+        except Exception as e:
             self.error = e
+            raise
 
     def check(self) -> None:
         if self.error is not None:
-            raise self.error
+            raise self.error from None
 
 
 def cmd_tokenizer(args) -> dict:
@@ -43,6 +44,12 @@ def cmd_tokenizer(args) -> dict:
 
     if os.path.exists(args.out):
         raise DataError(f"{args.out}: exists; refusing to overwrite it (choose another --out)")
+    # A full disk found now, not after hours of training (the model is ~15 bytes per piece).
+    need = 64 * 1024 + 32 * args.vocab_size
+    if free_bytes(args.out) < need:
+        raise DataError(f"{args.out}: not enough space on the device for the tokenizer model (about "
+                        f"{format_bytes(need)}; {free_space(args.out)} there). Free some space on that disk (or "
+                        f"choose another --out), then run the same command again")
     begin = time.perf_counter()
     stats = SampleStats()
     sentences = sample_sentences(args, stats)
@@ -76,7 +83,6 @@ def cmd_tokenizer(args) -> dict:
     except RuntimeError as e:
         stash.check()
         raise DataError(f"SentencePiece training failed: {e}") from None
-    stash.check()
     logger.info("sampled %s in %d sentences from %d inputs", format_bytes(stats.bytes), stats.sentences,
                 len(stats.per_input))
     with maybe_report_full_disk(args.out, "the tokenizer model",
@@ -86,5 +92,5 @@ def cmd_tokenizer(args) -> dict:
     summary = {**tokenizer_info(args.out), "lines": stats.sentences, "sample_bytes": stats.bytes,
                "sample_bytes_per_input": stats.per_input,
                "seconds": round(time.perf_counter() - begin, 2)}
-    logger.info("wrote %s: %s", args.out, json.dumps(summary))
+    logger.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in summary.items() if k != "sample_bytes_per_input"}))
     return summary
