@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_prepare_limits.py -q
 """
 
 import errno
+import gzip
 import json
 import os
 import random
@@ -18,6 +19,8 @@ import tracemalloc
 import types
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mobilellm_train.data import prepare
@@ -84,6 +87,10 @@ def test_tokenizer_sample_is_within_the_limit_and_shared_by_size(tmp_path):
     write_jsonl(tmp_path / "in" / "web.jsonl", [words(rng, rng.randrange(5, 60)) for _ in range(400)])
     for k in range(20):
         (tmp_path / "in" / f"note{k:02d}.txt").write_text(words(rng, 300) + "\n")
+    with gzip.open(tmp_path / "in" / "old.jsonl.gz", "wt") as f:  # counts at its compressed size
+        f.writelines(json.dumps({"text": words(rng, 40)}) + "\n" for _ in range(600))
+    pq.write_table(pa.table({"text": [words(rng, 40) for _ in range(600)]}), tmp_path / "in" / "t.parquet",
+                   row_group_size=50)
     sizes = {str(p): p.stat().st_size for p in (tmp_path / "in").iterdir()}
     limit = 40 * 1024
     assert limit < sum(sizes.values()) / 2
