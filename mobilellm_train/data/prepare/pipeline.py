@@ -246,8 +246,10 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         raise
     if full_disk:
         _remove_tmp_files(out)
+        # Counted on disk: other workers may have finished a shard after this one failed.
+        done = len([n for n in os.listdir(os.path.join(out, PROGRESS_DIR)) if re.fullmatch(r"unit-\d+\.json", n)])
         raise DataError(full_disk_message(
-            out, full_disk, f"run the same command again: the {len(records)} of {len(units)} shards finished so far "
+            out, full_disk, f"run the same command again: the {done} of {len(units)} shards finished so far "
             f"are kept, and it goes on with the rest"))
     seconds = time.perf_counter() - begin
     if skipped > settings["skip_bad"]:  # all counted in finished units of earlier runs
