@@ -184,6 +184,19 @@ def test_many_small_inputs_are_packed_into_units_of_about_unit_bytes(tmp_path, t
     encode(tokenizer, [tmp_path / "in"], fresh, "--unit-bytes", "16K", "--val-fraction", "0.1")
     assert documents(out) == documents(fresh) and documents(out / "val") == documents(fresh / "val")
 
+    # A record of an older mobilellm-prepare (a unit was one part of one file) is redone, not misread.
+    record = out / ".progress" / "unit-00001.json"
+    old = json.loads(record.read_text())
+    old["unit"] = {"index": 1, "path": paths[0], "kind": "jsonl", "start": 0, "stop": -1, "file_bytes": 1,
+                   "input_bytes": 1, "split": "train"}
+    record.write_text(json.dumps(old))
+    os.remove(out / "manifest.json")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "16K", "--val-fraction", "0.1")
+    assert "changed since an earlier run prepared shard 1" in caplog.text
+    assert documents(out) == documents(fresh)
+
 
 # ---------------------------------------------------------------------------------------------
 # A full disk.
