@@ -293,7 +293,8 @@ def small_disk(tmp_path):
 
 
 def cli(*argv):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "mobilellm_train.data.prepare", *map(str, argv)],
                        capture_output=True, text=True, timeout=300, env=env)
     return r.returncode, r.stderr
