@@ -233,7 +233,7 @@ def test_interrupted_run_leaves_nothing_readable_and_a_rerun_finishes_it(tmp_pat
     with pytest.raises(DataError, match="no manifest.*interrupted"):
         build_token_loader(str(out), 8, 1, 1, 0, 1)
     records = [json.load(open(out / ".progress" / n)) for n in os.listdir(out / ".progress") if n.startswith("unit-")]
-    of_a = sorted(r["train"]["name"] for r in records if r["unit"]["path"] == good)
+    of_a = sorted(r["train"]["name"] for r in records if {p[0] for p in r["unit"]["pieces"]} == {good})
     assert of_a and len(records) > len(of_a)  # a.jsonl's units, and b.jsonl's first, finished
     stale = out / "shard-00099.bin.tmp.12345"  # what a killed worker leaves
     stale.write_bytes(b"half")
@@ -304,7 +304,7 @@ def test_convert_amber_splits_documents_at_eos_and_keeps_its_chunks_as_windows(t
                  "--tokenizer", tokenizer, "--workers", "1"])
     train = documents(out)
     assert [t for d in train for t in d] == stream[: 10 * 65].tolist()
-    # Documents end at each EOS, and at the end of a shard (one per input file here).
+    # Documents end at each EOS, and at the end of each input file (both files share one shard here).
     assert sum(d[-1] != 2 for d in train) <= 2 and all(2 not in d[:-1] for d in train)
     assert len(train) == np.sum(stream[: 5 * 65] == 2) + np.sum(stream[5 * 65 : 10 * 65] == 2) + 2
     assert [t for d in documents(out / "val") for t in d] == stream[10 * 65 :].tolist()

@@ -14,6 +14,7 @@ import re
 import sys
 
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
+from mobilellm_train.data.prepare.space import full_disk_message, is_full_disk
 from mobilellm_train.data.prepare.tokenizer import cmd_tokenizer
 from mobilellm_train.data.prepare.verify import cmd_verify
 from mobilellm_train.errors import DataError
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="worker processes (default: all cores)")
         q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes(default_unit),
-                       help=f"input bytes per shard, e.g. 256M (default {default_unit})")
+                       help=f"input bytes per shard, e.g. 256M: large files are cut, small ones packed together "
+                            f"(default {default_unit})")
         q.add_argument("--val-fraction", type=float, default=0.0,
                        help="fraction of documents held out into <out>/val (default 0)")
         q.add_argument("--seed", type=int, default=0, help="seed of the held-out selection")
@@ -64,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--character-coverage", type=float, default=0.9995)
     q.add_argument("--sample-bytes", type=parse_bytes, default=parse_bytes("1G"),
-                   help="text to train on, taken evenly from all of the input (default 1G)")
-    q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes("1G"), help=argparse.SUPPRESS)
+                   help="at most this much text to train on, taken from every input in proportion to its size "
+                        "(default 1G)")
     q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip-bad", type=int, default=0, help="skip up to N bad records (each logged)")
@@ -103,7 +105,14 @@ def run(argv: list[str]) -> dict:
         if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
             raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        # A write no command names more precisely (space.maybe_report_full_disk): still in words.
+        where = e.filename or getattr(args, "out", None) or getattr(args, "folder", ".")
+        raise DataError(full_disk_message(where, "its output", "run the same command again", "--out")) from None
 
 
 def main(argv: list[str] | None = None) -> None:

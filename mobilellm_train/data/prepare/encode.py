@@ -8,7 +8,8 @@ import logging
 import os
 
 from mobilellm_train.data.prepare.inputs import find_inputs, plan_units
-from mobilellm_train.data.prepare.pipeline import format_bytes, run_prepare
+from mobilellm_train.data.prepare.pipeline import run_prepare
+from mobilellm_train.data.prepare.space import format_bytes
 from mobilellm_train.data.shards import dtype_for_vocab, tokenizer_info
 from mobilellm_train.errors import DataError
 

@@ -1,5 +1,6 @@
 """mobilellm-prepare verify: check a prepared folder (and its val/) against its manifest: every
-shard's size and sha256."""
+shard's size and sha256. It writes nothing; a record of the check written here should go through
+space.maybe_report_full_disk (cli.run turns any other full disk into words too)."""
 
 from __future__ import annotations
 
