@@ -346,3 +346,42 @@ def test_write_token_dataset_refuses_to_overwrite_and_checks_ids(tmp_path):
         write_token_dataset(str(tmp_path / "d"), [np.arange(5)], 10, 100)
     with pytest.raises(DataError, match=r"token id outside \[0, 4\)"):
         write_token_dataset(str(tmp_path / "e"), [np.arange(5)], 4, 100)
+
+
+def test_encode_and_verify_record_the_verification_and_the_steps_the_data_covers(tmp_path, tokenizer, caplog):
+    """encode records that its shards verified (verified.json), so training starts hash nothing; a
+    shard an earlier, interrupted run wrote is hashed again before the record vouches for it; verify
+    records too; both say how many steps of the given batch the windows cover."""
+    rows = [{"text": t} for t in random_texts(100, seed=3)]
+    good = write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in random_texts(100)])
+    bad = write_jsonl(tmp_path / "in" / "b.jsonl", rows[:50] + ["{broken"] + rows[50:])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"b\.jsonl:51"):
+        encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "1K")
+    assert not (out / "verified.json").exists()
+    records = [json.load(open(out / ".progress" / n)) for n in os.listdir(out / ".progress") if n.startswith("unit-")]
+    finished = sorted(r["train"]["name"] for r in records if {p[0] for p in r["unit"]["pieces"]} == {good})
+    shard = out / f"{finished[0]}.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # damage while the run was away: same size, other bytes
+    shard.write_bytes(bytes(data))
+    write_jsonl(bad, rows)
+    with pytest.raises(DataError, match=rf"{finished[0]}\.bin: sha256 .* does not match"):
+        encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "1K")
+    assert not (out / "verified.json").exists()
+
+    fresh = tmp_path / "fresh"
+    with caplog.at_level(logging.INFO):
+        encode(tokenizer, [tmp_path / "in"], fresh, "--unit-bytes", "1K", "--seq-len", "16",
+               "--global-batch-size", "4")
+    record = json.loads((fresh / "verified.json").read_text())
+    assert record["how"] == "hashed while writing" and len(record["files"]) == 2 * len(read_manifest(str(fresh)).shards)
+    windows = read_manifest(str(fresh)).num_tokens // 17
+    assert f"{windows:,} windows of seq_len + 1 = 17 tokens: {windows // 4:,} steps of global batch 4" in caplog.text
+
+    (fresh / "verified.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = prepare.run(["verify", str(fresh), "--workers", "2", "--seq-len", "16", "--global-batch-size", "4"])
+    assert summary[str(fresh)]["record"] == str(fresh / "verified.json") and (fresh / "verified.json").exists()
+    assert "recorded in" in caplog.text and f"{windows // 4:,} steps of global batch 4" in caplog.text

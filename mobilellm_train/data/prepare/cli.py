@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0, help="seed of the held-out selection")
         q.add_argument("--skip-bad", type=int, default=0,
                        help="skip up to N bad records (each logged); 0 stops at the first")
+        add_budget_options(q)
+
+    def add_budget_options(q) -> None:
+        # Only for the summary line: how many optimizer steps the prepared windows cover.
+        q.add_argument("--seq-len", type=int, default=2048,
+                       help="training.seq_len the data is for, for the summary's windows and steps (default 2048)")
+        q.add_argument("--global-batch-size", type=int, default=1024,
+                       help="global batch in sequences, for the summary's steps (default 1024, the recipe's)")
 
     def add_text_options(q) -> None:
         q.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns")
@@ -91,17 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where documents end: after each line (nodes default) or after each EOS (amber default)")
     q.add_argument("--eos-id", type=int, default=2, help="EOS id for --doc-boundary eos without --tokenizer")
 
-    q = sub.add_parser("verify", help="check a prepared folder's files against its manifest (sizes, sha256)")
+    q = sub.add_parser("verify", help="check a prepared folder's files against its manifest (sizes, sha256) and "
+                                      "record it (verified.json), so training starts need not hash them")
     q.add_argument("folder")
+    q.add_argument("--workers", type=int, default=1,
+                   help="shards hashed at once (more helps on parallel storage; default 1)")
+    add_budget_options(q)
     return p
 
 
 def run(argv: list[str]) -> dict:
     """Run one subcommand; returns its summary, raises DataError on bad input."""
     args = build_parser().parse_args(argv)
+    if args.command in ("encode", "convert", "verify") and (args.seq_len < 1 or args.global_batch_size < 1):
+        raise DataError("--seq-len and --global-batch-size must be >= 1")
+    if args.workers < 1:
+        raise DataError("--workers must be >= 1")
     if args.command != "verify":
-        if args.workers < 1 or args.skip_bad < 0:
-            raise DataError("--workers must be >= 1 and --skip-bad >= 0")
+        if args.skip_bad < 0:
+            raise DataError("--skip-bad must be >= 0")
         if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
             raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify}

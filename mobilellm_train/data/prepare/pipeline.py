@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from mobilellm_train.data.budget import coverage_summary
 from mobilellm_train.data.prepare.inputs import Unit
 from mobilellm_train.data.prepare.layout import PROGRESS_DIR, VAL_DIR, unit_record_path
 from mobilellm_train.data.prepare.space import (
@@ -41,9 +42,12 @@ from mobilellm_train.data.prepare.worker import (
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
+    VERIFIED_FILE,
     ShardInfo,
     is_dataset,
     read_manifest,
+    record_verification,
+    verify_shards,
     write_file_atomic,
     write_json_atomic,
     write_manifest,
@@ -193,8 +197,10 @@ def _run_units(todo: list[Unit], settings: dict, workers: int, progress: Progres
     return None
 
 
-def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, extra: dict) -> dict:
-    """Encode every unfinished unit and write the manifests; returns a summary."""
+def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, extra: dict,
+                batch: tuple[int, int] | None = None) -> dict:
+    """Encode every unfinished unit and write the manifests; returns a summary. `batch`
+    (seq_len, global batch size) adds the windows and steps the data covers to the log."""
     out = settings["out"]
     _check_out_folder(out, settings)
     total_bytes = sum(u.input_bytes for u in units)
@@ -214,6 +220,7 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         logger.info("%s: already prepared (%d tokens in %d shards); nothing to do", out, m.num_tokens, len(m.shards))
         return {"train": {"num_tokens": m.num_tokens, "num_documents": m.num_documents, "num_shards": len(m.shards)},
                 "seconds": 0.0, "records_skipped": m.raw.get("records_skipped", 0)}
+    earlier = set(records)  # units whose shards an earlier, interrupted run wrote and hashed
     for folder in (out, os.path.join(out, VAL_DIR)):
         # Shards are about to change: until the new manifest is written, the folder is no dataset.
         if is_dataset(folder):
@@ -265,6 +272,7 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         shards = [ShardInfo(**r[split]) for r in ordered if r[split]]
         if not shards:
             continue
+        resumed = [i for i, r in enumerate(r for r in ordered if r[split]) if r["unit"]["index"] in earlier]
         then = f"run the same command again: every shard ({len(units)}) is finished and kept, it writes what is left"
         if settings.get("tokenizer"):
             with open(settings["tokenizer"], "rb") as f:
@@ -280,9 +288,27 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
                 "prepare": {**extra, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "python": platform.python_version(), "numpy": np.__version__},
             })
+        _record_verification(folder, resumed)
         summary[split] = {k: manifest[k] for k in ("num_tokens", "num_documents", "max_token_id")}
         summary[split]["num_shards"] = len(shards)
     summary["seconds"] = round(seconds, 2)
     summary["records_skipped"] = skipped
     logger.info("%s: done in %.1f s: %s", out, seconds, json.dumps(summary))
+    if batch is not None:
+        logger.info("%s: %s", out, coverage_summary(summary["train"]["num_tokens"], *batch))
     return summary
+
+
+def _record_verification(folder: str, resumed: list[int]) -> None:
+    """Record that every shard of `folder` verified (verified.json), so training starts need not
+    hash them: this run's workers hashed the shards they wrote; the shards an earlier, interrupted
+    run wrote are hashed again now (they sat on disk since), so the record vouches for no byte
+    nobody read. A record that cannot be written only costs later starts a hash."""
+    manifest = read_manifest(folder)
+    if resumed:
+        verify_shards(manifest, resumed)
+    try:
+        record_verification(manifest, "hashed while writing")
+    except OSError as e:
+        logger.warning("%s: could not write %s (%s): training starts will hash the shards until "
+                       "`mobilellm-prepare verify %s` records them", folder, VERIFIED_FILE, e, folder)
