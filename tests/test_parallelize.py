@@ -194,9 +194,10 @@ HSDP_SCRIPT = textwrap.dedent("""
         model.init_weights(seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-        real_switch = P.set_replica_all_reduce
+        real_switch = FSDPModule.set_requires_all_reduce
         if every_micro_batch:  # what train_step did before: all-reduce after every backward
-            P.set_replica_all_reduce = lambda m, enabled: real_switch(m, True)
+            FSDPModule.set_requires_all_reduce = lambda self, enabled, *, recurse=True: real_switch(
+                self, True, recurse=recurse)
         per_step, losses = [], []
         try:
             for step in range(2):
@@ -209,7 +210,7 @@ HSDP_SCRIPT = textwrap.dedent("""
                 if step == 0:
                     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         finally:
-            P.set_replica_all_reduce = real_switch
+            FSDPModule.set_requires_all_reduce = real_switch
         params = {n: p.full_tensor() for n, p in model.named_parameters()}
         units = sum(isinstance(m, FSDPModule) for m in model.modules())
         return per_step, losses, grads, params, units
