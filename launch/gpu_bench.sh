@@ -170,7 +170,7 @@ if [ "${MODE}" = presets ]; then
         begin=${SECONDS}
         # shellcheck disable=SC2086
         limited "${preset}" "$(limit_for "${PRESET_S}")" ${PY} -m mobilellm_train.bench --presets "${preset}" ${TIMED_ARGS} \
-            ${BENCH_ARGS} "${DRY_ARGS[@]}" --out "${WORK}/bench" --name "${preset}"
+            ${BENCH_ARGS} ${DRY_ARGS[@]+"${DRY_ARGS[@]}"} --out "${WORK}/bench" --name "${preset}"
         ${PY} launch/gpu_summary.py row "${WORK}/bench/${preset}.json" "${preset}" $((SECONDS - begin)) "${SECONDS}" \
             "${STATUS}" >> "${SUMMARY}" 2>&1
         archive
