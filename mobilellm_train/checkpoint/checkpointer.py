@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import time
 from concurrent.futures import Future
 
@@ -33,11 +32,12 @@ from mobilellm_train.checkpoint.folders import (
     folder_state,
     list_checkpoints,
     permission_error,
+    remove_partial_step,
     step_path,
 )
 from mobilellm_train.checkpoint.integrity import ChecksummedWriter, verify_on_all_ranks
 from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights
-from mobilellm_train.checkpoint.resume import choose_resume_step, resumable_states
+from mobilellm_train.checkpoint.resume import load_with_fallback, resumable_states, resume_candidates
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
 from mobilellm_train.data.shards import TOKENIZER_FILE
@@ -110,16 +110,16 @@ class Checkpointer:
 
         Returns True when training resumes from a checkpoint of this run.
         """
-        step = None
+        steps, may_fall_back = [], False
         if self.cfg.enable and self.cfg.load_step != 0:
-            step = choose_resume_step(self.cfg, self.folder, self.rank)
-        if step is None:
+            steps, may_fall_back = resume_candidates(self.cfg, self.folder)
+        if not steps:
             # No checkpoint of this run is read, but the initial weights still are: silently
             # starting from random weights would be the wrong run.
             if self.cfg.initial_load_path:
                 self.load_model_only(self.cfg.initial_load_path)
             return False
-        self.load(step, train_state)
+        load_with_fallback(self.folder, steps, lambda step: self.load(step, train_state), self.rank, may_fall_back)
         return True
 
     def verify(self, step: int) -> None:
@@ -199,7 +199,10 @@ class Checkpointer:
                 raise CheckpointError(f"cannot replace the old {path} before saving step {step}: {e}") from None
         dist.barrier()
         self.pending_step = step
-        self.writer = ChecksummedWriter(path)
+        # The tokenizer goes in before `.metadata`: a step folder is then all that evaluation and
+        # export need, and a failed copy (a full disk) fails the save like a failed shard.
+        extra = {TOKENIZER_FILE: self.tokenizer_path} if self.tokenizer_path else {}
+        self.writer = ChecksummedWriter(path, extra_files=extra if self.rank == 0 else {})
         try:
             if self.async_mode == "disabled":
                 dcp.save(self.states, storage_writer=self.writer)
@@ -226,7 +229,10 @@ class Checkpointer:
 
     def _save_failed(self, error: BaseException) -> CheckpointError:
         self.pending = self.staging = None
-        return save_failed_error(error, self.pending_step, self.path(self.pending_step), self.folder)
+        path = self.path(self.pending_step)
+        if self.rank == 0:
+            remove_partial_step(path)
+        return save_failed_error(error, self.pending_step, path, self.folder)
 
     def raise_if_failed(self) -> None:
         """At a step boundary: a background save that has failed stops the run now, not at the
@@ -267,9 +273,6 @@ class Checkpointer:
     def _finish(self) -> None:
         path = self.path(self.pending_step)
         if self.rank == 0:
-            if self.tokenizer_path:
-                # A step folder is then all that evaluation and export need.
-                shutil.copyfile(self.tokenizer_path, os.path.join(path, TOKENIZER_FILE))
             apply_retention(self.folder, self.cfg.keep_latest_k, self.protected_step)
         writer = self.writer
         logger.info("checkpoint %s complete (checksums of %.2f GB on this rank: %.2fs%s)", path,

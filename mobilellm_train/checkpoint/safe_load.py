@@ -9,8 +9,12 @@ because this is the security boundary: what may be unpickled is decided here and
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import pickletools
+import stat
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
@@ -19,6 +23,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from mobilellm_train.checkpoint.folders import permission_error
+from mobilellm_train.checkpoint.metadata_types import rebuild_metadata
 from mobilellm_train.errors import CheckpointError
 
 # Everything DCP's `.metadata` pickle refers to (torch 2.11 and 2.13 write the same classes);
@@ -38,6 +43,145 @@ _METADATA_GLOBALS = {
 }
 
 
+# Bounds on `.metadata`: a real index grows with tensors x ranks (17 KB for a tiny model on one
+# rank, a few MB for 1.5B on hundreds of ranks) and nests about 8 deep. Deeper nesting crashes
+# the interpreter in C code that recurses (hashing, comparing, freeing), so it is refused before
+# anything is built.
+METADATA_MAX_BYTES = 1 << 30
+METADATA_MAX_DEPTH = 64
+
+_ATOMS = frozenset({
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
+    "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "BINUNICODE8",
+    "SHORT_BINUNICODE", "BINBYTES", "BINBYTES8", "SHORT_BINBYTES", "BYTEARRAY8",
+})
+_MARK = object()
+
+
+class _Node:
+    """What the scan knows of one object the unpickler would build: how deep it nests, where it
+    came from ("atom", "global", "new": a NEWOBJ instance, "made": a call's result, "container")
+    and whether it is already inside another object (then it may no longer change)."""
+
+    __slots__ = ("depth", "kind", "sealed")
+
+    def __init__(self, depth: int, kind: str):
+        self.depth, self.kind, self.sealed = depth, kind, False
+
+
+def _contain(items: list, kind: str = "container") -> _Node:
+    for item in items:
+        item.sealed = True
+    return _Node(1 + max((i.depth for i in items), default=0), kind)
+
+
+def _mutate(target, items: list) -> None:
+    """APPEND, SETITEM, ADDITEMS, BUILD: allowed only on an object nothing holds yet, so no later
+    change can deepen an object already counted, and no object can come to contain itself."""
+    if not isinstance(target, _Node) or target.sealed or target.kind in ("atom", "global"):
+        raise pickle.UnpicklingError("the pickle changes an object after using it, or changes a class or a constant")
+    if any(item is target for item in items):
+        raise pickle.UnpicklingError("the pickle makes an object contain itself")
+    target.depth = max(target.depth, _contain(items).depth)
+
+
+def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
+    """Check, without building anything, that `data` is a pickle of plain nesting at most
+    `max_depth` deep that calls only what it looks up by name (checked by find_class) and that
+    changes only fresh instances: never a class, a constant, or an object it has already used.
+    Raises pickle.UnpicklingError."""
+    stack: list = []
+    memo: dict = {}
+
+    def pop_mark() -> list:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is _MARK:
+                items = stack[i + 1:]
+                del stack[i:]
+                if any(item is _MARK for item in items):
+                    break
+                return items
+        raise pickle.UnpicklingError("unbalanced MARK")
+
+    def pop(n: int = 1) -> list:
+        if len(stack) < n or any(item is _MARK for item in stack[len(stack) - n:]):
+            raise pickle.UnpicklingError("stack underflow")
+        items = stack[len(stack) - n:]
+        del stack[len(stack) - n:]
+        return items
+
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name in _ATOMS:
+            stack.append(_Node(0, "atom"))
+        elif name in ("PROTO", "FRAME"):
+            continue
+        elif name == "STOP":
+            break
+        elif name == "MARK":
+            stack.append(_MARK)
+        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            if not stack or stack[-1] is _MARK:
+                raise pickle.UnpicklingError("memoizing nothing")
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in memo:
+                raise pickle.UnpicklingError(f"memo key {arg} missing")
+            stack.append(memo[arg])
+        elif name == "POP":
+            if not stack:
+                raise pickle.UnpicklingError("stack underflow")
+            stack.pop()
+        elif name == "POP_MARK":
+            pop_mark()
+        elif name == "DUP":
+            stack.extend(pop())
+            stack.append(stack[-1])
+        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+            stack.append(_Node(1, "container"))
+        elif name == "EMPTY_TUPLE":
+            stack.append(_Node(1, "atom"))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            stack.append(_contain(pop(int(name[-1])), "atom"))
+        elif name in ("TUPLE", "FROZENSET"):
+            stack.append(_contain(pop_mark(), "atom"))
+        elif name in ("LIST", "DICT"):
+            stack.append(_contain(pop_mark()))
+        elif name == "APPEND":
+            item = pop()
+            _mutate(stack[-1] if stack else None, item)
+        elif name == "SETITEM":
+            items = pop(2)
+            _mutate(stack[-1] if stack else None, items)
+        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
+            items = pop_mark()
+            _mutate(stack[-1] if stack else None, items)
+        elif name == "BUILD":
+            state = pop()
+            target = stack[-1] if stack else None
+            if not isinstance(target, _Node) or target.kind != "new":
+                raise pickle.UnpicklingError("BUILD of something other than a new instance (a class, a constant)")
+            _mutate(target, state)
+        elif name == "GLOBAL":
+            stack.append(_Node(0, "global"))
+        elif name == "STACK_GLOBAL":
+            pop(2)
+            stack.append(_Node(0, "global"))
+        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+            parts = pop(3 if name == "NEWOBJ_EX" else 2)
+            if parts[0].kind != "global":
+                raise pickle.UnpicklingError(f"{name} of something not looked up by name")
+            stack.append(_contain(parts[1:], "made" if name == "REDUCE" else "new"))
+        else:  # PERSID, EXT*, INST, OBJ, buffers: nothing DCP writes
+            raise pickle.UnpicklingError(f"opcode {name} is not used by checkpoint indexes")
+        if stack and stack[-1] is not _MARK and stack[-1].depth > max_depth:
+            raise pickle.UnpicklingError(f"objects nested more than {max_depth} deep")
+    else:
+        raise pickle.UnpicklingError("no STOP opcode")
+    if len(stack) != 1:
+        raise pickle.UnpicklingError("the pickle does not end with exactly one object")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_GLOBALS:
@@ -47,27 +191,56 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
 
 
+def _read_bounded(file: str) -> bytes:
+    """The bytes of a regular file of the step folder, never through a symlink, size checked
+    before reading (a device or a huge file would read forever)."""
+    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{file} is not a regular file; it was not read")
+        if st.st_size > METADATA_MAX_BYTES:
+            raise CheckpointError(f"{file} is {st.st_size:,} bytes, more than any checkpoint index "
+                                  f"({METADATA_MAX_BYTES:,}); it was not read")
+        return f.read(METADATA_MAX_BYTES + 1)
+
+
 def read_metadata(path: str) -> Metadata:
-    """The DCP index `<path>/.metadata`, unpickled without running anything from it."""
+    """The DCP index `<path>/.metadata`, unpickled without running anything from it, rebuilt as
+    plain instances of DCP's classes holding only their declared fields."""
     file = os.path.join(path, ".metadata")
     try:
-        with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        if os.path.islink(file):
+            raise CheckpointError(f"{file} is a symbolic link; links inside a step folder are not followed")
+        data = _read_bounded(file)
+        scan_pickle(data)
+        loaded = _MetadataUnpickler(io.BytesIO(data)).load()
+        metadata = rebuild_metadata(loaded)
+    except CheckpointError:
+        raise
     except PermissionError:
         raise permission_error(file) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{file} is a symbolic link; links inside a step folder are not followed") from None
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e})") from None
     except Exception as e:  # a crafted or damaged pickle raises nearly anything
         raise CheckpointError(
             f"{file} is not a valid checkpoint index ({type(e).__name__}: {str(e)[:300]}); it was refused "
             "unread, because only checkpoint metadata types are accepted (unpickling anything else can "
             "run code). The folder is damaged or was not written by DCP."
         ) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
-        raise CheckpointError(f"{file} is not a DCP checkpoint index (it holds a {type(metadata).__name__})")
+    names = set()
     for info in metadata.storage_data.values():
-        name = getattr(info, "relative_path", None)
+        name = info.relative_path
         # Data files sit beside .metadata: a path elsewhere would read files outside the folder.
-        if not isinstance(name, str) or name != os.path.basename(name) or name.startswith("."):
+        if name != os.path.basename(name) or name.startswith(".") or not name:
             raise CheckpointError(f"{file} names the data file {name!r}, which is not a file of this folder")
+        names.add(name)
+    for name in sorted(names):
+        if os.path.islink(os.path.join(path, name)):
+            raise CheckpointError(f"{os.path.join(path, name)} is a symbolic link; links inside a step folder "
+                                  "are not followed")
     return metadata
 
 
