@@ -661,3 +661,24 @@ def test_full_disk_while_copying_the_tokenizer_fails_the_save_in_words(tmp_path,
     C.verify_checkpoint(ck.path(5))
     assert (open(os.path.join(ck.path(5), C.TOKENIZER_FILE), "rb").read() == tokenizer.read_bytes())
     ck.close()
+
+
+def test_one_stager_keeps_its_host_buffers_across_saves():
+    """The pinned mode's stager (CPU here: no pinning, same code path otherwise) stages every save
+    into the buffers of the first, also on torch 2.11 whose DefaultStager dropped them after each
+    save (and then failed on the second)."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    from mobilellm_train.checkpoint.checkpointer import OrderedStager
+
+    weight = torch.zeros(1000)
+    stager = OrderedStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=True,
+                                          use_non_blocking_copy=False))
+    storages = []
+    for step in (1, 2, 3):
+        weight.fill_(step)
+        staged = stager.stage({"w": weight}).result()
+        assert (staged["w"] == step).all() and staged["w"].data_ptr() != weight.data_ptr()
+        storages.append(staged["w"].data_ptr())
+    assert len(set(storages)) == 1  # copied into the same host buffer each time
+    stager.close()

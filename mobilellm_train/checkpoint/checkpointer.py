@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from concurrent.futures import Future
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
@@ -45,18 +45,53 @@ from mobilellm_train.errors import CheckpointError
 
 logger = logging.getLogger("mobilellm_train")
 
-_TORCH_VERSION = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+class _KeptStateDictStager(StateDictStager):
+    """torch 2.11's DefaultStager closes its StateDictStager after every stage, dropping the
+    pinned host buffers (and the copy table: its second save failed). This one stays open until
+    the stager is closed, so each save copies into the buffers pinned at the first."""
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        super().close()
 
 
-def next_pinned_stager(previous: DefaultStager | None) -> DefaultStager:
-    """The pinned-memory stager of the next save. torch 2.11's DefaultStager fails on its second
-    save (it clears its copy table after the first), so before 2.12 each save gets a fresh one;
-    later versions keep one, and with it the pinned buffers, for the whole run."""
-    if previous is not None and _TORCH_VERSION >= (2, 12):
-        return previous
-    if previous is not None:
-        previous.close()
-    return DefaultStager(StagingOptions(
+class OrderedStager(DefaultStager):
+    """The pinned-memory stager, one for the whole run.
+
+    DefaultStager copies on a stream of its own, from a background thread, without waiting for
+    the compute stream (torch 2.11 and 2.13 alike): the copy could read parameters the optimizer
+    step is still writing. `stage` (called on the training thread by async_save) therefore records
+    an event on the current stream and makes the staging stream wait for it before any copy is
+    queued there.
+    """
+
+    def __init__(self, options: StagingOptions):
+        super().__init__(options)
+        old = self._state_dict_stager
+        self._state_dict_stager = _KeptStateDictStager(pin_memory=old.pin_memory, share_memory=old.share_memory)
+        self.ready: torch.Event | None = None  # the last save's point on the compute stream
+
+    def stage(self, state_dict, **kwargs):
+        self.ready = None
+        if torch.accelerator.is_available():
+            self.ready = torch.Event()
+            self.ready.record()  # the current (compute) stream
+            stream = getattr(self, "_staging_stream", None)
+            if stream is not None:
+                stream.wait_event(self.ready)  # queued before any copy: they run after the step
+            else:
+                self.ready.synchronize()
+        return super().stage(state_dict, **kwargs)
+
+    def close(self) -> None:
+        super().close()
+        self._state_dict_stager.release()
+
+
+def build_pinned_stager() -> OrderedStager:
+    return OrderedStager(StagingOptions(
         use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
     ))
 
@@ -224,7 +259,8 @@ class Checkpointer:
     def _stager_for_save(self) -> DefaultStager | None:
         if self.async_mode != "async_with_pinned_mem":
             return None
-        self.stager = next_pinned_stager(self.stager)
+        if self.stager is None:
+            self.stager = build_pinned_stager()
         return self.stager
 
     def _save_failed(self, error: BaseException) -> CheckpointError:

@@ -1,11 +1,13 @@
-"""Checkpoint integrity: per-rank manifests of file sizes and CRC-32s, written on save and
-checked before a load.
+"""Checkpoint integrity: manifests of file sizes and CRC-32s, written on save and checked
+before a load.
 
-Each rank writes `__<rank>_manifest.json`, the size and CRC-32 of every file it wrote, before
-`.metadata` marks the step complete (`ChecksummedWriter`); `verify_checkpoint` checks a step
-folder's files against them, and `verify_on_all_ranks` splits that work over the ranks. Separate
-from safe loading (which refuses code) and from the checkpointer (which decides when to verify):
-what a manifest covers and how it is checked is all here.
+Each rank writes `__<rank>_manifest.json` for the shards it wrote; the coordinator copies the
+tokenizer in and writes `__metadata_manifest.json` for it and `.metadata`, just before `.metadata`
+marks the step complete (`ChecksummedWriter`). `verify_checkpoint` checks every file a load or
+export reads: names confined to plain names of the step folder, no links, sizes before reads,
+every malformed manifest a CheckpointError naming it. `verify_on_all_ranks` splits that work over
+the ranks. Separate from safe loading (which refuses code) and from the checkpointer (which
+decides when to verify): what a manifest covers and how it is checked is all here.
 """
 
 from __future__ import annotations
