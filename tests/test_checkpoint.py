@@ -155,9 +155,11 @@ def test_crafted_values_run_no_code(trained, tmp_path, capsys):
     step10 = run / "checkpoints" / "step-10"
     # A per-rank entry (the RNG state, once pickled) on resume; the manifests match, so only the
     # loader's refusal to unpickle stands between the file and the code.
+    # Refused like any damage: auto-resume sets it aside and falls back.
     craft_value(step20, marker, "rng", "rank_0")
-    out = run_trainer(base_args(data, run, steps=30), expect_rc=1)
+    out = run_trainer(base_args(data, run, steps=22))
     assert f"{step20}/__0_0.distcp" in out and "'rng.rank_0' was refused" in out
+    assert "falling back to step 10" in out and os.path.isdir(f"{step20}.corrupt")
     # The train state every tool reads first.
     craft_value(step10, marker, "train_state", "model_args")
     for name, argv, main in lone_loaders(str(step10), tmp_path, data):
