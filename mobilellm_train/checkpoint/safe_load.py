@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import os
 import pathlib
@@ -61,11 +62,6 @@ _METADATA_GLOBALS = {
 METADATA_MAX_BYTES = 1 << 30
 METADATA_MAX_DEPTH = 64
 
-_ATOMS = frozenset({
-    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
-    "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "BINUNICODE8",
-    "SHORT_BINUNICODE", "BINBYTES", "BINBYTES8", "SHORT_BINBYTES", "BYTEARRAY8",
-})
 _MARK = object()
 
 
@@ -80,20 +76,67 @@ class _Node:
         self.depth, self.kind, self.sealed = depth, kind, False
 
 
-def _contain(items: list, kind: str = "container") -> _Node:
+_ATOM = _Node(0, "atom")  # scalars: never changed, so one node serves them all
+_GLOBAL = _Node(0, "global")
+
+# Opcode name -> what the scan does with it (one dict lookup per opcode, not a chain of tests).
+_ACTIONS = {name: "atom" for name in (
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
+    "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "BINUNICODE8",
+    "SHORT_BINUNICODE", "BINBYTES", "BINBYTES8", "SHORT_BINBYTES", "BYTEARRAY8",
+)} | {name: "memo" for name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")} | {
+    name: "get" for name in ("GET", "BINGET", "LONG_BINGET")} | {
+    name: "skip" for name in ("PROTO", "FRAME")} | {
+    name: "empty" for name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")} | {
+    "TUPLE1": "tuple", "TUPLE2": "tuple", "TUPLE3": "tuple", "TUPLE": "marked tuple", "FROZENSET": "marked tuple",
+    "LIST": "marked container", "DICT": "marked container", "EMPTY_TUPLE": "empty tuple",
+    "APPEND": "add", "SETITEM": "add", "APPENDS": "marked add", "SETITEMS": "marked add", "ADDITEMS": "marked add",
+    "MARK": "mark", "POP": "pop", "POP_MARK": "pop mark", "DUP": "dup", "BUILD": "build",
+    "GLOBAL": "global", "STACK_GLOBAL": "global", "REDUCE": "call", "NEWOBJ": "call", "NEWOBJ_EX": "call",
+    "STOP": "stop",
+}  # anything else (PERSID, EXT*, INST, OBJ, buffers): nothing DCP writes, refused
+
+
+def _contain(items: list, kind: str, max_depth: int) -> _Node:
+    depth = 0
     for item in items:
+        if item is _MARK:
+            raise pickle.UnpicklingError("unbalanced MARK")
         item.sealed = True
-    return _Node(1 + max((i.depth for i in items), default=0), kind)
+        if item.depth > depth:
+            depth = item.depth
+    if depth >= max_depth:
+        raise pickle.UnpicklingError(f"objects nested more than {max_depth} deep")
+    return _Node(depth + 1, kind)
 
 
-def _mutate(target, items: list) -> None:
+def _mutate(target, items: list, max_depth: int) -> None:
     """APPEND, SETITEM, ADDITEMS, BUILD: allowed only on an object nothing holds yet, so no later
     change can deepen an object already counted, and no object can come to contain itself."""
     if not isinstance(target, _Node) or target.sealed or target.kind in ("atom", "global"):
         raise pickle.UnpicklingError("the pickle changes an object after using it, or changes a class or a constant")
-    if any(item is target for item in items):
+    if target in items:  # _Node compares by identity
         raise pickle.UnpicklingError("the pickle makes an object contain itself")
-    target.depth = max(target.depth, _contain(items).depth)
+    target.depth = max(target.depth, _contain(items, "", max_depth).depth)
+
+
+def _pop_mark(stack: list) -> list:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is _MARK:
+            items = stack[i + 1:]
+            del stack[i:]
+            return items
+    raise pickle.UnpicklingError("unbalanced MARK")
+
+
+def _pop(stack: list, n: int) -> list:
+    if len(stack) < n:
+        raise pickle.UnpicklingError("stack underflow")
+    items = stack[len(stack) - n:]
+    del stack[len(stack) - n:]
+    if _MARK in items:
+        raise pickle.UnpicklingError("unbalanced MARK")
+    return items
 
 
 def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
@@ -103,93 +146,64 @@ def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
     Raises pickle.UnpicklingError."""
     stack: list = []
     memo: dict = {}
-
-    def pop_mark() -> list:
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i] is _MARK:
-                items = stack[i + 1:]
-                del stack[i:]
-                if any(item is _MARK for item in items):
-                    break
-                return items
-        raise pickle.UnpicklingError("unbalanced MARK")
-
-    def pop(n: int = 1) -> list:
-        if len(stack) < n or any(item is _MARK for item in stack[len(stack) - n:]):
-            raise pickle.UnpicklingError("stack underflow")
-        items = stack[len(stack) - n:]
-        del stack[len(stack) - n:]
-        return items
-
     for opcode, arg, _ in pickletools.genops(data):
-        name = opcode.name
-        if name in _ATOMS:
-            stack.append(_Node(0, "atom"))
-        elif name in ("PROTO", "FRAME"):
-            continue
-        elif name == "STOP":
-            break
-        elif name == "MARK":
-            stack.append(_MARK)
-        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+        action = _ACTIONS.get(opcode.name)
+        if action == "memo":
             if not stack or stack[-1] is _MARK:
                 raise pickle.UnpicklingError("memoizing nothing")
-            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            memo[len(memo) if arg is None else arg] = stack[-1]
+        elif action == "get":
             if arg not in memo:
                 raise pickle.UnpicklingError(f"memo key {arg} missing")
             stack.append(memo[arg])
-        elif name == "POP":
-            if not stack:
-                raise pickle.UnpicklingError("stack underflow")
-            stack.pop()
-        elif name == "POP_MARK":
-            pop_mark()
-        elif name == "DUP":
-            stack.extend(pop())
-            stack.append(stack[-1])
-        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+        elif action == "atom":
+            stack.append(_ATOM)
+        elif action == "mark":
+            stack.append(_MARK)
+        elif action == "skip":
+            continue
+        elif action == "empty":
             stack.append(_Node(1, "container"))
-        elif name == "EMPTY_TUPLE":
+        elif action == "empty tuple":
             stack.append(_Node(1, "atom"))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            stack.append(_contain(pop(int(name[-1])), "atom"))
-        elif name in ("TUPLE", "FROZENSET"):
-            stack.append(_contain(pop_mark(), "atom"))
-        elif name in ("LIST", "DICT"):
-            stack.append(_contain(pop_mark()))
-        elif name == "APPEND":
-            item = pop()
-            _mutate(stack[-1] if stack else None, item)
-        elif name == "SETITEM":
-            items = pop(2)
-            _mutate(stack[-1] if stack else None, items)
-        elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
-            items = pop_mark()
-            _mutate(stack[-1] if stack else None, items)
-        elif name == "BUILD":
-            state = pop()
+        elif action == "tuple":
+            stack.append(_contain(_pop(stack, int(opcode.name[-1])), "atom", max_depth))
+        elif action == "marked tuple":
+            stack.append(_contain(_pop_mark(stack), "atom", max_depth))
+        elif action == "marked container":
+            stack.append(_contain(_pop_mark(stack), "container", max_depth))
+        elif action in ("add", "marked add"):
+            items = _pop(stack, 2 if opcode.name == "SETITEM" else 1) if action == "add" else _pop_mark(stack)
+            _mutate(stack[-1] if stack else None, items, max_depth)
+        elif action == "build":
+            state = _pop(stack, 1)
             target = stack[-1] if stack else None
             if not isinstance(target, _Node) or target.kind != "new":
                 raise pickle.UnpicklingError("BUILD of something other than a new instance (a class, a constant)")
-            _mutate(target, state)
-        elif name == "GLOBAL":
-            stack.append(_Node(0, "global"))
-        elif name == "STACK_GLOBAL":
-            pop(2)
-            stack.append(_Node(0, "global"))
-        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
-            parts = pop(3 if name == "NEWOBJ_EX" else 2)
-            if parts[0].kind != "global":
-                raise pickle.UnpicklingError(f"{name} of something not looked up by name")
-            stack.append(_contain(parts[1:], "made" if name == "REDUCE" else "new"))
-        else:  # PERSID, EXT*, INST, OBJ, buffers: nothing DCP writes
-            raise pickle.UnpicklingError(f"opcode {name} is not used by checkpoint indexes")
-        if stack and stack[-1] is not _MARK and stack[-1].depth > max_depth:
-            raise pickle.UnpicklingError(f"objects nested more than {max_depth} deep")
+            _mutate(target, state, max_depth)
+        elif action == "global":
+            if opcode.name == "STACK_GLOBAL":
+                _pop(stack, 2)
+            stack.append(_GLOBAL)
+        elif action == "call":
+            parts = _pop(stack, 3 if opcode.name == "NEWOBJ_EX" else 2)
+            if parts[0] is not _GLOBAL:
+                raise pickle.UnpicklingError(f"{opcode.name} of something not looked up by name")
+            stack.append(_contain(parts[1:], "made" if opcode.name == "REDUCE" else "new", max_depth))
+        elif action == "pop":
+            _pop(stack, 1) if stack and stack[-1] is not _MARK else _pop_mark(stack)
+        elif action == "pop mark":
+            _pop_mark(stack)
+        elif action == "dup":
+            stack.append(_pop(stack, 1)[0])
+            stack.append(stack[-1])
+        elif action == "stop":
+            break
+        else:
+            raise pickle.UnpicklingError(f"opcode {opcode.name} is not used by checkpoint indexes")
     else:
         raise pickle.UnpicklingError("no STOP opcode")
-    if len(stack) != 1:
+    if len(stack) != 1 or stack[0] is _MARK:
         raise pickle.UnpicklingError("the pickle does not end with exactly one object")
 
 
@@ -333,6 +347,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
 
 
+_SCANNED: dict[bytes, None] = {}  # SHA-256 of index bytes that passed the scan
+
+
 def _read_bounded(file: str) -> bytes:
     """The bytes of a regular file of the step folder, never through a symlink, size checked
     before reading (a device or a huge file would read forever)."""
@@ -355,7 +372,12 @@ def read_metadata(path: str) -> Metadata:
         if os.path.islink(file):
             raise CheckpointError(f"{file} is a symbolic link; links inside a step folder are not followed")
         data = _read_bounded(file)
-        scan_pickle(data)
+        key = hashlib.sha256(data).digest()  # not a CRC: a crafted file could match one
+        if key not in _SCANNED:  # a load reads the index 3 times: scan the same bytes once
+            scan_pickle(data)
+            _SCANNED[key] = None
+            while len(_SCANNED) > 64:
+                del _SCANNED[next(iter(_SCANNED))]
         loaded = _MetadataUnpickler(io.BytesIO(data)).load()
         metadata = rebuild_metadata(loaded)
     except CheckpointError:
