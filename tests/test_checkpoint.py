@@ -135,6 +135,18 @@ def test_crafted_metadata_runs_no_code_anywhere(trained, tmp_path, capsys):
         for extra in ([], ["--no-verify"]):
             err = run_cli(main, argv + extra, capsys)
             assert metadata_file in err and "not a valid checkpoint index" in err, (name, err)
+    # Nesting that crashed the process, and a prefix rewriting Metadata.__getstate__: the same.
+    valid = open(os.path.join(trained[1], "checkpoints", "step-10", ".metadata"), "rb").read()
+    for crafted, reason in ((b"\x80\x04)" + b"\x85" * 1_000_000 + b".", "nested more than 64 deep"),
+                            (b"\x80\x04" + set_state_of(b"torch.distributed.checkpoint.metadata\nMetadata",
+                                                         short_str("__getstate__") + b"cbuiltins\nset\ns") + valid[2:],
+                             "BUILD of something other than a new instance")):
+        with open(metadata_file, "wb") as f:
+            f.write(crafted)
+        for name, argv, main in lone_loaders(step20, tmp_path, data):
+            err = run_cli(main, argv + ["--no-verify"], capsys)
+            assert metadata_file in err and reason in err, (name, err)
+    craft_metadata(step20, marker)
     # As the weights of a new run, without verification: the restricted unpickler alone refuses it.
     out = run_trainer(base_args(data, tmp_path / "fresh", steps=2, **{"checkpoint.initial_load_path": step20,
                                                                      "checkpoint.verify": "false"}), expect_rc=1)
@@ -243,6 +255,7 @@ def test_failed_save_is_reported_at_once_one_rank(tmp_path, monkeypatch, one_ran
         with pytest.raises(C.CheckpointError, match=expected):
             ck.raise_if_failed()  # the next step boundary
     assert C.list_checkpoints(str(tmp_path / "checkpoints"))[0] == [5]
+    assert not os.path.lexists(ck.path(10))  # the failed save's partial folder is removed
     ck.close()  # nothing left in flight: closing does not raise again
 
 
@@ -564,8 +577,10 @@ def test_manifests_cover_every_file_and_name_only_files_of_the_step(tmp_path, on
 def test_auto_resume_falls_back_past_any_step_that_fails_to_load(tmp_path, one_rank_group, caplog):
     from torch.distributed.checkpoint.metadata import Metadata
 
-    ck, train_state = saved_steps(tmp_path, [5, 10, 15, 20, 25])
+    ck, train_state = saved_steps(tmp_path, [5, 10, 15, 20, 25, 30])
     valid = open(os.path.join(ck.path(25), ".metadata"), "rb").read()
+    # 30: the .metadata of another step (its checksum now catches that).
+    shutil.copyfile(os.path.join(ck.path(5), ".metadata"), os.path.join(ck.path(30), ".metadata"))
     # 25: a prefix rewriting Metadata.__getstate__; 20: 10^6 nested tuples; 15: an index that
     # parses and verifies but points past the end of its shard (damage that still parses).
     with open(os.path.join(ck.path(25), ".metadata"), "wb") as f:
@@ -586,7 +601,8 @@ def test_auto_resume_falls_back_past_any_step_that_fails_to_load(tmp_path, one_r
     assert resumed.step == 10
     assert "BUILD of something other than a new instance" in caplog.text and "nested more than 64" in caplog.text
     assert f"{ck.path(15)} cannot be read" in caplog.text  # verified, then failed in the load
-    for step in (15, 20, 25):
+    assert f"{ck.path(30)}/.metadata is damaged" in caplog.text
+    for step in (15, 20, 25, 30):
         assert f"moved to {ck.path(step)}.corrupt and falling back to step 10" in caplog.text
         assert os.path.isfile(os.path.join(ck.path(step) + ".corrupt", ".metadata"))
     assert caplog.text.count(f"verified {ck.path(10)} against its checksums") == 1  # once, not twice

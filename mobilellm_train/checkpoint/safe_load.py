@@ -55,10 +55,10 @@ _METADATA_GLOBALS = {
 }
 
 
-# Bounds on `.metadata`: a real index grows with tensors x ranks (17 KB for a tiny model on one
-# rank, a few MB for 1.5B on hundreds of ranks) and nests about 8 deep. Deeper nesting crashes
-# the interpreter in C code that recurses (hashing, comparing, freeing), so it is refused before
-# anything is built.
+# Bounds on `.metadata`: a real index grows with tensors x ranks (measured 2026-12-03: 17 KB for
+# the tests' 2-layer model with AdamW on one rank; 8.1 MB for 900 sharded tensors on 64 ranks) and
+# nests 11 deep in both. Deep nesting crashes the interpreter in C code that recurses (hashing,
+# comparing, freeing), so it is refused before anything is built.
 METADATA_MAX_BYTES = 1 << 30
 METADATA_MAX_DEPTH = 64
 
