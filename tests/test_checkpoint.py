@@ -647,6 +647,10 @@ def test_retention_and_saves_never_delete_through_a_link(tmp_path, one_rank_grou
     os.makedirs(ck.folder)
     os.symlink(other.path(5), ck.path(5))  # another run's checkpoint linked in to resume from
     os.symlink(other.path(10), ck.path(10))
+    os.symlink(tmp_path / "gone", ck.path(7))  # dangling
+    train_state.step = 7
+    ck.save(7)
+    assert not os.path.islink(ck.path(7))
     train_state.step = 10
     ck.save(10)  # replaces the link, not the other run's step 10
     assert not os.path.islink(ck.path(10))

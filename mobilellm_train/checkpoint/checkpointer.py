@@ -224,8 +224,8 @@ class Checkpointer:
         begin = time.perf_counter()
         self.wait()  # one save in flight at a time
         path = self.path(step)
-        if self.rank == 0 and os.path.isdir(path):
-            if folder_state(path) == "unreadable":
+        if self.rank == 0 and os.path.lexists(path):  # a dangling link too
+            if not os.path.islink(path) and folder_state(path) == "unreadable":
                 raise permission_error(path)
             # The remains of a killed save, or (after a rewind) an older save of this step.
             try:
