@@ -490,10 +490,13 @@ def test_metadata_cannot_rewrite_a_class_nest_deep_or_be_read_through_a_link(tmp
             b"j" + i.to_bytes(4, "little") + b"]\x94a0" for i in range(200)) + b"j\x00\x00\x00\x00.",
         # An undeclared field on a valid class.
         "field": pickle.dumps(extra_field),
+        # A memo index of 2^31: the unpickler sizes its memo table by it (tens of GiB; MemoryError
+        # under a 4 GB limit, an OOM kill without one).
+        "memo": b"\x80\x02Nr\xff\xff\xff\x7f.",
     }
     reasons = {"class": "BUILD of something other than a new instance", "constant": "BUILD of something other",
                "deep tuple": "nested more than 64 deep", "deep lists": "changes an object after using it",
-               "field": "undeclared fields"}
+               "field": "undeclared fields", "memo": "out of sequence"}
     for name, data in poisons.items():
         with open(os.path.join(step, ".metadata"), "wb") as f:
             f.write(data)

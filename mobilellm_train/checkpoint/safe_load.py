@@ -151,6 +151,8 @@ def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
         if action == "memo":
             if not stack or stack[-1] is _MARK:
                 raise pickle.UnpicklingError("memoizing nothing")
+            if arg is not None and not 0 <= arg <= len(memo):  # the unpickler sizes its memo by the index
+                raise pickle.UnpicklingError(f"memo index {arg} out of sequence")
             memo[len(memo) if arg is None else arg] = stack[-1]
         elif action == "get":
             if arg not in memo:
