@@ -272,7 +272,7 @@ class Checkpointer:
 
     def raise_if_failed(self) -> None:
         """At a step boundary: a background save that has failed stops the run now, not at the
-        next save; one that has succeeded is finished (retention, tokenizer copy). Never blocks."""
+        next save; one that has succeeded is finished (retention). Never blocks."""
         for future in (self.staging, self.pending):
             if future is not None and future.done():
                 if future.exception() is not None:
