@@ -26,7 +26,17 @@ class BadLine(Exception):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run."""
+    """A checkpoint is missing, incomplete, damaged or does not fit this run."""
+
+
+class CheckpointAccessError(CheckpointError):
+    """A checkpoint cannot be read (permissions): not damage, so a resume stops rather than
+    falling back past it."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that does not fit this run (another model, rank count or weight
+    layout): an older step would not fit either, so a resume stops."""
 
 
 class TaskDataError(ValueError):

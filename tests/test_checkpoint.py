@@ -6,6 +6,7 @@ check that the marker never appears and that the error names the file.
 """
 
 import errno
+import glob
 import json
 import os
 import pickle
@@ -134,6 +135,18 @@ def test_crafted_metadata_runs_no_code_anywhere(trained, tmp_path, capsys):
         for extra in ([], ["--no-verify"]):
             err = run_cli(main, argv + extra, capsys)
             assert metadata_file in err and "not a valid checkpoint index" in err, (name, err)
+    # Nesting that crashed the process, and a prefix rewriting Metadata.__getstate__: the same.
+    valid = open(os.path.join(trained[1], "checkpoints", "step-10", ".metadata"), "rb").read()
+    for crafted, reason in ((b"\x80\x04)" + b"\x85" * 1_000_000 + b".", "nested more than 64 deep"),
+                            (b"\x80\x04" + set_state_of(b"torch.distributed.checkpoint.metadata\nMetadata",
+                                                         short_str("__getstate__") + b"cbuiltins\nset\ns") + valid[2:],
+                             "BUILD of something other than a new instance")):
+        with open(metadata_file, "wb") as f:
+            f.write(crafted)
+        for name, argv, main in lone_loaders(step20, tmp_path, data):
+            err = run_cli(main, argv + ["--no-verify"], capsys)
+            assert metadata_file in err and reason in err, (name, err)
+    craft_metadata(step20, marker)
     # As the weights of a new run, without verification: the restricted unpickler alone refuses it.
     out = run_trainer(base_args(data, tmp_path / "fresh", steps=2, **{"checkpoint.initial_load_path": step20,
                                                                      "checkpoint.verify": "false"}), expect_rc=1)
@@ -154,9 +167,11 @@ def test_crafted_values_run_no_code(trained, tmp_path, capsys):
     step10 = run / "checkpoints" / "step-10"
     # A per-rank entry (the RNG state, once pickled) on resume; the manifests match, so only the
     # loader's refusal to unpickle stands between the file and the code.
+    # Refused like any damage: auto-resume sets it aside and falls back.
     craft_value(step20, marker, "rng", "rank_0")
-    out = run_trainer(base_args(data, run, steps=30), expect_rc=1)
+    out = run_trainer(base_args(data, run, steps=22))
     assert f"{step20}/__0_0.distcp" in out and "'rng.rank_0' was refused" in out
+    assert "falling back to step 10" in out and os.path.isdir(f"{step20}.corrupt")
     # The train state every tool reads first.
     craft_value(step10, marker, "train_state", "model_args")
     for name, argv, main in lone_loaders(str(step10), tmp_path, data):
@@ -240,6 +255,7 @@ def test_failed_save_is_reported_at_once_one_rank(tmp_path, monkeypatch, one_ran
         with pytest.raises(C.CheckpointError, match=expected):
             ck.raise_if_failed()  # the next step boundary
     assert C.list_checkpoints(str(tmp_path / "checkpoints"))[0] == [5]
+    assert not os.path.lexists(ck.path(10))  # the failed save's partial folder is removed
     ck.close()  # nothing left in flight: closing does not raise again
 
 
@@ -414,3 +430,280 @@ def test_pinned_memory_async_mode_saves_every_time(tmp_path, one_rank_group):
     for step in (1, 2, 3):
         C.verify_checkpoint(ck.path(step))
         assert (C.load_model_from_checkpoint(ck.path(step)).tok_embeddings.weight == step).all()
+
+
+# --- Crafted step folders, round two: nothing in a step folder changes the program, crashes it,
+# reaches outside it or loses another run's data. Each builds the crafted input directly.
+
+def rewrite_manifests(step_dir):
+    """Recompute every manifest entry of a step folder: the crafted change then passes the
+    checksums, as damage that happened before they were computed would."""
+    for manifest in glob.glob(os.path.join(str(step_dir), C.MANIFEST_GLOB)):
+        with open(manifest) as f:
+            content = json.load(f)
+        for name in content["files"]:
+            full = os.path.join(str(step_dir), name)
+            content["files"][name] = {"bytes": os.path.getsize(full), "crc32": f"{C.file_crc32(full):08x}"}
+        with open(manifest, "w") as f:
+            json.dump(content, f)
+
+
+def set_state_of(global_name: bytes, state: bytes) -> bytes:
+    """Opcodes that look up `global_name` and BUILD it with the (None, {...}) slot state `state`."""
+    return b"c" + global_name + b"\nN}" + state + b"\x86b0"
+
+
+def short_str(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+def saved_steps(tmp_path, steps, tokenizer=None, keep=0):
+    model, train_state, states = tiny_states()
+    ck = C.Checkpointer(CheckpointConfig(async_mode="disabled", keep_latest_k=keep), str(tmp_path), states, rank=0,
+                        tokenizer_path=str(tokenizer or ""))
+    for step in steps:
+        train_state.step = step
+        ck.save(step)
+    return ck, train_state
+
+
+def test_metadata_cannot_rewrite_a_class_nest_deep_or_be_read_through_a_link(tmp_path, one_rank_group):
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
+
+    ck, _ = saved_steps(tmp_path, [5])
+    step = ck.path(5)
+    valid = open(os.path.join(step, ".metadata"), "rb").read()
+    real = C.read_metadata(step)
+    extra_field = C.read_metadata(step)
+    extra_field.run_me = 1
+    poisons = {
+        # A prefix that replaces Metadata.__getstate__ (every later save would fail), then a valid index.
+        "class": b"\x80\x04" + set_state_of(b"torch.distributed.checkpoint.metadata\nMetadata",
+                                             short_str("__getstate__") + b"cbuiltins\nset\ns") + valid[2:],
+        # An enum member is a shared constant: its value must not change either.
+        "constant": b"\x80\x04ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\nK\x00\x85R"
+                    + b"N}" + short_str("_value_") + b"K\x07s\x86b0" + valid[2:],
+        # 10^6 nested tuples, no globals at all (crashed the process).
+        "deep tuple": b"\x80\x04)" + b"\x85" * 1_000_000 + b".",
+        # Deep lists built top-down through the memo, a constant-size stack.
+        "deep lists": b"\x80\x04]\x94" + b"".join(
+            b"j" + i.to_bytes(4, "little") + b"]\x94a0" for i in range(200)) + b"j\x00\x00\x00\x00.",
+        # An undeclared field on a valid class.
+        "field": pickle.dumps(extra_field),
+        # A memo index of 2^31: the unpickler sizes its memo table by it (tens of GiB; MemoryError
+        # under a 4 GB limit, an OOM kill without one).
+        "memo": b"\x80\x02Nr\xff\xff\xff\x7f.",
+    }
+    reasons = {"class": "BUILD of something other than a new instance", "constant": "BUILD of something other",
+               "deep tuple": "nested more than 64 deep", "deep lists": "changes an object after using it",
+               "field": "undeclared fields", "memo": "out of sequence"}
+    for name, data in poisons.items():
+        with open(os.path.join(step, ".metadata"), "wb") as f:
+            f.write(data)
+        with pytest.raises(C.CheckpointError, match="not a valid checkpoint index") as info:
+            C.read_metadata(step)
+        assert reasons[name] in str(info.value), (name, info.value)
+        assert "__getstate__" not in Metadata.__dict__ and _MEM_FORMAT_ENCODING(0).value == 0, name
+    # What is returned holds fresh objects equal to the real index, nothing else.
+    with open(os.path.join(step, ".metadata"), "wb") as f:
+        f.write(valid)
+    again = C.read_metadata(step)
+    assert again.state_dict_metadata == real.state_dict_metadata and again.storage_data == real.storage_data
+    # Huge, a device, a link: refused before reading.
+    os.truncate(os.path.join(step, ".metadata"), (1 << 30) + 1)
+    with pytest.raises(C.CheckpointError, match="more than any checkpoint index"):
+        C.read_metadata(step)
+    os.remove(os.path.join(step, ".metadata"))
+    os.symlink("/dev/zero", os.path.join(step, ".metadata"))
+    with pytest.raises(C.CheckpointError, match="symbolic link"):
+        C.read_metadata(step)
+    ck.close()
+
+
+def test_manifests_cover_every_file_and_name_only_files_of_the_step(tmp_path, one_rank_group):
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(os.urandom(4096))
+    ck, _ = saved_steps(tmp_path / "run", [5], tokenizer=tokenizer)
+    step = ck.path(5)
+    good = tmp_path / "good"
+    shutil.copytree(step, good, symlinks=True)
+    C.verify_checkpoint(step)
+
+    def fresh():
+        shutil.rmtree(step)
+        shutil.copytree(good, step, symlinks=True)
+
+    for name in (C.TOKENIZER_FILE, ".metadata"):  # a flipped bit in any file a load or export reads
+        with open(os.path.join(step, name), "r+b") as f:
+            f.seek(os.path.getsize(os.path.join(step, name)) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x10]))
+        with pytest.raises(C.CheckpointError, match=re.escape(os.path.join(step, name))):
+            C.verify_checkpoint(step)
+        fresh()
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x" * 100)
+    manifest = os.path.join(step, "__0_manifest.json")
+    entries = {
+        "../secret": {"bytes": 100, "crc32": "00000000"},
+        str(outside): {"bytes": 100, "crc32": "00000000"},
+        "/dev/zero": {"bytes": 0, "crc32": "00000000"},  # read forever
+        "__0_0.distcp": {"bytes": 1e400, "crc32": "00000000"},  # OverflowError
+    }
+    for name, entry in entries.items():
+        with open(manifest, "w") as f:
+            json.dump({"format": 1, "files": {name: entry}}, f)
+        with pytest.raises(C.CheckpointError, match=re.escape(manifest)) as info:
+            C.verify_checkpoint(step)
+        assert f"{C.file_crc32(str(outside)):08x}" not in str(info.value)
+    with open(manifest, "w") as f:
+        f.write("[" * 100_000)  # RecursionError
+    with pytest.raises(C.CheckpointError, match=re.escape(manifest)):
+        C.verify_checkpoint(step)
+    fresh()
+    os.mkdir(os.path.join(step, "__9_manifest.json"))  # IsADirectoryError
+    with pytest.raises(C.CheckpointError, match="__9_manifest.json is not a checksum manifest"):
+        C.verify_checkpoint(step)
+    fresh()
+    # A data file named by .metadata that is a link (its manifest entry matches the target).
+    shard = os.path.join(step, "__0_0.distcp")
+    os.replace(shard, tmp_path / "shard")
+    os.symlink(tmp_path / "shard", shard)
+    with pytest.raises(C.CheckpointError, match="symbolic link"):
+        C.verify_checkpoint(step)
+    with pytest.raises(C.CheckpointError, match="symbolic link"):
+        C.load_model_from_checkpoint(step, verify=False)
+    ck.close()
+
+
+def test_auto_resume_falls_back_past_any_step_that_fails_to_load(tmp_path, one_rank_group, caplog):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    ck, train_state = saved_steps(tmp_path, [5, 10, 15, 20, 25, 30])
+    valid = open(os.path.join(ck.path(25), ".metadata"), "rb").read()
+    # 30: the .metadata of another step (its checksum now catches that).
+    shutil.copyfile(os.path.join(ck.path(5), ".metadata"), os.path.join(ck.path(30), ".metadata"))
+    # 25: a prefix rewriting Metadata.__getstate__; 20: 10^6 nested tuples; 15: an index that
+    # parses and verifies but points past the end of its shard (damage that still parses).
+    with open(os.path.join(ck.path(25), ".metadata"), "wb") as f:
+        f.write(b"\x80\x04" + set_state_of(b"torch.distributed.checkpoint.metadata\nMetadata",
+                                           short_str("__getstate__") + b"cbuiltins\nset\ns") + valid[2:])
+    with open(os.path.join(ck.path(20), ".metadata"), "wb") as f:
+        f.write(b"\x80\x04)" + b"\x85" * 1_000_000 + b".")
+    index = C.read_metadata(ck.path(15))
+    index.storage_data = {k: type(v)(v.relative_path, v.offset + 10**6, v.length) for k, v in index.storage_data.items()}
+    with open(os.path.join(ck.path(15), ".metadata"), "wb") as f:
+        pickle.dump(index, f)
+    for step in (15, 20, 25):
+        rewrite_manifests(ck.path(step))
+    resumed = C.TrainState(model_args=train_state.model_args)
+    ck.states["train_state"] = resumed
+    with caplog.at_level("INFO", logger="mobilellm_train"):
+        assert ck.maybe_resume(resumed)
+    assert resumed.step == 10
+    assert "BUILD of something other than a new instance" in caplog.text and "nested more than 64" in caplog.text
+    assert f"{ck.path(15)} cannot be read" in caplog.text  # verified, then failed in the load
+    assert f"{ck.path(30)}/.metadata is damaged" in caplog.text
+    for step in (15, 20, 25, 30):
+        assert f"moved to {ck.path(step)}.corrupt and falling back to step 10" in caplog.text
+        assert os.path.isfile(os.path.join(ck.path(step) + ".corrupt", ".metadata"))
+    assert caplog.text.count(f"verified {ck.path(10)} against its checksums") == 1  # once, not twice
+    # The run goes on and its saves load: nothing of the class was changed.
+    assert "__getstate__" not in Metadata.__dict__
+    resumed.step = 11
+    ck.save(11)
+    C.verify_checkpoint(ck.path(11))
+    loaded = C.TrainState()
+    C.checked_load({"train_state": loaded}, ck.path(11))
+    assert loaded.step == 11
+    ck.close()
+
+
+def test_permission_problems_stop_the_resume_and_rename_nothing(tmp_path, monkeypatch, one_rank_group):
+    ck, train_state = saved_steps(tmp_path, [5, 10])
+    shard = os.path.join(ck.path(10), "__0_0.distcp")
+    real_open = os.open
+
+    def denying_open(path, *args, **kwargs):  # tests run as root, which reads everything
+        if str(path) == shard:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denying_open)
+    with pytest.raises(C.CheckpointError, match=re.escape(f"{shard}: permission denied") + ".*chmod"):
+        ck.maybe_resume(C.TrainState(model_args=train_state.model_args))
+    assert C.list_checkpoints(ck.folder)[0] == [5, 10] and not glob.glob(ck.path(10) + ".corrupt*")
+    # A checkpoint of another model is no damage either: stop, rename nothing.
+    monkeypatch.setattr(os, "open", real_open)
+    other = C.TrainState(model_args=json.dumps({**json.loads(train_state.model_args), "dim": 128}))
+    with pytest.raises(C.CheckpointError, match="written for another model"):
+        ck.maybe_resume(other)
+    assert C.list_checkpoints(ck.folder)[0] == [5, 10]
+    ck.close()
+
+
+def test_retention_and_saves_never_delete_through_a_link(tmp_path, one_rank_group):
+    other, _ = saved_steps(tmp_path / "other", [5, 10])
+    other.close()
+    ck, train_state = saved_steps(tmp_path / "run", [], keep=1)
+    os.makedirs(ck.folder)
+    os.symlink(other.path(5), ck.path(5))  # another run's checkpoint linked in to resume from
+    os.symlink(other.path(10), ck.path(10))
+    os.symlink(tmp_path / "gone", ck.path(7))  # dangling
+    train_state.step = 7
+    ck.save(7)
+    assert not os.path.islink(ck.path(7))
+    train_state.step = 10
+    ck.save(10)  # replaces the link, not the other run's step 10
+    assert not os.path.islink(ck.path(10))
+    train_state.step = 15
+    ck.save(15)  # retention removes our step 10 and the link step-5, never its target
+    assert C.list_checkpoints(ck.folder)[0] == [15] and not os.path.lexists(ck.path(5))
+    for step in (5, 10):
+        C.verify_checkpoint(other.path(step))
+    ck.close()
+
+
+def test_full_disk_while_copying_the_tokenizer_fails_the_save_in_words(tmp_path, monkeypatch, one_rank_group):
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(os.urandom(100_000))
+    ck, train_state = saved_steps(tmp_path / "run", [5], tokenizer=tokenizer)
+    real_copy = shutil.copyfileobj
+
+    def full_disk(src, dst, length=0):
+        dst.write(src.read(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk)
+    train_state.step = 10
+    with pytest.raises(C.CheckpointError, match=re.escape(
+            f"saving the checkpoint of step 10 to {ck.path(10)} failed: No space left on device")):
+        ck.save(10)
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    # Not marked complete, and the partial folder of the failed save is gone; step 5 is whole.
+    assert C.list_checkpoints(ck.folder) == ([5], []) and not os.path.lexists(ck.path(10))
+    C.verify_checkpoint(ck.path(5))
+    assert (open(os.path.join(ck.path(5), C.TOKENIZER_FILE), "rb").read() == tokenizer.read_bytes())
+    ck.close()
+
+
+def test_one_stager_keeps_its_host_buffers_across_saves():
+    """The pinned mode's stager (CPU here: no pinning, same code path otherwise) stages every save
+    into the buffers of the first, also on torch 2.11 whose DefaultStager dropped them after each
+    save (and then failed on the second)."""
+    from torch.distributed.checkpoint.staging import StagingOptions
+
+    from mobilellm_train.checkpoint.checkpointer import OrderedStager
+
+    weight = torch.zeros(1000)
+    stager = OrderedStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=True,
+                                          use_non_blocking_copy=False))
+    storages = []
+    for step in (1, 2, 3):
+        weight.fill_(step)
+        staged = stager.stage({"w": weight}).result()
+        assert (staged["w"] == step).all() and staged["w"].data_ptr() != weight.data_ptr()
+        storages.append(staged["w"].data_ptr())
+    assert len(set(storages)) == 1  # copied into the same host buffer each time
+    stager.close()

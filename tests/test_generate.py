@@ -89,10 +89,9 @@ def save_step_folder(model, path, tokenizer_path=""):
     state = {"model": model.state_dict(), "train_state": TrainState(model_args=model_args_fingerprint(model.args))}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, storage_writer=ChecksummedWriter(str(path)), no_dist=True)
-    if tokenizer_path:
-        with open(tokenizer_path, "rb") as src, open(os.path.join(path, TOKENIZER_FILE), "wb") as dst:
-            dst.write(src.read())
+        # The tokenizer goes in with its checksum, before .metadata, as the trainer's saves do.
+        extra = {TOKENIZER_FILE: str(tokenizer_path)} if tokenizer_path else {}
+        dcp.save(state, storage_writer=ChecksummedWriter(str(path), extra_files=extra), no_dist=True)
     return str(path)
 
 

@@ -6,18 +6,21 @@ Model and optimizer are saved sharded and reshard on load; the data loader and R
 A checkpoint is complete once DCP has written its `.metadata` file, which happens after every
 rank's shards are on disk; folders without it are never loaded.
 
-Loading never runs code from the folder: `.metadata` is read by an unpickler that accepts only
-DCP's metadata classes, every other stored value with `torch.load(weights_only=True)`, and the
-per-rank state (RNG, the JSONL reader's position) is JSON. Each rank also writes
-`__<rank>_manifest.json`, the size and CRC-32 of every file it wrote, before `.metadata` marks the
-step complete; loads check the files against it (`checkpoint.verify`).
+Loading never runs code from the folder, crashes on it or reads outside it: `.metadata` is
+scanned (size, nesting, nothing changed but fresh instances), read by an unpickler that accepts
+only DCP's metadata classes and rebuilt as plain DCP objects; every other stored value is read
+with `torch.load(weights_only=True)`, and the per-rank state (RNG, the JSONL reader's position)
+is JSON. Each rank writes `__<rank>_manifest.json`, the size and CRC-32 of every shard it wrote,
+and the coordinator `__metadata_manifest.json` for `.metadata` and the tokenizer, before
+`.metadata` marks the step complete; loads check every file they read against them
+(`checkpoint.verify`). Names are plain names of the step folder; links inside it are refused.
 
 The package, one concern per file:
     safe_load.py      the restricted `.metadata` unpickler, the DCP reader and planner that run no code
     integrity.py      manifests and CRC-32: written on save (ChecksummedWriter), checked on load
     state.py          the Stateful wrappers (train state, model, optimizer, schedule, per-rank JSON, RNG)
     folders.py        step folders: naming, completeness, listing, deletion, retention
-    resume.py         which step a run resumes from; falling back past damaged ones
+    resume.py         which step a run resumes from; falling back past steps that fail to load
     failures.py       failed saves and loads in words
     model_loading.py  the one checked dcp.load; the plain model for eval, generate and export
     checkpointer.py   the Checkpointer: save (sync or async), load, resume, wait, close
@@ -33,6 +36,7 @@ from mobilellm_train.checkpoint.folders import (
 )
 from mobilellm_train.checkpoint.integrity import (
     MANIFEST_GLOB,
+    METADATA_MANIFEST,
     ChecksummedWriter,
     file_crc32,
     verify_checkpoint,
@@ -65,7 +69,7 @@ from mobilellm_train.errors import CheckpointError
 _checked_load = checked_load  # its name before the package; tests and older callers use it
 
 __all__ = [
-    "MANIFEST_GLOB", "TOKENIZER_FILE", "CheckpointError", "Checkpointer", "ChecksummedWriter", "ModelState",
+    "MANIFEST_GLOB", "METADATA_MANIFEST", "TOKENIZER_FILE", "CheckpointError", "Checkpointer", "ChecksummedWriter", "ModelState",
     "OptimizerState", "PerRankState", "RNGState", "SafeFileSystemReader", "SafeLoadPlanner", "SchedulerState",
     "TrainState", "checked_load", "decode_state", "describe_save_failure", "encode_state", "file_crc32",
     "has_unfused_projections", "is_complete", "list_checkpoints", "load_model_from_checkpoint",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import time
 from concurrent.futures import Future
 
@@ -22,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
@@ -33,11 +32,12 @@ from mobilellm_train.checkpoint.folders import (
     folder_state,
     list_checkpoints,
     permission_error,
+    remove_partial_step,
     step_path,
 )
 from mobilellm_train.checkpoint.integrity import ChecksummedWriter, verify_on_all_ranks
 from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights
-from mobilellm_train.checkpoint.resume import choose_resume_step, resumable_states
+from mobilellm_train.checkpoint.resume import load_with_fallback, resumable_states, resume_candidates
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
 from mobilellm_train.data.shards import TOKENIZER_FILE
@@ -45,18 +45,53 @@ from mobilellm_train.errors import CheckpointError
 
 logger = logging.getLogger("mobilellm_train")
 
-_TORCH_VERSION = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+class _KeptStateDictStager(StateDictStager):
+    """torch 2.11's DefaultStager closes its StateDictStager after every stage, dropping the
+    pinned host buffers (and the copy table: its second save failed). This one stays open until
+    the stager is closed, so each save copies into the buffers pinned at the first."""
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        super().close()
 
 
-def next_pinned_stager(previous: DefaultStager | None) -> DefaultStager:
-    """The pinned-memory stager of the next save. torch 2.11's DefaultStager fails on its second
-    save (it clears its copy table after the first), so before 2.12 each save gets a fresh one;
-    later versions keep one, and with it the pinned buffers, for the whole run."""
-    if previous is not None and _TORCH_VERSION >= (2, 12):
-        return previous
-    if previous is not None:
-        previous.close()
-    return DefaultStager(StagingOptions(
+class OrderedStager(DefaultStager):
+    """The pinned-memory stager, one for the whole run.
+
+    DefaultStager copies on a stream of its own, from a background thread, without waiting for
+    the compute stream (torch 2.11 and 2.13 alike): the copy could read parameters the optimizer
+    step is still writing. `stage` (called on the training thread by async_save) therefore records
+    an event on the current stream and makes the staging stream wait for it before any copy is
+    queued there.
+    """
+
+    def __init__(self, options: StagingOptions):
+        super().__init__(options)
+        old = self._state_dict_stager
+        self._state_dict_stager = _KeptStateDictStager(pin_memory=old.pin_memory, share_memory=old.share_memory)
+        self.ready: torch.Event | None = None  # the last save's point on the compute stream
+
+    def stage(self, state_dict, **kwargs):
+        self.ready = None
+        if torch.accelerator.is_available():
+            self.ready = torch.Event()
+            self.ready.record()  # the current (compute) stream
+            stream = getattr(self, "_staging_stream", None)
+            if stream is not None:
+                stream.wait_event(self.ready)  # queued before any copy: they run after the step
+            else:
+                self.ready.synchronize()
+        return super().stage(state_dict, **kwargs)
+
+    def close(self) -> None:
+        super().close()
+        self._state_dict_stager.release()
+
+
+def build_pinned_stager() -> OrderedStager:
+    return OrderedStager(StagingOptions(
         use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
     ))
 
@@ -110,16 +145,16 @@ class Checkpointer:
 
         Returns True when training resumes from a checkpoint of this run.
         """
-        step = None
+        steps, may_fall_back = [], False
         if self.cfg.enable and self.cfg.load_step != 0:
-            step = choose_resume_step(self.cfg, self.folder, self.rank)
-        if step is None:
+            steps, may_fall_back = resume_candidates(self.cfg, self.folder)
+        if not steps:
             # No checkpoint of this run is read, but the initial weights still are: silently
             # starting from random weights would be the wrong run.
             if self.cfg.initial_load_path:
                 self.load_model_only(self.cfg.initial_load_path)
             return False
-        self.load(step, train_state)
+        load_with_fallback(self.folder, steps, lambda step: self.load(step, train_state), self.rank, may_fall_back)
         return True
 
     def verify(self, step: int) -> None:
@@ -189,8 +224,8 @@ class Checkpointer:
         begin = time.perf_counter()
         self.wait()  # one save in flight at a time
         path = self.path(step)
-        if self.rank == 0 and os.path.isdir(path):
-            if folder_state(path) == "unreadable":
+        if self.rank == 0 and os.path.lexists(path):  # a dangling link too
+            if not os.path.islink(path) and folder_state(path) == "unreadable":
                 raise permission_error(path)
             # The remains of a killed save, or (after a rewind) an older save of this step.
             try:
@@ -199,7 +234,10 @@ class Checkpointer:
                 raise CheckpointError(f"cannot replace the old {path} before saving step {step}: {e}") from None
         dist.barrier()
         self.pending_step = step
-        self.writer = ChecksummedWriter(path)
+        # The tokenizer goes in before `.metadata`: a step folder is then all that evaluation and
+        # export need, and a failed copy (a full disk) fails the save like a failed shard.
+        extra = {TOKENIZER_FILE: self.tokenizer_path} if self.tokenizer_path else {}
+        self.writer = ChecksummedWriter(path, extra_files=extra if self.rank == 0 else {})
         try:
             if self.async_mode == "disabled":
                 dcp.save(self.states, storage_writer=self.writer)
@@ -221,16 +259,20 @@ class Checkpointer:
     def _stager_for_save(self) -> DefaultStager | None:
         if self.async_mode != "async_with_pinned_mem":
             return None
-        self.stager = next_pinned_stager(self.stager)
+        if self.stager is None:
+            self.stager = build_pinned_stager()
         return self.stager
 
     def _save_failed(self, error: BaseException) -> CheckpointError:
         self.pending = self.staging = None
-        return save_failed_error(error, self.pending_step, self.path(self.pending_step), self.folder)
+        path = self.path(self.pending_step)
+        if self.rank == 0:
+            remove_partial_step(path)
+        return save_failed_error(error, self.pending_step, path, self.folder)
 
     def raise_if_failed(self) -> None:
         """At a step boundary: a background save that has failed stops the run now, not at the
-        next save; one that has succeeded is finished (retention, tokenizer copy). Never blocks."""
+        next save; one that has succeeded is finished (retention). Never blocks."""
         for future in (self.staging, self.pending):
             if future is not None and future.done():
                 if future.exception() is not None:
@@ -267,9 +309,6 @@ class Checkpointer:
     def _finish(self) -> None:
         path = self.path(self.pending_step)
         if self.rank == 0:
-            if self.tokenizer_path:
-                # A step folder is then all that evaluation and export need.
-                shutil.copyfile(self.tokenizer_path, os.path.join(path, TOKENIZER_FILE))
             apply_retention(self.folder, self.cfg.keep_latest_k, self.protected_step)
         writer = self.writer
         logger.info("checkpoint %s complete (checksums of %.2f GB on this rank: %.2fs%s)", path,

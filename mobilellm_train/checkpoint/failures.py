@@ -68,19 +68,19 @@ def describe_save_failure(error: BaseException, path: str) -> str:
     return text
 
 
-def find_checkpoint_error(error: BaseException) -> CheckpointError | None:
-    """A CheckpointError of ours (e.g. a refused value) that DCP wrapped into a CheckpointException."""
-    if isinstance(error, CheckpointError):
-        return error
-    if isinstance(error, CheckpointException):
-        for failure in error.failures.values():
-            exc = failure[0] if isinstance(failure, tuple) else failure
-            found = find_checkpoint_error(exc) if exc is not None else None
-            if found is not None:
-                return found
-    for nested in (error.__cause__, error.__context__):
-        if nested is not None and nested is not error:
-            found = find_checkpoint_error(nested)
-            if found is not None:
-                return found
+def find_checkpoint_error(error: BaseException, kind: type = CheckpointError) -> BaseException | None:
+    """An error of `kind` (a CheckpointError of ours, e.g. a refused value; a PermissionError)
+    that DCP wrapped into a CheckpointException or chained."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        if isinstance(e, CheckpointException):
+            for failure in e.failures.values():
+                stack.append(failure[0] if isinstance(failure, tuple) else failure)
+        stack += [e.__cause__, e.__context__]
     return None

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 
-from mobilellm_train.errors import CheckpointError
+from mobilellm_train.errors import CheckpointAccessError
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -58,8 +58,8 @@ def list_checkpoints(folder: str) -> tuple[list[int], list[int]]:
     return complete, incomplete
 
 
-def permission_error(path: str) -> CheckpointError:
-    return CheckpointError(
+def permission_error(path: str) -> CheckpointAccessError:
+    return CheckpointAccessError(
         f"{path}: permission denied. This checkpoint folder cannot be read, so it is neither loaded "
         "nor deleted; fix its permissions (chmod -R u+rwX) or move it out of the checkpoint folder, "
         "then rerun."
@@ -68,16 +68,35 @@ def permission_error(path: str) -> CheckpointError:
 
 def delete_step_folder(path: str) -> None:
     """Delete a step folder, unmarked first: no crash in between leaves a "complete" half (or a
-    "complete" mix of two saves). Raises OSError; the callers decide what a failure means."""
-    if is_complete(path):
-        os.remove(os.path.join(path, ".metadata"))
-    shutil.rmtree(path)
+    "complete" mix of two saves). A step folder that is a symbolic link (another run's checkpoint
+    linked in) loses the link only, never what it points to. Raises OSError; the callers decide
+    what a failure means."""
+    if os.path.islink(path):
+        os.unlink(path)
+        return
+    metadata = os.path.join(path, ".metadata")
+    if os.path.isfile(metadata) and not os.path.islink(metadata):
+        os.remove(metadata)
+    shutil.rmtree(path)  # removes links inside, never their targets
+
+
+def remove_partial_step(path: str) -> None:
+    """After a failed save: remove what it left at `path`, unless that is complete (never an
+    intact checkpoint) or a link; a failure to remove is only logged (the folder is never
+    loaded)."""
+    if os.path.islink(path) or not os.path.isdir(path) or is_complete(path):
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        logger.warning("could not remove the incomplete %s of the failed save: %s", path, e)
 
 
 def apply_retention(folder: str, keep_latest_k: int, protected_step: int | None) -> None:
     """Delete the oldest complete checkpoints beyond keep_latest_k (0 keeps all). Called only after
     a save completed, so the newest complete checkpoint is always kept and none is in flight; the
-    step being loaded (`protected_step`) and unreadable folders are never deleted."""
+    step being loaded (`protected_step`) and unreadable folders are never deleted, and a linked-in
+    step loses its link only."""
     if keep_latest_k == 0:
         return
     complete, _ = list_checkpoints(folder)

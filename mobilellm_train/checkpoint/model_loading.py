@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from mobilellm_train.checkpoint.failures import find_checkpoint_error
-from mobilellm_train.checkpoint.folders import is_complete
+from mobilellm_train.checkpoint.folders import is_complete, permission_error
 from mobilellm_train.checkpoint.integrity import verify_checkpoint, verify_on_all_ranks
 from mobilellm_train.checkpoint.safe_load import (
     SafeFileSystemReader,
@@ -31,7 +31,7 @@ from mobilellm_train.checkpoint.safe_load import (
     read_metadata,
 )
 from mobilellm_train.checkpoint.state import ModelState, TrainState
-from mobilellm_train.errors import CheckpointError
+from mobilellm_train.errors import CheckpointError, CheckpointMismatchError
 from mobilellm_train.hf import (
     HFCheckpointError,
     is_hf_folder,
@@ -65,7 +65,7 @@ def checked_load(states: dict, path: str) -> None:
         # A sharded fused weight is not the concatenation of its parts' shards, so this cannot
         # be loaded in place; the lone-process loader (eval, export) can, and export writes the
         # Hugging Face layout that a new run starts from.
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path} stores separate q/k/v and gate/up projection weights (attention.wq/wk/wv, "
             "feed_forward.w1/w3), the layout from before they were fused into attention.wqkv and "
             "feed_forward.w13; training cannot resume it. Keep its weights by exporting it (mobilellm-export "
@@ -83,7 +83,10 @@ def checked_load(states: dict, path: str) -> None:
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         ours = find_checkpoint_error(e)
         if ours is not None:
-            raise CheckpointError(str(ours)) from None
+            raise type(ours)(str(ours)) from None
+        denied = find_checkpoint_error(e, PermissionError)
+        if denied is not None:
+            raise permission_error(denied.filename or path) from None
         raise CheckpointError(
             f"{path} cannot be read ({type(e).__name__}: {str(e)[:500]}): a shard may be truncated or "
             "missing, or the checkpoint was written for another model. Move this folder away to resume "

@@ -1,8 +1,8 @@
 """Which checkpoint a run resumes from, and falling back past damaged ones.
 
 The choice depends only on the step folders on disk and the checkpoint config: an explicit
-`load_step`, else the newest complete step that verifies; newer damaged steps are moved aside
-as step-<N>.corrupt. Unreadable and incomplete folders are reported here, and so is a checkpoint
+`load_step`, else the newest complete step that verifies and loads; newer damaged steps are
+moved aside as step-<N>.corrupt. Unreadable and incomplete folders are reported here, and so is a checkpoint
 that does not fit the run (another model; per-rank state that cannot move to another rank
 count). Separate from the Checkpointer so the resume policy, fallback included, is read and
 changed in one place.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
@@ -23,17 +24,16 @@ from mobilellm_train.checkpoint.folders import (
     scan_checkpoints,
     step_path,
 )
-from mobilellm_train.checkpoint.integrity import verify_on_all_ranks
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
-from mobilellm_train.errors import CheckpointError
+from mobilellm_train.errors import CheckpointAccessError, CheckpointError, CheckpointMismatchError
 
 logger = logging.getLogger("mobilellm_train")
 
 
-def choose_resume_step(cfg: CheckpointConfig, folder: str, rank: int) -> int | None:
-    """The step of `folder` to resume (collective: verification and moving damaged steps aside
-    involve every rank); None when there is no complete checkpoint to resume."""
+def resume_candidates(cfg: CheckpointConfig, folder: str) -> tuple[list[int], bool]:
+    """The steps of `folder` to try, newest first, and whether a step that fails to load may be
+    passed over for the next (an automatic resume) or stops the run (an explicit load_step)."""
     complete, incomplete, unreadable = scan_checkpoints(folder)
     for step in incomplete:
         logger.warning("ignoring incomplete checkpoint %s (no .metadata: its save did not finish)", step_path(folder, step))
@@ -54,30 +54,48 @@ def choose_resume_step(cfg: CheckpointConfig, folder: str, rank: int) -> int | N
                 f"checkpoint.load_step={cfg.load_step}, but {folder} holds newer checkpoints {newer} "
                 "that continuing would overwrite; move them away or train into a new --job.dump_folder"
             )
-        return cfg.load_step
-    if complete:
-        return newest_verified(folder, complete, rank) if cfg.verify else complete[-1]
-    return None
+        return [cfg.load_step], False
+    return complete[::-1], True
 
 
-def newest_verified(folder: str, complete: list[int], rank: int) -> int:
-    """The newest complete checkpoint whose files match their checksums. Newer ones that do not
-    are renamed step-<N>.corrupt (kept for inspection, out of the way of retention and of the
-    saves that will reach their step again)."""
+def _agreed(problem: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The first problem any rank had (collective when a process group of several ranks is up):
+    every rank falls back, or stops, together."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        problems: list = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem
+
+
+def load_with_fallback(folder: str, steps: list[int], load: Callable[[int], None], rank: int,
+                       fall_back: bool) -> int:
+    """Load the first of `steps` (newest first) that loads, through `load(step)` (verification
+    included); returns it. A step that fails for damage (checksums, an index or value that does
+    not parse or does not load) is passed over when `fall_back`, and renamed step-<N>.corrupt once
+    an older one has loaded. A permission problem or a checkpoint that does not fit the run stops
+    at once: an older step would not be better, and nothing is renamed."""
     failed = []
-    for step in reversed(complete):
+    for step in steps:
+        problem = None
         try:
-            verify_on_all_ranks(step_path(folder, step), rank)
+            load(step)
         except CheckpointError as e:
-            failed.append((step, str(e)))
-            continue
-        for bad, problem in failed:
-            moved = set_aside(step_path(folder, bad), rank)
-            logger.warning("%s; moved to %s and falling back to step %d", problem, moved, step)
-        return step
+            kind = ("access" if isinstance(e, CheckpointAccessError) else
+                    "mismatch" if isinstance(e, CheckpointMismatchError) else "damage")
+            problem = (kind, str(e))
+        problem = _agreed(problem)
+        if problem is None:
+            for bad, text in failed:
+                moved = set_aside(step_path(folder, bad), rank)
+                logger.warning("%s; moved to %s and falling back to step %d", text, moved, step)
+            return step
+        kind, text = problem
+        if kind != "damage" or not fall_back:
+            raise {"access": CheckpointAccessError, "mismatch": CheckpointMismatchError}.get(kind, CheckpointError)(text)
+        failed.append((step, text))
     raise CheckpointError(
-        f"no checkpoint in {folder} verifies against its checksums: "
-        + "; ".join(problem for _, problem in failed)
+        f"no checkpoint in {folder} loads: " + "; ".join(text for _, text in failed)
         + ". Nothing was loaded or changed; restore the damaged files, move the folders away to "
         "start over, or set --checkpoint.verify false to load the newest one unchecked."
     )
@@ -103,13 +121,13 @@ def resumable_states(path: str, saved: TrainState, expected: TrainState, states:
     # max_seq_len only sizes the RoPE tables, so a checkpoint may continue at another length.
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "max_seq_len" and theirs.get(k) != v}
     if diff:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path} was written for another model: (checkpoint, this run) differ in {diff}"
         )
     if saved.dp_world_size == expected.dp_world_size:
         return states
     if required_per_rank:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{path} was written by {saved.dp_world_size} data-parallel ranks and this run has "
             f"{expected.dp_world_size}: the JSONL data reader cannot continue its position on another "
             "rank count. Resume on the same number of ranks, convert the data to shards "
