@@ -212,3 +212,14 @@ def test_a_killed_run_frees_its_folder_at_once(tmp_path):
         kill_all(workers)
         proc.communicate(timeout=30)
 
+
+def test_the_trainer_refuses_a_checkpoint_folder_in_use(scripts, tmp_path):
+    ckpt = tmp_path / "shared_checkpoints"
+    holder = hold(scripts, tmp_path / "first", ckpt)
+    data = make_corpus(tmp_path / "data", n_docs=50)
+    args = base_args(data, tmp_path / "second", **{"checkpoint.folder": ckpt})
+    r = subprocess.run([sys.executable, "-m", "mobilellm_train.train", *args], env=subprocess_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"checkpoint folder {ckpt} is in use by another run" in r.stderr
+    assert f"pid {holder.proc.pid}" in r.stderr and "Traceback" not in r.stderr
