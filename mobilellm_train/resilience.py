@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import datetime
+import errno
 import logging
 import os
 import signal
@@ -207,7 +208,11 @@ class RunFolderLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # not held by another: locks do not work here
+                os.close(fd)
+                raise RunFolderError(f"cannot lock {path}: {e.strerror}; the file system of the {what} may not "
+                                     f"support file locks: choose another {option}") from None
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise in_use(holder) from None

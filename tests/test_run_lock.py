@@ -223,3 +223,19 @@ def test_the_trainer_refuses_a_checkpoint_folder_in_use(scripts, tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"checkpoint folder {ckpt} is in use by another run" in r.stderr
     assert f"pid {holder.proc.pid}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_file_system_without_locks_is_named(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, cmd):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(RunFolderError, match="may not support file locks: choose another --job.dump_folder"):
+        RunFolderLock(str(tmp_path)).acquire()
+    monkeypatch.undo()
+    lock = RunFolderLock(str(tmp_path))  # nothing was left held
+    lock.acquire()
+    lock.release()
