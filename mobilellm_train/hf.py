@@ -166,6 +166,8 @@ def args_from_hf_config(cfg: dict, layer_sharing: bool = False) -> ModelArgs:
             raise ValueError(f"{bias}=True is not supported: MobileLLM has no biases")
     # transformers 5 writes rope settings under rope_parameters; older configs use rope_theta.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope settings {rope!r}: expected a JSON object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported, only plain RoPE")
@@ -255,6 +257,61 @@ class HFCheckpointError(ValueError):
     """A Hugging Face folder is missing files, holds an unsupported model or inconsistent weights."""
 
 
+# Ceilings on what a config.json may ask for, so that a crafted one cannot make eval or generate
+# allocate without bound (the rotary tables and the layer/key bookkeeping are sized from the
+# config before any weight is compared with it). They admit every real Llama with room to spare:
+# the largest, Llama 3.1 405B, has hidden_size 16384, intermediate_size 53248, 126 layers,
+# 128 heads, a 128256 vocabulary and 131072 positions x head_dim 128 (2^24); million-position
+# models (head_dim 128) fit under MAX_ROPE_ELEMENTS too.
+MAX_DIM = 1 << 16  # hidden_size, intermediate_size, head counts, head_dim
+MAX_LAYERS = 1024  # num_hidden_layers (as stored: 2L for a layer-shared model)
+MAX_VOCAB = 1 << 20
+MAX_POSITIONS = 1 << 20  # max_position_embeddings
+MAX_ROPE_ELEMENTS = 1 << 27  # max_position_embeddings x head_dim: cos + sin tables of 1 GiB in fp32
+_CONFIG_LIMITS = {
+    "hidden_size": MAX_DIM, "intermediate_size": MAX_DIM, "num_attention_heads": MAX_DIM,
+    "num_key_value_heads": MAX_DIM, "head_dim": MAX_DIM, "num_hidden_layers": MAX_LAYERS,
+    "vocab_size": MAX_VOCAB, "max_position_embeddings": MAX_POSITIONS,
+}
+
+
+def check_config_bounds(cfg: dict, path: str) -> None:
+    """Refuse a config.json whose sizes are not positive integers within the ceilings above
+    (HFCheckpointError naming `path`, the key and the ceiling). Missing keys are left to the
+    reader, which names them."""
+    for key, limit in _CONFIG_LIMITS.items():
+        value = cfg.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim"):
+            continue  # optional: derived from the others
+        if key not in cfg:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise HFCheckpointError(
+                f"{path}: {key} = {value!r}; expected an integer from 1 to {limit} (a ceiling far above "
+                "any real Llama model, so that a damaged or crafted config cannot allocate without bound)"
+            )
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    positions = cfg.get("max_position_embeddings")
+    if heads and hidden and positions:
+        head_dim = cfg.get("head_dim") or hidden // heads
+        if positions * head_dim > MAX_ROPE_ELEMENTS:
+            raise HFCheckpointError(
+                f"{path}: max_position_embeddings {positions} x head_dim {head_dim} = {positions * head_dim} "
+                f"exceeds {MAX_ROPE_ELEMENTS}: the rotary tables alone would take over 1 GiB. Lower "
+                "max_position_embeddings in the config to the context the model was trained for."
+            )
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope = cfg.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise HFCheckpointError(f"{path}: {rope_key} = {rope!r}; expected a JSON object")
+    for key, value in (("rms_norm_eps", cfg.get("rms_norm_eps")),
+                       ("rope_theta", cfg.get("rope_theta", rope.get("rope_theta")))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise HFCheckpointError(f"{path}: {key} = {value!r}; expected a finite positive number")
+
+
 def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
@@ -279,7 +336,21 @@ def read_hf_config(folder: str) -> dict:
             f"{path}: model_type {model_type!r}, architectures {architectures}; only Llama "
             "(LlamaForCausalLM) models map onto MobileLLM"
         )
+    check_config_bounds(cfg, path)
     return cfg
+
+
+def _check_shard_name(shard, index_path: str) -> None:
+    """A shard index may only name files inside its own folder: a name that is absolute or climbs
+    out with `..` would read any file the user can read. (A shard that is a symlink, as in the
+    Hugging Face hub cache, is followed: the folder's owner put it there.)"""
+    if not isinstance(shard, str) or not shard:
+        raise HFCheckpointError(f"{index_path}: shard name {shard!r} is not a file name")
+    if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        raise HFCheckpointError(
+            f"{index_path}: shard {shard!r} is outside the model folder; a shard index may only name files "
+            "inside its own folder"
+        )
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -292,9 +363,11 @@ def _weight_files(folder: str) -> list[str]:
             try:
                 with open(index_path) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise HFCheckpointError(f"{index_path}: not a shard index with a weight_map ({e!r})") from None
-            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                _check_shard_name(shard, index_path)
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:
                 raise HFCheckpointError(f"{index_path} lists shards that are not in {folder}: {missing}")

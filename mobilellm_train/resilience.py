@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import datetime
+import errno
 import logging
 import os
 import signal
@@ -156,42 +157,90 @@ def exit_with_parent() -> None:
 
 
 class RunFolderLock:
-    """One run per run folder: rank 0 holds an exclusive `fcntl.flock` on <dump_folder>/run.lock
-    for the whole run. The kernel releases it when the process ends, however it ends, so a lock
-    is never left behind by a crash; the file keeps naming the last holder (host, pid, job id).
+    """One run per run folder: rank 0 holds an exclusive lock on <dump_folder>/run.lock, and on
+    <checkpoint folder>/run.lock when the run saves checkpoints (an absolute --checkpoint.folder
+    may be shared by runs whose dump folders differ), for the whole run. Each file keeps naming
+    its last holder (host, pid, job id).
+
+    The locks are POSIX record locks (`fcntl.lockf`): they belong to the process that took them,
+    so loader workers and other forked children do not inherit them (an `flock` is shared with
+    every fork and would stay held by orphaned workers after a kill -9), and the kernel drops them
+    when that process ends, however it ends. Their one trap is that closing *any* descriptor of the
+    file in the holding process drops the lock: nothing else in the process opens these files, and
+    this class refuses to open a lock file its process already holds (`_HELD`).
     """
 
     FILE = "run.lock"
+    # (st_dev, st_ino) of every lock file this process holds, with its path.
+    _HELD: dict[tuple[int, int], str] = {}
 
-    def __init__(self, dump_folder: str):
+    def __init__(self, dump_folder: str, checkpoint_folder: str = ""):
         self.path = os.path.join(dump_folder, self.FILE)
-        self._fd: int | None = None
+        self.paths = [(self.path, "run folder", "--job.dump_folder")]
+        if checkpoint_folder:
+            path = os.path.join(checkpoint_folder, self.FILE)
+            if os.path.realpath(path) != os.path.realpath(self.path):
+                self.paths.append((path, "checkpoint folder", "--checkpoint.folder"))
+        self._fds: list[tuple[int, tuple[int, int]]] = []
 
     def acquire(self) -> None:
-        import fcntl  # POSIX only, like the rest of the launch path
-
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take every lock or none: a RunFolderError names the folder in use and its holder."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunFolderError(
-                f"run folder {os.path.dirname(self.path)} is in use by another run ({holder}); "
-                f"stop that run first, or choose another --job.dump_folder"
-            ) from None
+            for path, what, option in self.paths:
+                self._fds.append(self._lock(path, what, option))
+        except BaseException:
+            self.release()
+            raise
         job = os.environ.get("SLURM_JOB_ID", "")
         text = (f"host {socket.gethostname()} pid {os.getpid()}" + (f" slurm job {job}" if job else "")
                 + f" since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text.encode(), 0)
-        self._fd = fd
+        for fd, _ in self._fds:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text.encode(), 0)
+
+    def _lock(self, path: str, what: str, option: str) -> tuple[int, tuple[int, int]]:
+        import fcntl  # POSIX only, like the rest of the launch path
+
+        folder = os.path.dirname(path) or "."
+
+        def in_use(holder: str) -> RunFolderError:
+            return RunFolderError(f"{what} {folder} is in use by another run ({holder}); stop that run first, "
+                                  f"or choose another {option}")
+
+        os.makedirs(folder, exist_ok=True)
+        held = self._held_key(path)
+        if held is not None:
+            # Opening it again and closing that descriptor would drop this process's own lock.
+            raise in_use(f"this process, pid {os.getpid()}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # not held by another: locks do not work here
+                os.close(fd)
+                raise RunFolderError(f"cannot lock {path}: {e.strerror}; the file system of the {what} may not "
+                                     f"support file locks: choose another {option}") from None
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise in_use(holder) from None
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        self._HELD[key] = path
+        return fd, key
+
+    def _held_key(self, path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        return key if key in self._HELD else None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        while self._fds:
+            fd, key = self._fds.pop()
+            self._HELD.pop(key, None)
+            os.close(fd)  # closing the descriptor drops the lock
 
 
 def clear_stale_stop_file(stop_file: str) -> None:

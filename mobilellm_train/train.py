@@ -65,7 +65,9 @@ class Trainer:
         self.dump_folder = cfg.job.dump_folder
         if int(os.environ.get("RANK", "0")) == 0:
             # Before the process group: a busy folder stops the run before any rank waits on it.
-            self.parts.lock = RunFolderLock(self.dump_folder)
+            # The checkpoint folder too: an absolute one may be another run's.
+            ckpt = os.path.join(self.dump_folder, cfg.checkpoint.folder) if cfg.checkpoint.enable else ""
+            self.parts.lock = RunFolderLock(self.dump_folder, ckpt)
             self.parts.lock.acquire()
         self.rank, self.world_size, self.device = init_distributed(cfg.comm, cfg.job.dump_folder)
         setup_logging(self.rank)

@@ -30,7 +30,7 @@ def test_single_rank_run_learns_and_writes_metrics(corpus, tmp_path):
     # lr: warmup 2 steps then cosine to 10% of 3e-3 at the last step
     assert metrics[1]["lr"] == pytest.approx(1.5e-3) and metrics[30]["lr"] == pytest.approx(3e-4)
     # keep_latest_k = 2 of the checkpoints at 10, 20, 30
-    assert sorted(os.listdir(run / "checkpoints")) == ["step-20", "step-30"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["run.lock", "step-20", "step-30"]
     assert os.path.isfile(run / "checkpoints" / "step-30" / ".metadata")
     assert "flavor = \"debug\"" in (run / "config.toml").read_text()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tb"))

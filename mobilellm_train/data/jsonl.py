@@ -44,10 +44,12 @@ at the reader's offset instead. Under N workers each worker has its own such sta
 StatefulDataLoader saves and restores per worker.
 """
 
+import ctypes
 import json
 import logging
 import os
 import signal
+import sys
 import warnings
 
 import numpy as np
@@ -429,14 +431,43 @@ class JsonlTokenDataset(IterableDataset, Stateful):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn of every training loader: a worker ignores SIGTERM, SIGINT and SIGUSR1.
+    """worker_init_fn of every training loader: a worker ignores SIGTERM, SIGINT and SIGUSR1, and
+    is killed when its parent dies.
 
     slurm signals every process of a job and Ctrl-C reaches the whole foreground process group;
     a worker that died of it would fail the step before the training process, which decides what
-    a signal means, could save. A worker still ends with its parent (the loader's watchdog).
+    a signal means, could save. But a worker that ignores them must not outlive its parent: after
+    a kill -9, an OOM kill or a second Ctrl-C the loader's own watchdog notices only between
+    batches, and a worker busy with one (or blocked on a full queue) would live on for minutes.
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing).
+
+    The signal follows the parent *thread* that forked this process: the loaders are iterated
+    from the training process's main thread. A loader worker holds nothing that needs saving.
+    """
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            zero = ctypes.c_ulong(0)  # prctl is variadic: pass full-width arguments
+            if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero) != 0:
+                warnings.warn(f"prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}); this loader "
+                              "worker will not end with its parent", RuntimeWarning, stacklevel=2)
+        except (OSError, AttributeError):
+            pass
+    # A parent that died before the prctl took effect would never send the signal.
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def quiet_stateful_dataloader(dataset, loader_class: type = StatefulDataLoader, **kwargs) -> StatefulDataLoader:
