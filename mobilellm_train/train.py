@@ -187,14 +187,15 @@ class Trainer:
         self.metrics = MetricsLogger(self.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      resume_step=self.train_state.step)
         peak_flops = detect_peak_flops(self.device, cfg.metrics.peak_tflops)
-        self.stops = Stops(cfg.job.stop_file, cfg.job.stop_check_freq, tcfg.stop_at_step)
+        self.stops = Stops(cfg.job.stop_file, cfg.job.stop_check_freq, tcfg.stop_at_step, self.train_state.step,
+                           cfg.checkpoint.enable)
         self.batches = StepBatches(self.loader, plan.accum_steps, self.parts)
         self.spike_rewind = SpikeRewind(tcfg, self.world_size, self.checkpointer, self.train_state, self.batches,
                                         self.metrics)
         self.batches.start()  # after the resume, so it starts at the restored position
         self.garbage = GarbageCollection(tcfg.gc_freq, tcfg.gc_full_freq)
         self.record = LogRecord(self.device, self.world_size, plan.global_batch_tokens, plan.total_steps,
-                                self.flops_per_token, peak_flops)
+                                self.flops_per_token, peak_flops, self.metrics.elapsed_before)
         self.nonfinite = NonFiniteSteps(tcfg.on_nonfinite, tcfg.max_skipped_steps, self.checkpointer.describe_newest)
         self.first_step = True
 
