@@ -71,22 +71,30 @@ def data_vocabulary(data: C.DataConfig) -> DataVocab | None:
 
 
 def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | None:
-    """The vocabulary of the checkpoint this start will resume, if any: a resumed model keeps the
-    shape it was saved with, whatever the data records (a run begun before the vocabulary was
-    taken from the data kept the preset's)."""
-    from mobilellm_train.checkpoint import list_checkpoints, read_model_args
+    """The vocabulary of the checkpoint this start will resume (or of checkpoint.initial_load_path
+    when it resumes none), if any: a resumed model keeps the shape it was saved with, whatever the
+    data records (a run begun before the vocabulary was taken from the data kept the preset's)."""
+    from mobilellm_train.checkpoint import is_complete, list_checkpoints, read_model_args
 
-    if not cfg.enable or cfg.load_step == 0:
-        return None
-    folder = os.path.join(dump_folder, cfg.folder)
-    complete, _ = list_checkpoints(folder)
-    step = cfg.load_step if cfg.load_step in complete else (complete[-1] if complete else None)
-    if step is None:
-        return None
+    path = ""
+    if cfg.enable and cfg.load_step != 0:
+        folder = os.path.join(dump_folder, cfg.folder)
+        complete, _ = list_checkpoints(folder)
+        step = cfg.load_step if cfg.load_step in complete else (complete[-1] if complete else None)
+        path = "" if step is None else os.path.join(folder, f"step-{step}")
+    # A new run from other weights (checkpoint.initial_load_path) takes their shape too.
+    path = path or cfg.initial_load_path
     try:
-        return read_model_args(os.path.join(folder, f"step-{step}")).vocab_size
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the resume itself
+        if path and is_complete(path):
+            return read_model_args(path).vocab_size
+        if path and os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
+            import json
+
+            with open(os.path.join(path, "config.json")) as f:
+                return int(json.load(f)["vocab_size"])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by its load itself
         return None
+    return None
 
 
 def choose_vocab_size(model: C.ModelConfig, data: DataVocab | None, resumed: int | None) -> tuple[int, str]:
@@ -104,7 +112,7 @@ def choose_vocab_size(model: C.ModelConfig, data: DataVocab | None, resumed: int
         return model.vocab_size, ""
     if resumed is not None:
         if data is not None and resumed != data.size:
-            return resumed, (f"model.vocab_size {resumed}: the resumed checkpoint's (the data records {data.size}; "
+            return resumed, (f"model.vocab_size {resumed}, the checkpoint's this run starts from (the data records {data.size}; "
                              "a resumed model keeps its shape)")
         return resumed, ""
     if data is not None:

@@ -130,13 +130,18 @@ def prepared(folder, vocab=300, top=None):
 
 
 def test_vocab_size_comes_from_the_data_unless_given(tmp_path):
-    from mobilellm_train.config import ConfigError, DataConfig, ModelConfig
-    from mobilellm_train.start_checks import DataVocab, choose_vocab_size, data_vocabulary
+    from mobilellm_train.config import CheckpointConfig, ConfigError, DataConfig, ModelConfig
+    from mobilellm_train.start_checks import DataVocab, checkpoint_vocab_size, choose_vocab_size, data_vocabulary
 
     data = data_vocabulary(DataConfig(path=prepared(tmp_path / "d", vocab=300, top=250)))
     assert (data.size, data.needed) == (300, 251) and data.where.endswith("manifest.json")
     assert data_vocabulary(DataConfig()) == DataVocab(2000, 2000, "the demo corpus (data.demo_vocab_size)")
     assert data_vocabulary(DataConfig(path=str(tmp_path))) is None  # JSONL ids, no tokenizer: unknown
+    # A new run from a Hugging Face folder's weights takes their vocabulary.
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"vocab_size": 96}')
+    assert checkpoint_vocab_size(CheckpointConfig(initial_load_path=str(tmp_path / "hf")), str(tmp_path)) == 96
+    assert checkpoint_vocab_size(CheckpointConfig(), str(tmp_path / "none")) is None
 
     vocab, note = choose_vocab_size(ModelConfig(flavor="125M"), data, None)
     assert vocab == 300 and "model.vocab_size 300, taken from" in note and data.where in note
@@ -144,7 +149,7 @@ def test_vocab_size_comes_from_the_data_unless_given(tmp_path):
     assert choose_vocab_size(ModelConfig(vocab_size=512), data, None) == (512, "")  # the user's, larger
     # A resumed checkpoint keeps its shape, whatever the data records.
     vocab, note = choose_vocab_size(ModelConfig(), data, 32000)
-    assert vocab == 32000 and "the resumed checkpoint's" in note
+    assert vocab == 32000 and "the checkpoint's this run starts from" in note
     # The contradiction, in words, with the flag that fixes it.
     for explicit in (200, 299):
         with pytest.raises(ConfigError) as e:
