@@ -148,7 +148,8 @@ def saves_left(step: int, total_steps: int, interval: int) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """A size in GiB, or MiB below one GiB (a test model's checkpoint is a few MiB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def check_free_space(folder: str, one_checkpoint: int, num_params: int, saves: int, keep_latest_k: int,

@@ -33,7 +33,8 @@ def test_eval_names_a_missing_data_dir_and_the_wikitext_flag(tmp_path, capsys):
     assert "train-00000.parquet" in err and "--wikitext FILE" in err
 
 
-def test_a_run_folder_as_checkpoint_names_its_newest_step(tmp_path):
+def test_a_run_folder_as_checkpoint_names_its_newest_step(tmp_path, capsys):
+    from mobilellm_train import generate
     from mobilellm_train.evaluation.loading import load_model, load_tokenizer
 
     run = tmp_path / "run"
@@ -46,6 +47,9 @@ def test_a_run_folder_as_checkpoint_names_its_newest_step(tmp_path):
         with pytest.raises(FileNotFoundError) as e:
             call()
         assert f"its newest complete checkpoint is {newest}: pass --checkpoint {newest}" in str(e.value)
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(run), "--prompt", "the", "--device", "cpu"])
+    assert f"generate error: --checkpoint {run} is a training run folder" in capsys.readouterr().err
     # The checkpoint folder itself, and a run whose config.toml names another checkpoint folder.
     with pytest.raises(FileNotFoundError, match=f"pass --checkpoint {newest}"):
         load_model(str(run / "checkpoints"))
