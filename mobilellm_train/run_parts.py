@@ -36,7 +36,7 @@ class RunParts:
         from mobilellm_train.start_checks import RunFolderRecord
 
         lock = RunFolderLock(dump_folder)
-        record = RunFolderRecord(dump_folder, RunFolderLock.FILE)
+        record = RunFolderRecord(dump_folder)
         lock.acquire()
         self.lock, self.folder_record = lock, record
 

@@ -209,25 +209,31 @@ def check_checkpoint_space(cfg: C.CheckpointConfig, folder: str, model_args, tok
 
 class RunFolderRecord:
     """What a start adds to the run folder before it trains: the folder itself (and any missing
-    parent) when it did not exist, and run.lock. `undo()` removes exactly that; it is called only
-    by the start that holds the run-folder lock, so no other run is using the folder."""
+    parent) when it did not exist, else the entries it adds (run.lock, demo_data/, ...). `undo()`
+    removes exactly that; it is called only by the start that holds the run-folder lock, so no
+    other run is writing there."""
 
-    def __init__(self, dump_folder: str, lock_file: str):
+    def __init__(self, dump_folder: str):
         created, path = None, os.path.abspath(dump_folder)
         while not os.path.exists(path):
             created, parent = path, os.path.dirname(path)
             if parent == path:
                 break
             path = parent
+        self.folder = dump_folder
         self.created_folder = created  # the top-most folder this start makes, or None
-        self.lock_file = os.path.join(dump_folder, lock_file)
-        self.lock_existed = os.path.exists(self.lock_file)
+        self.entries = None if created is not None else set(os.listdir(dump_folder))
 
     def undo(self) -> None:
         if self.created_folder is not None:
             shutil.rmtree(self.created_folder, ignore_errors=True)
-        elif not self.lock_existed:
-            try:
-                os.remove(self.lock_file)
-            except OSError:
-                pass
+            return
+        for name in set(os.listdir(self.folder)) - self.entries:
+            path = os.path.join(self.folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass

@@ -259,3 +259,24 @@ def test_own_data_config_needs_only_the_data_folder(tmp_path):
     debug = C.load_config(["--config", os.path.join(ROOT, "train_configs", "debug.toml")], world_size=1)
     assert describe_run(debug) == "MobileLLM-debug on the demo corpus"
     assert data_vocabulary(debug.data).size == 2000
+
+
+def test_run_folder_record_removes_only_what_the_start_added(tmp_path):
+    from mobilellm_train.start_checks import RunFolderRecord
+
+    kept = tmp_path / "kept"
+    (kept / "checkpoints" / "step-10").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    record = RunFolderRecord(str(kept))
+    (kept / "run.lock").write_text("host h pid 1")
+    (kept / "demo_data").mkdir()
+    (kept / "demo_data" / "shard-0.bin").write_bytes(b"x")
+    (kept / "checkpoints" / "step-20").mkdir()  # inside an entry that was there: not this record's
+    record.undo()
+    assert sorted(os.listdir(kept)) == ["checkpoints", "notes.txt"]
+
+    record = RunFolderRecord(str(tmp_path / "a" / "b" / "run"))  # a/ is the top-most folder made
+    (tmp_path / "a" / "b" / "run").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "run" / "run.lock").write_text("")
+    record.undo()
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
