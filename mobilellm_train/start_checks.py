@@ -74,7 +74,7 @@ def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | No
     """The vocabulary of the checkpoint this start will resume (or of checkpoint.initial_load_path
     when it resumes none), if any: a resumed model keeps the shape it was saved with, whatever the
     data records (a run begun before the vocabulary was taken from the data kept the preset's)."""
-    from mobilellm_train.checkpoint import is_complete, list_checkpoints, read_model_args
+    from mobilellm_train.checkpoint import is_complete, list_checkpoints, read_metadata
 
     path = ""
     if cfg.enable and cfg.load_step != 0:
@@ -86,7 +86,9 @@ def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | No
     path = path or cfg.initial_load_path
     try:
         if path and is_complete(path):
-            return read_model_args(path).vocab_size
+            # The embedding's shape in DCP's index: no tensor is read and, inside a process
+            # group, no collective runs (ranks may not agree on whether this succeeds).
+            return int(read_metadata(path).state_dict_metadata["model.tok_embeddings.weight"].size[0])
         if path and os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
             import json
 
