@@ -181,10 +181,11 @@ class DataConfig:
     """Prepared data: attend within each document only, positions restarting at each document
     (slower attention). Off: documents are packed across, as in the original code."""
     verify_checksums: bool = True
-    """Prepared data: check every shard's sha256 at start-up (spread over the ranks); off: sizes only."""
+    """Prepared data: at start-up check that each shard is as its last full verification recorded
+    (verified.json, one stat per file); shards changed since or never verified are hashed, spread
+    over the ranks; off: sizes only."""
     val_path: str = ""
-    """Prepared folder of held-out data (e.g. <out>/val of mobilellm-prepare); empty with
-    val_interval set: <data.path>/val, the split mobilellm-prepare writes, when it exists."""
+    """Prepared held-out data (<out>/val of mobilellm-prepare); empty with val_interval set: <data.path>/val."""
     val_interval: int = 0
     """Compute the validation loss every N steps and at the last step; 0: never."""
     val_sequences: int = 512
@@ -580,8 +581,7 @@ def validate(cfg: Config, world_size: int) -> None:
             check(os.path.isdir(source), f"data.sources: {source} is not a folder")
     check(d.val_interval >= 0 and d.val_sequences > 0, "data.val_interval must be >= 0 and data.val_sequences > 0")
     check(not d.val_path or os.path.isdir(d.val_path), f"data.val_path: {d.val_path} is not a folder")
-    check(not d.val_interval or d.val_path,
-          "data.val_interval needs data.val_path, a prepared folder of held-out data"
+    check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path, a prepared folder of held-out data"
           + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else ""))
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),

@@ -47,12 +47,15 @@ def train_step(
     """
     import torch
 
+    from mobilellm_train.parallelize import set_replica_all_reduce
+
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
-    # Every micro-batch's backward reduces its gradients across ranks. (An HSDP switch that
-    # all-reduces across replicas only on the last micro-batch would be set here, per batch.)
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        # Every micro-batch's backward reduce-scatters within its shard group; under HSDP the
+        # gradients cross the replicas once per step, with the last micro-batch's backward.
+        set_replica_all_reduce(model, i == len(batches) - 1)
         inputs = batch["input"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         positions = batch.get("position_ids")  # present when documents are masked apart

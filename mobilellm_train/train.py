@@ -87,9 +87,7 @@ class Trainer:
         cfg, tcfg, device, plan = self.cfg, self.tcfg, self.device, self.plan
         torch.manual_seed(tcfg.seed)
         self.on_gpu = on_gpu = device.type == "cuda"
-        # The vocabulary, unless given, is the data's (or a resumed checkpoint's): read before
-        # anything is built from it, the memory check included.
-        apply_data_vocab_size(cfg, self.dump_folder)
+        apply_data_vocab_size(cfg, self.dump_folder)  # unless given: the data's, or a resumed checkpoint's
         self.model_args = model_args = C.build_model_args(cfg.model)
         # Before anything is allocated: a config that cannot fit stops here, not with an OOM mid-compile.
         check_memory(cfg, self.world_size, device, torch.cuda.get_device_name(device) if on_gpu else "cpu",
@@ -124,6 +122,10 @@ class Trainer:
             cfg.data, data_path, tokenizer_path, tcfg, self.model_args.vocab_size, self.rank, self.world_size,
             self.on_gpu,
         )
+        if self.rank == 0 and hasattr(self.loader, "skip_steps"):  # prepared shards know their windows
+            from mobilellm_train.data.budget import check_data_budget
+
+            check_data_budget(self.loader, self.plan.total_steps)
         self.validation = Validation(cfg.data, tcfg, self.rank, self.world_size, self.model_args.vocab_size,
                                      self.tokenizer_path, self.plan.total_steps)
         # The task files are found now, so a missing one stops the run before training, not hours in.
@@ -166,7 +168,7 @@ class Trainer:
             self.checkpointer.close()
             dist.destroy_process_group()
             return False
-        # Past every other refusal and before the first step: room for the checkpoints to come.
+        # Past every other refusal, before the first step: room for the checkpoints to come.
         check_checkpoint_space(self.cfg.checkpoint, self.checkpointer.folder, self.model_args, self.tokenizer_path,
                                state.step, total_steps, self.rank)
         if self.rank == 0:

@@ -28,8 +28,15 @@ class StepBatches:
     def next_step(self) -> list[dict]:
         return [next(self.iterator) for _ in range(self.accum_steps)]
 
-    def skip_steps(self, steps: int) -> None:
-        """Read past the data of `steps` optimizer steps. The place for a direct repositioning of
-        the loader (a `loader.reposition`-style call) instead of reading the batches."""
-        for _ in range(steps * self.accum_steps):
+    def restart(self, skip_steps: int) -> None:
+        """After a checkpoint load: continue `skip_steps` optimizer steps past the restored position
+        (past the data that led to a spike). Prepared shards move there directly, without reading
+        a batch (one number changes); the JSONL layout's reader has no such move and reads past
+        the batches."""
+        if hasattr(self.loader, "skip_steps"):
+            self.loader.skip_steps(skip_steps)
+            self.start()
+            return
+        self.start()
+        for _ in range(skip_steps * self.accum_steps):
             next(self.iterator)

@@ -65,9 +65,8 @@ class SpikeRewind:
     def rewind(self, target: int, step: int) -> None:
         # Back to the newest checkpoint, then past the data that led to the spike.
         self.checkpointer.load(target, self.train_state)
-        self.batches.start()
+        self.batches.restart(skip_steps=step - target)
         self.metrics.rewind(target)
-        self.batches.skip_steps(step - target)
         self.rewinds += 1
         self.detector.reset()
         logger.warning("rewound to step %d and skipped the data of steps %d-%d (rewind %d of %d)",

@@ -14,6 +14,7 @@ import re
 import sys
 
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
+from mobilellm_train.data.prepare.space import full_disk_message, is_full_disk
 from mobilellm_train.data.prepare.tokenizer import cmd_tokenizer
 from mobilellm_train.data.prepare.verify import cmd_verify
 from mobilellm_train.errors import DataError
@@ -41,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="worker processes (default: all cores)")
         q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes(default_unit),
-                       help=f"input bytes per shard, e.g. 256M (default {default_unit})")
+                       help=f"input bytes per shard, e.g. 256M: large files are cut, small ones packed together "
+                            f"(default {default_unit})")
         q.add_argument("--val-fraction", type=float, default=0.0,
                        help="fraction of documents held out into <out>/val (default 0)")
         q.add_argument("--seed", type=int, default=0, help="seed of the held-out selection")
         q.add_argument("--skip-bad", type=int, default=0,
                        help="skip up to N bad records (each logged); 0 stops at the first")
+        add_budget_options(q)
+
+    def add_budget_options(q) -> None:
+        # Only for the summary line: how many optimizer steps the prepared windows cover.
+        q.add_argument("--seq-len", type=int, default=2048,
+                       help="training.seq_len the data is for, for the summary's windows and steps (default 2048)")
+        q.add_argument("--global-batch-size", type=int, default=1024,
+                       help="global batch in sequences, for the summary's steps (default 1024, the recipe's)")
 
     def add_text_options(q) -> None:
         q.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns")
@@ -64,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--character-coverage", type=float, default=0.9995)
     q.add_argument("--sample-bytes", type=parse_bytes, default=parse_bytes("1G"),
-                   help="text to train on, taken evenly from all of the input (default 1G)")
-    q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes("1G"), help=argparse.SUPPRESS)
+                   help="at most this much text to train on, taken from every input in proportion to its size "
+                        "(default 1G)")
     q.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip-bad", type=int, default=0, help="skip up to N bad records (each logged)")
@@ -89,21 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where documents end: after each line (nodes default) or after each EOS (amber default)")
     q.add_argument("--eos-id", type=int, default=2, help="EOS id for --doc-boundary eos without --tokenizer")
 
-    q = sub.add_parser("verify", help="check a prepared folder's files against its manifest (sizes, sha256)")
+    q = sub.add_parser("verify", help="check a prepared folder's files against its manifest (sizes, sha256) and "
+                                      "record it (verified.json), so training starts need not hash them")
     q.add_argument("folder")
+    q.add_argument("--workers", type=int, default=1,
+                   help="shards hashed at once (more helps on parallel storage; default 1)")
+    add_budget_options(q)
     return p
 
 
 def run(argv: list[str]) -> dict:
     """Run one subcommand; returns its summary, raises DataError on bad input."""
     args = build_parser().parse_args(argv)
+    if args.command in ("encode", "convert", "verify") and (args.seq_len < 1 or args.global_batch_size < 1):
+        raise DataError("--seq-len and --global-batch-size must be >= 1")
+    if args.workers < 1:
+        raise DataError("--workers must be >= 1")
     if args.command != "verify":
-        if args.workers < 1 or args.skip_bad < 0:
-            raise DataError("--workers must be >= 1 and --skip-bad >= 0")
+        if args.skip_bad < 0:
+            raise DataError("--skip-bad must be >= 0")
         if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
             raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        # A write no command names more precisely (space.maybe_report_full_disk): still in words.
+        where = e.filename or getattr(args, "out", None) or getattr(args, "folder", ".")
+        raise DataError(full_disk_message(where, "its output", "run the same command again", "--out")) from None
 
 
 def main(argv: list[str] | None = None) -> None:

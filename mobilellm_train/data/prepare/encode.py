@@ -8,7 +8,8 @@ import logging
 import os
 
 from mobilellm_train.data.prepare.inputs import find_inputs, plan_units
-from mobilellm_train.data.prepare.pipeline import format_bytes, run_prepare
+from mobilellm_train.data.prepare.pipeline import run_prepare
+from mobilellm_train.data.prepare.space import format_bytes
 from mobilellm_train.data.shards import dtype_for_vocab, tokenizer_info
 from mobilellm_train.errors import DataError
 
@@ -46,7 +47,8 @@ def cmd_encode(args) -> dict:
     units = plan_units([(p, k, "train") for p, k in files], args.unit_bytes, args.text_field, args.text_split)
     logger.info("encoding %d files (%s) in %d units with %d workers into %s",
                 len(files), format_bytes(sum(u.input_bytes for u in units)), len(units), args.workers, args.out)
-    return run_prepare(units, settings, args.workers, "encode", {"command": "encode", "inputs": args.input})
+    return run_prepare(units, settings, args.workers, "encode", {"command": "encode", "inputs": args.input},
+                       (args.seq_len, args.global_batch_size))
 
 
 def cmd_convert(args) -> dict:
@@ -83,4 +85,5 @@ def cmd_convert(args) -> dict:
     units = plan_units(files, args.unit_bytes, "", "line")
     logger.info("converting %d files (%s layout, documents end at each %s) in %d units into %s",
                 len(files), args.layout, "line" if boundary == "line" else f"EOS ({eos_id})", len(units), args.out)
-    return run_prepare(units, settings, args.workers, "convert", {"command": "convert", "inputs": [root]})
+    return run_prepare(units, settings, args.workers, "convert", {"command": "convert", "inputs": [root]},
+                       (args.seq_len, args.global_batch_size))

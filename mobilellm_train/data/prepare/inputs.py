@@ -1,4 +1,4 @@
-"""The inputs of mobilellm-prepare: finding the files, cutting them into units, reading a unit's records.
+"""The inputs of mobilellm-prepare: finding the files, cutting them into units, reading their records.
 
 Inputs (``--input``, files, folders or globs): JSONL with a text field (``--text-field``), Parquet
 with a text column (read with pyarrow in batches), plain text (one document per file, per line or
@@ -6,11 +6,12 @@ per blank-line-separated paragraph: ``--text-split``); ``.gz`` JSONL and text to
 JSONL lines of token ids. Empty files, empty folders, unreadable Parquet files and unknown file
 types stop the run while planning (`find_inputs`, `plan_units`), before any encoding.
 
-A unit is about ``--unit-bytes`` of input: a byte range of a JSONL or text file (on line
-boundaries), a group of Parquet row groups, or a whole compressed file. `unit_records` yields its
-records, a bad one (malformed JSON or UTF-8, a missing field, a value of the wrong type, a null
-Parquet cell, a token id outside the vocabulary) as a `BadRecord` that `record_place` names by
-file and line (or Parquet row).
+A unit is about ``--unit-bytes`` of input: a piece of a large input (a byte range of a JSONL or
+text file, on line boundaries, or a group of Parquet row groups), or several small files (or the
+ends of large ones) packed together; a compressed file or one text document is never cut.
+`piece_records` yields the records of a piece, a bad one (malformed JSON or UTF-8, a missing
+field, a value of the wrong type, a null Parquet cell, a token id outside the vocabulary) as a
+`BadRecord` that `record_place` names by file and line (or Parquet row).
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ _PARQUET_BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One unit of work: a part of one input file, which becomes one shard (and one val shard)."""
+class Piece:
+    """A part of one input file: a byte range, a group of Parquet row groups or the whole file."""
 
-    index: int
     path: str
     kind: str
     """jsonl | text | parquet (raw text), tokens (JSONL of token_ids)."""
@@ -55,11 +55,41 @@ class Unit:
     stop: int
     """Byte offset or row group after the last; -1: the whole (compressed) file."""
     file_bytes: int
-    """The input file's size when planned: a re-run whose file changed is refused."""
+    """The input file's size when planned: a re-run whose file changed redoes this piece's unit."""
     input_bytes: int
-    """Input bytes this unit covers (for progress and ETA)."""
+    """Input bytes this piece covers (for packing, progress and ETA)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work, which becomes one shard (and one val shard): a piece of a large input
+    file, or several small files (or pieces) packed together, in input order."""
+
+    index: int
+    pieces: tuple[Piece, ...]
     split: str
     """train: documents go to train or, by --val-fraction, to val; val: all to val."""
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(p.input_bytes for p in self.pieces)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(dict.fromkeys(p.path for p in self.pieces))
+
+    def to_dict(self) -> dict:
+        """The unit as its record stores it (a piece as a list: a unit can hold thousands)."""
+        return {"index": self.index, "split": self.split,
+                "pieces": [[p.path, p.kind, p.start, p.stop, p.file_bytes, p.input_bytes] for p in self.pieces]}
+
+    @classmethod
+    def from_dict(cls, d) -> Unit | None:
+        """The unit of a record; None for a record of another form (an older mobilellm-prepare)."""
+        try:
+            return cls(d["index"], tuple(Piece(*p) for p in d["pieces"]), d["split"])
+        except (KeyError, TypeError):
+            return None
 
 
 def _kind_of(path: str, fmt: str) -> str | None:
@@ -131,39 +161,64 @@ def _parquet_row_groups(path: str, text_field: str) -> list[tuple[int, int]]:
     return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
 
 
-def plan_units(files: list[tuple[str, str, str]], unit_bytes: int, text_field: str, text_split: str) -> list[Unit]:
-    """Cut (path, kind, split) inputs into units of about unit_bytes of input each."""
-    units: list[Unit] = []
+def plan_pieces(path: str, kind: str, unit_bytes: int, text_field: str, text_split: str) -> list[Piece]:
+    """Cut one input file into pieces of at most about unit_bytes (a file that cannot be cut, a
+    compressed one or one text document, is one piece)."""
+    size = os.path.getsize(path)
+    whole_file = path.lower().endswith(".gz") or (kind == "text" and text_split != "line")
+    if kind == "parquet":
+        groups = _parquet_row_groups(path, text_field)
+        if not groups:
+            raise DataError(f"{path}: Parquet file with no row groups")
+        total = sum(b for _, b in groups) or 1
+        pieces, first, acc = [], 0, 0
+        for g, (_, nbytes) in enumerate(groups):
+            acc += nbytes
+            if acc >= unit_bytes or g == len(groups) - 1:
+                pieces.append(Piece(path, kind, first, g + 1, size, size * acc // total))
+                first, acc = g + 1, 0
+        return pieces
+    if whole_file:
+        return [Piece(path, kind, 0, -1, size, size)]
+    n = max(1, -(-size // unit_bytes))
+    return [Piece(path, kind, size * k // n, size * (k + 1) // n, size, size * (k + 1) // n - size * k // n)
+            for k in range(n)]
 
-    def add(path, kind, start, stop, size, covered, split):
-        units.append(Unit(len(units), path, kind, start, stop, size, covered, split))
+
+def plan_units(files: list[tuple[str, str, str]], unit_bytes: int, text_field: str, text_split: str) -> list[Unit]:
+    """Cut (path, kind, split) inputs into units of about unit_bytes of input each.
+
+    A large file is cut into pieces of at most about unit_bytes; consecutive pieces (small files
+    and the ends of large ones) of one split are packed, in input order, into a unit until it
+    holds about unit_bytes: a piece joins the open unit while that brings the unit nearer to
+    unit_bytes (the unit plus half the piece stays within it). The plan depends only on the
+    inputs' order and sizes and on unit_bytes, so a re-run makes the same units.
+    """
+    units: list[Unit] = []
+    open_pieces: list[Piece] = []
+    open_bytes, open_split = 0, ""
+
+    def close() -> None:
+        nonlocal open_pieces, open_bytes
+        if open_pieces:
+            units.append(Unit(len(units), tuple(open_pieces), open_split))
+        open_pieces, open_bytes = [], 0
 
     for path, kind, split in files:
-        size = os.path.getsize(path)
-        whole_file = path.lower().endswith(".gz") or (kind == "text" and text_split != "line")
-        if kind == "parquet":
-            groups = _parquet_row_groups(path, text_field)
-            total = sum(b for _, b in groups) or 1
-            first, acc = 0, 0
-            for g, (_, nbytes) in enumerate(groups):
-                acc += nbytes
-                if acc >= unit_bytes or g == len(groups) - 1:
-                    add(path, kind, first, g + 1, size, size * acc // total, split)
-                    first, acc = g + 1, 0
-            if not groups:
-                raise DataError(f"{path}: Parquet file with no row groups")
-        elif whole_file:
-            add(path, kind, 0, -1, size, size, split)
-        else:
-            n = max(1, -(-size // unit_bytes))
-            for k in range(n):
-                start, stop = size * k // n, size * (k + 1) // n
-                add(path, kind, start, stop, size, stop - start, split)
+        for piece in plan_pieces(path, kind, unit_bytes, text_field, text_split):
+            if open_pieces and (split != open_split or open_bytes + piece.input_bytes / 2 > unit_bytes):
+                close()
+            open_pieces.append(piece)
+            open_bytes += piece.input_bytes
+            open_split = split
+            if open_bytes >= unit_bytes:
+                close()
+    close()
     return units
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one unit: records with their place in the input, or what is wrong with them.
+# Reading one piece: records with their place in the input, or what is wrong with them.
 
 
 class BadRecord(Exception):
@@ -171,7 +226,7 @@ class BadRecord(Exception):
 
 
 class LineCounter:
-    """Turns 'k-th line of this unit' into a file line number; counts earlier lines only on demand."""
+    """Turns 'k-th line of this piece' into a file line number; counts earlier lines only on demand."""
 
     def __init__(self, path: str, start_byte: int):
         self.path, self.start_byte, self._first_line = path, start_byte, None
@@ -186,28 +241,28 @@ class LineCounter:
                         chunk = f.read(min(left, 1 << 24))
                         self._first_line += chunk.count(b"\n")
                         left, last = left - len(chunk), chunk[-1:]
-                # A unit starting mid-line begins at the next line (see _unit_lines).
+                # A piece starting mid-line begins at the next line (see _piece_lines).
                 self._first_line += last != b"\n"
         return f"{self.path}:{self._first_line + k}"
 
 
-def _unit_lines(unit: Unit) -> Iterator[bytes]:
-    """The lines whose first byte lies in [unit.start, unit.stop) (all, for a whole-file unit)."""
-    if unit.stop < 0:
-        opener = gzip.open if unit.path.lower().endswith(".gz") else open
+def _piece_lines(piece: Piece) -> Iterator[bytes]:
+    """The lines whose first byte lies in [piece.start, piece.stop) (all, for a whole-file piece)."""
+    if piece.stop < 0:
+        opener = gzip.open if piece.path.lower().endswith(".gz") else open
         try:
-            with opener(unit.path, "rb") as f:
+            with opener(piece.path, "rb") as f:
                 yield from f
         except (OSError, EOFError) as e:  # a corrupt or truncated .gz
-            raise DataError(f"{unit.path}: cannot be read to the end ({e})") from None
+            raise DataError(f"{piece.path}: cannot be read to the end ({e})") from None
         return
-    with open(unit.path, "rb", buffering=1 << 20) as f:
-        pos = unit.start
+    with open(piece.path, "rb", buffering=1 << 20) as f:
+        pos = piece.start
         if pos > 0:
             f.seek(pos - 1)
-            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous unit
+            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
                 pos += len(f.readline())
-        while pos < unit.stop:
+        while pos < piece.stop:
             line = f.readline()
             if not line:
                 break
@@ -242,9 +297,9 @@ def _json_text(line: bytes, field: str) -> str:
     return text
 
 
-def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | BadRecord, object, int]]:
+def piece_records(piece: Piece, s: dict) -> Iterator[tuple[str | np.ndarray | BadRecord, object, int]]:
     """(text or token ids or a BadRecord, a key to name its place, input bytes read) for each record."""
-    kind = unit.kind
+    kind = piece.kind
     if kind == "tokens":
         # The token-id line parser lives beside the torch dataset: imported only when converting.
         from mobilellm_train.data.jsonl import parse_token_ids
@@ -252,20 +307,20 @@ def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | BadRe
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(unit.path)
-        groups = list(range(unit.start, unit.stop))
-        row = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        bytes_per_row = unit.input_bytes / max(1, sum(pf.metadata.row_group(g).num_rows for g in groups))
+        pf = pq.ParquetFile(piece.path)
+        groups = list(range(piece.start, piece.stop))
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(piece.start))
+        bytes_per_row = piece.input_bytes / max(1, sum(pf.metadata.row_group(g).num_rows for g in groups))
         try:
             for batch in pf.iter_batches(_PARQUET_BATCH_ROWS, row_groups=groups, columns=[s["text_field"]]):
                 for value in batch.column(0).to_pylist():
                     yield (value if isinstance(value, str) else BadRecord("null text")), row, int(bytes_per_row)
                     row += 1
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{unit.path}: unreadable Parquet data near row {row} ({e})") from None
+            raise DataError(f"{piece.path}: unreadable Parquet data near row {row} ({e})") from None
         return
 
-    lines = _unit_lines(unit)
+    lines = _piece_lines(piece)
     if kind == "text" and s["text_split"] == "file":
         data = b"".join(lines)
         try:
@@ -309,12 +364,12 @@ def unit_records(unit: Unit, s: dict) -> Iterator[tuple[str | np.ndarray | BadRe
         yield value, k, len(line)
 
 
-def record_place(unit: Unit, key, lines: LineCounter) -> str:
-    """Where the record `key` (as unit_records gives it) lies: 'file:line', 'file: row N' or the file."""
+def record_place(piece: Piece, key, lines: LineCounter) -> str:
+    """Where the record `key` (as piece_records gives it) lies: 'file:line', 'file: row N' or the file."""
     if key is None:  # a whole file is the record
-        return unit.path
-    if unit.kind == "parquet":
-        return f"{unit.path}: row {key} (counting from 0)"
-    if unit.stop < 0:
-        return f"{unit.path}:{key + 1}"
+        return piece.path
+    if piece.kind == "parquet":
+        return f"{piece.path}: row {key} (counting from 0)"
+    if piece.stop < 0:
+        return f"{piece.path}:{key + 1}"
     return lines.where(key)

@@ -24,8 +24,16 @@ import time
 
 import numpy as np
 
+from mobilellm_train.data.budget import coverage_summary
 from mobilellm_train.data.prepare.inputs import Unit
 from mobilellm_train.data.prepare.layout import PROGRESS_DIR, VAL_DIR, unit_record_path
+from mobilellm_train.data.prepare.space import (
+    byte_unit,
+    format_bytes,
+    full_disk_message,
+    maybe_report_full_disk,
+    remove_quietly,
+)
 from mobilellm_train.data.prepare.worker import (
     init_worker,
     run_unit,
@@ -34,9 +42,12 @@ from mobilellm_train.data.prepare.worker import (
 from mobilellm_train.data.shards import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
+    VERIFIED_FILE,
     ShardInfo,
     is_dataset,
     read_manifest,
+    record_verification,
+    verify_shards,
     write_file_atomic,
     write_json_atomic,
     write_manifest,
@@ -45,21 +56,9 @@ from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
 
-_TMP_NAME = re.compile(r"^shard-\d+\.(bin|idx)\.tmp\.\d+$")
-
-
-def byte_unit(num_bytes: float) -> tuple[float, str]:
-    """The decimal unit a byte count reads best in: (1e9, "GB") for 3.2e9, (1e3, "kB") for 4500."""
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if num_bytes >= scale:
-            return scale, unit
-    return 1.0, "B"
-
-
-def format_bytes(num_bytes: float) -> str:
-    """'15.3 MB', '2.10 GB', '512 B'."""
-    scale, unit = byte_unit(num_bytes)
-    return f"{num_bytes:.0f} B" if scale == 1.0 else f"{num_bytes / scale:.3g} {unit}"
+# What a killed or failed run leaves (shards.write_file_atomic and ShardWriter write <name>.tmp.<pid>).
+_TMP_NAME = re.compile(r"^(shard-\d+\.(bin|idx)|unit-\d+\.json|settings\.json|manifest\.json|tokenizer\.model)"
+                       r"\.tmp\.\d+$")
 
 
 class Progress:
@@ -130,13 +129,19 @@ def _check_out_folder(out: str, settings: dict) -> None:
                 f"{out}: prepared earlier with other settings ({what}); rerun with the same ones to finish it, "
                 f"or choose a new --out"
             )
-    os.makedirs(progress, exist_ok=True)
-    for folder in (out, os.path.join(out, VAL_DIR)):
+    _remove_tmp_files(out)
+    with maybe_report_full_disk(settings_file, "the run's settings", "run the same command again"):
+        os.makedirs(progress, exist_ok=True)
+        write_json_atomic(settings_file, settings)
+
+
+def _remove_tmp_files(out: str) -> None:
+    """Delete the temporary files of killed or failed runs (never a finished file)."""
+    for folder in (out, os.path.join(out, VAL_DIR), os.path.join(out, PROGRESS_DIR)):
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if _TMP_NAME.match(name):
-                    os.remove(os.path.join(folder, name))  # left by a killed run; never a finished shard
-    write_json_atomic(settings_file, settings)
+                    remove_quietly(os.path.join(folder, name))
 
 
 def _finished_record(out: str, unit: Unit) -> dict | None:
@@ -146,10 +151,14 @@ def _finished_record(out: str, unit: Unit) -> dict | None:
         return None
     with open(path) as f:
         record = json.load(f)
-    if Unit(**record["unit"]) != unit:
+    before = Unit.from_dict(record.get("unit"))
+    if before != unit:
         # The input changed (or an earlier input did, shifting the units): this one is redone.
+        kept = set(before.pieces) if before else set()
+        changed = [p for p in unit.paths if not all(q in kept for q in unit.pieces if q.path == p)] or unit.paths
         logger.warning("%s: changed since an earlier run prepared shard %d from it; redoing that shard",
-                       unit.path, unit.index)
+                       ", ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""),
+                       unit.index)
         os.remove(path)
         return None
     for folder, info in ((out, record["train"]), (os.path.join(out, VAL_DIR), record["val"])):
@@ -158,8 +167,40 @@ def _finished_record(out: str, unit: Unit) -> dict | None:
     return record
 
 
-def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, extra: dict) -> dict:
-    """Encode every unfinished unit and write the manifests; returns a summary."""
+def _run_units(todo: list[Unit], settings: dict, workers: int, progress: Progress, counter, finished) -> str | None:
+    """Run the units (in worker processes unless one is enough), handing each record to
+    `finished`; stops at a full disk and returns what was being written then."""
+    if workers <= 1 or len(todo) <= 1:
+        init_worker(settings, counter)
+        progress.start()
+        try:
+            for u in todo:
+                rec = run_unit(u, settings)
+                if "full_disk" in rec:
+                    return rec["full_disk"]
+                finished(rec)
+        finally:
+            progress.close()
+        return None
+    # The pool forks before the progress thread starts: no thread is copied into the workers.
+    with mp.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(settings, counter)) as pool:
+        progress.start()
+        try:
+            for rec in pool.imap_unordered(run_unit_in_worker, [(u, settings) for u in todo]):
+                if "full_disk" in rec:
+                    return rec["full_disk"]
+                finished(rec)
+        finally:
+            progress.close()
+            pool.terminate()
+            pool.join()
+    return None
+
+
+def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, extra: dict,
+                batch: tuple[int, int] | None = None) -> dict:
+    """Encode every unfinished unit and write the manifests; returns a summary. `batch`
+    (seq_len, global batch size) adds the windows and steps the data covers to the log."""
     out = settings["out"]
     _check_out_folder(out, settings)
     total_bytes = sum(u.input_bytes for u in units)
@@ -179,6 +220,7 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         logger.info("%s: already prepared (%d tokens in %d shards); nothing to do", out, m.num_tokens, len(m.shards))
         return {"train": {"num_tokens": m.num_tokens, "num_documents": m.num_documents, "num_shards": len(m.shards)},
                 "seconds": 0.0, "records_skipped": m.raw.get("records_skipped", 0)}
+    earlier = set(records)  # units whose shards an earlier, interrupted run wrote and hashed
     for folder in (out, os.path.join(out, VAL_DIR)):
         # Shards are about to change: until the new manifest is written, the folder is no dataset.
         if is_dataset(folder):
@@ -204,24 +246,18 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
             )
 
     begin = time.perf_counter()
-    if workers <= 1 or len(todo) <= 1:
-        init_worker(settings, counter)
-        progress.start()
-        try:
-            for u in todo:
-                finished(run_unit(u, settings))
-        finally:
-            progress.close()
-    else:
-        # The pool forks before the progress thread starts: no thread is copied into the workers.
-        with mp.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(settings, counter)) as pool:
-            progress.start()
-            try:
-                for rec in pool.imap_unordered(run_unit_in_worker, [(u, settings) for u in todo]):
-                    finished(rec)
-            finally:
-                progress.close()
-                pool.terminate()
+    try:
+        full_disk = _run_units(todo, settings, workers, progress, counter, finished)
+    except BaseException:
+        _remove_tmp_files(out)  # of the units in flight in other workers, stopped
+        raise
+    if full_disk:
+        _remove_tmp_files(out)
+        # Counted on disk: other workers may have finished a shard after this one failed.
+        done = len([n for n in os.listdir(os.path.join(out, PROGRESS_DIR)) if re.fullmatch(r"unit-\d+\.json", n)])
+        raise DataError(full_disk_message(
+            out, full_disk, f"run the same command again: the {done} of {len(units)} shards finished so far "
+            f"are kept, and it goes on with the rest"))
     seconds = time.perf_counter() - begin
     if skipped > settings["skip_bad"]:  # all counted in finished units of earlier runs
         raise DataError(f"{out}: {skipped} bad records were skipped, more than --skip-bad {settings['skip_bad']}")
@@ -229,26 +265,50 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
     ordered = [records[u.index] for u in units]
     summary = {}
     tokenizer = settings.get("tokenizer_info")
-    for split, folder in (("train", out), ("val", os.path.join(out, VAL_DIR))):
+    if not any(r["train"] for r in ordered):
+        raise DataError(f"{out}: the inputs gave no training documents")
+    # val/ first: <out>/manifest.json, written last, says the whole folder is done.
+    for split, folder in (("val", os.path.join(out, VAL_DIR)), ("train", out)):
         shards = [ShardInfo(**r[split]) for r in ordered if r[split]]
         if not shards:
-            if split == "train":
-                raise DataError(f"{out}: the inputs gave no training documents")
             continue
+        resumed = [i for i, r in enumerate(r for r in ordered if r[split]) if r["unit"]["index"] in earlier]
+        then = f"run the same command again: every shard ({len(units)}) is finished and kept, it writes what is left"
         if settings.get("tokenizer"):
             with open(settings["tokenizer"], "rb") as f:
-                write_file_atomic(os.path.join(folder, TOKENIZER_FILE), f.read())
-        manifest = write_manifest(folder, shards, settings["dtype"], settings["vocab_size"], tokenizer, {
-            "split": split,
-            "records_skipped": sum(r["records_skipped"] for r in ordered),
-            "empty_documents_dropped": sum(r["empty_documents"] for r in ordered),
-            "sources": sorted({(u.path, u.file_bytes) for u in units}),
-            "prepare": {**extra, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "python": platform.python_version(), "numpy": np.__version__},
-        })
+                model = f.read()
+            with maybe_report_full_disk(os.path.join(folder, TOKENIZER_FILE), "the tokenizer's copy", then):
+                write_file_atomic(os.path.join(folder, TOKENIZER_FILE), model)
+        with maybe_report_full_disk(os.path.join(folder, MANIFEST_FILE), "the manifest", then):
+            manifest = write_manifest(folder, shards, settings["dtype"], settings["vocab_size"], tokenizer, {
+                "split": split,
+                "records_skipped": sum(r["records_skipped"] for r in ordered),
+                "empty_documents_dropped": sum(r["empty_documents"] for r in ordered),
+                "sources": sorted({(p.path, p.file_bytes) for u in units for p in u.pieces}),
+                "prepare": {**extra, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "python": platform.python_version(), "numpy": np.__version__},
+            })
+        _record_verification(folder, resumed)
         summary[split] = {k: manifest[k] for k in ("num_tokens", "num_documents", "max_token_id")}
         summary[split]["num_shards"] = len(shards)
     summary["seconds"] = round(seconds, 2)
     summary["records_skipped"] = skipped
     logger.info("%s: done in %.1f s: %s", out, seconds, json.dumps(summary))
+    if batch is not None:
+        logger.info("%s: %s", out, coverage_summary(summary["train"]["num_tokens"], *batch))
     return summary
+
+
+def _record_verification(folder: str, resumed: list[int]) -> None:
+    """Record that every shard of `folder` verified (verified.json), so training starts need not
+    hash them: this run's workers hashed the shards they wrote; the shards an earlier, interrupted
+    run wrote are hashed again now (they sat on disk since), so the record vouches for no byte
+    nobody read. A record that cannot be written only costs later starts a hash."""
+    manifest = read_manifest(folder)
+    if resumed:
+        verify_shards(manifest, resumed)
+    try:
+        record_verification(manifest, "hashed while writing")
+    except OSError as e:
+        logger.warning("%s: could not write %s (%s): training starts will hash the shards until "
+                       "`mobilellm-prepare verify %s` records them", folder, VERIFIED_FILE, e, folder)

@@ -1,51 +1,42 @@
 """mobilellm-prepare tokenizer: train a SentencePiece model (Llama-2 ids, text kept as it is) on a
-sample of the corpus, taken from every unit of the input."""
+sample of the corpus: at most --sample-bytes, spread over the inputs by size (sample.py), streamed
+into SentencePiece."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 
-from mobilellm_train.data.prepare.inputs import (
-    BadRecord,
-    LineCounter,
-    find_inputs,
-    plan_units,
-    record_place,
-    unit_records,
-)
+from mobilellm_train.data.prepare.sample import SampleStats, sample_sentences
+from mobilellm_train.data.prepare.space import format_bytes, free_bytes, free_space, maybe_report_full_disk
 from mobilellm_train.data.shards import tokenizer_info, write_file_atomic
 from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
 
 
-def _sample_texts(args) -> Iterator[str]:
-    """Documents from every unit of the input, each unit's first sample_bytes / units bytes."""
-    files = find_inputs(args.input, args.format)
-    units = plan_units([(p, k, "train") for p, k in files], args.unit_bytes, args.text_field, args.text_split)
-    per_unit = max(1, args.sample_bytes // len(units))
-    s = {"text_field": args.text_field, "text_split": args.text_split}
-    skipped = 0
-    for unit in units:
-        taken = 0
-        lines = LineCounter(unit.path, unit.start if unit.stop >= 0 else 0)
-        for value, key, _ in unit_records(unit, s):
-            if isinstance(value, BadRecord):
-                skipped += 1
-                if skipped > args.skip_bad:
-                    where = record_place(unit, key, lines)
-                    raise DataError(f"{where}: {value}; pass --skip-bad N to skip up to N bad records")
-                logger.warning("skipped bad record %s: %s", record_place(unit, key, lines), value)
-                continue
-            yield value
-            taken += len(value)
-            if taken >= per_unit:
-                break
+class _Stash:
+    """Sentences for SentencePiece, and the error that ended them: it stops the training, which
+    reports it as a RuntimeError of its own; `check` raises the original (a DataError, say)."""
+
+    def __init__(self, sentences: Iterator[str]):
+        self.sentences, self.error = sentences, None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.sentences
+        except Exception as e:
+            self.error = e
+            raise
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error from None
 
 
 def cmd_tokenizer(args) -> dict:
@@ -53,21 +44,26 @@ def cmd_tokenizer(args) -> dict:
 
     if os.path.exists(args.out):
         raise DataError(f"{args.out}: exists; refusing to overwrite it (choose another --out)")
+    # A full disk found now, not after hours of training (the model is ~15 bytes per piece).
+    need = 64 * 1024 + 32 * args.vocab_size
+    if free_bytes(args.out) < need:
+        raise DataError(f"{args.out}: not enough space on the device for the tokenizer model (about "
+                        f"{format_bytes(need)}; {free_space(args.out)} there). Free some space on that disk (or "
+                        f"choose another --out), then run the same command again")
     begin = time.perf_counter()
-    sentences = []
-    sample_bytes = 0
-    for doc in _sample_texts(args):
-        sample_bytes += len(doc)
-        sentences += [line for line in doc.split("\n") if line.strip()]
-    if not sentences:
-        raise DataError(f"{args.input}: no text to train a tokenizer on")
-    logger.info("training a %s tokenizer of %d pieces on %d lines (%.1f MB sampled)",
-                args.model_type, args.vocab_size, len(sentences), sample_bytes / 1e6)
+    stats = SampleStats()
+    sentences = sample_sentences(args, stats)
+    first = next(sentences, None)
+    if first is None:
+        raise DataError(f"{' '.join(args.input)}: no text to train a tokenizer on")
+    stash = _Stash(itertools.chain([first], sentences))
+    logger.info("training a %s tokenizer of %d pieces on a sample of at most %s of %s",
+                args.model_type, args.vocab_size, format_bytes(args.sample_bytes), " ".join(args.input))
     spm.set_random_generator_seed(args.seed)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=iter(stash),
             model_writer=model,
             model_type=args.model_type,
             vocab_size=args.vocab_size,
@@ -85,10 +81,16 @@ def cmd_tokenizer(args) -> dict:
             minloglevel=2,
         )
     except RuntimeError as e:
+        stash.check()
         raise DataError(f"SentencePiece training failed: {e}") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_file_atomic(args.out, model.getvalue())
-    summary = {**tokenizer_info(args.out), "lines": len(sentences), "sample_bytes": sample_bytes,
+    logger.info("sampled %s in %d sentences from %d inputs", format_bytes(stats.bytes), stats.sentences,
+                len(stats.per_input))
+    with maybe_report_full_disk(args.out, "the tokenizer model",
+                                "run the same command again (nothing was written; it samples and trains anew)"):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_file_atomic(args.out, model.getvalue())
+    summary = {**tokenizer_info(args.out), "lines": stats.sentences, "sample_bytes": stats.bytes,
+               "sample_bytes_per_input": stats.per_input,
                "seconds": round(time.perf_counter() - begin, 2)}
-    logger.info("wrote %s: %s", args.out, json.dumps(summary))
+    logger.info("wrote %s: %s", args.out, json.dumps({k: v for k, v in summary.items() if k != "sample_bytes_per_input"}))
     return summary

@@ -1,19 +1,15 @@
-"""mobilellm-prepare verify: check a prepared folder (and its val/) against its manifest: every
-shard's size and sha256."""
+"""mobilellm-prepare verify: check a prepared folder (and its val/) against its manifest, every
+shard's size and sha256, then record that it verified (verified.json beside the manifest), so that
+training starts check one stat per file instead of hashing the dataset (docs/DATA.md)."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+from mobilellm_train.data.budget import coverage_summary
 from mobilellm_train.data.prepare.layout import VAL_DIR
-from mobilellm_train.data.shards import (
-    MANIFEST_FILE,
-    check_shard_sizes,
-    is_dataset,
-    read_manifest,
-    verify_shards,
-)
+from mobilellm_train.data.shards import MANIFEST_FILE, is_dataset, verify_dataset
 
 logger = logging.getLogger("mobilellm_train.prepare")
 
@@ -23,11 +19,10 @@ def cmd_verify(args) -> dict:
     for folder in (args.folder, os.path.join(args.folder, VAL_DIR)):
         if folder != args.folder and not is_dataset(folder):
             continue
-        m = read_manifest(folder)
-        check_shard_sizes(m)
-        seconds = verify_shards(m)
-        summary[folder] = {"num_tokens": m.num_tokens, "num_documents": m.num_documents, "num_shards": len(m.shards),
-                           "dtype": m.dtype, "vocab_size": m.vocab_size, "verify_seconds": round(seconds, 2)}
-        logger.info("%s: %d shards, %d tokens, %d documents: sizes and sha256 match %s", folder, len(m.shards),
-                    m.num_tokens, m.num_documents, MANIFEST_FILE)
+        s = summary[folder] = verify_dataset(folder, workers=args.workers)
+        logger.info("%s: %d shards, %d tokens, %d documents: sizes and sha256 match %s%s", folder, s["num_shards"],
+                    s["num_tokens"], s["num_documents"], MANIFEST_FILE,
+                    f"; recorded in {s['record']}" if s["record"] else "")
+        if folder == args.folder:
+            logger.info("%s: %s", folder, coverage_summary(s["num_tokens"], args.seq_len, args.global_batch_size))
     return summary

@@ -18,9 +18,10 @@ from mobilellm_train.data.prepare.inputs import (
     LineCounter,
     Unit,
     record_place,
-    unit_records,
+    piece_records,
 )
 from mobilellm_train.data.prepare.layout import VAL_DIR, unit_record_path
+from mobilellm_train.data.prepare.space import is_full_disk, remove_quietly
 from mobilellm_train.data.shards import ShardInfo, ShardWriter, write_json_atomic
 from mobilellm_train.errors import DataError
 
@@ -49,12 +50,26 @@ def _add_progress(nbytes: int) -> None:
 
 
 def run_unit(unit: Unit, s: dict) -> dict:
-    """Encode one unit into <out>/shard-<i> (and <out>/val/shard-<i>); returns its record."""
-    out = s["out"]
+    """Encode one unit into <out>/shard-<i> (and <out>/val/shard-<i>); returns its record, or
+    {"full_disk": what it was writing} when the disk filled up (its temporary files deleted)."""
     name = f"shard-{unit.index:05d}"
+    try:
+        return _run_unit(unit, s, name)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        # ShardWriter deletes its files on an error unless closing them fails too: made sure here.
+        tmp = f".tmp.{os.getpid()}"
+        folders = (s["out"], os.path.join(s["out"], VAL_DIR))
+        remove_quietly(*(os.path.join(d, name + ext + tmp) for d in folders for ext in (".bin", ".idx")),
+                       unit_record_path(s["out"], unit.index) + tmp)
+        return {"full_disk": f"shard {name}"}
+
+
+def _run_unit(unit: Unit, s: dict, name: str) -> dict:
+    out = s["out"]
     val_rng = np.random.default_rng([s["seed"], unit.index])
     val_fraction = 1.0 if unit.split == "val" else s["val_fraction"]
-    lines = LineCounter(unit.path, unit.start if unit.stop >= 0 else 0)
     skipped, skip_examples, empty = 0, [], 0
     pending_bytes = 0
     texts: list[str] = []
@@ -75,13 +90,18 @@ def run_unit(unit: Unit, s: dict) -> dict:
                     emit(np.asarray(ids, dtype=np.int64))
                 texts, text_bytes = [], 0
 
-        for value, key, nbytes in unit_records(unit, s):
+        for piece, lines, value, key, nbytes in _unit_records(unit, s):
+            if piece is None:  # the end of a piece (an input file, or a part of one) ends its last document
+                if carry.size:
+                    emit(carry)
+                    carry = carry[:0]
+                continue
             pending_bytes += nbytes
             if pending_bytes >= _PROGRESS_EVERY_BYTES:
                 _add_progress(pending_bytes)
                 pending_bytes = 0
             if isinstance(value, BadRecord):
-                where = f"{record_place(unit, key, lines)}: {value}"
+                where = f"{record_place(piece, key, lines)}: {value}"
                 if skipped >= s["skip_bad"]:
                     budget = f" (the --skip-bad budget of {s['skip_bad']} is used up)" if s["skip_bad"] else ""
                     raise DataError(f"{where}{budget}; pass --skip-bad N to skip up to N bad records")
@@ -109,11 +129,9 @@ def run_unit(unit: Unit, s: dict) -> dict:
                 if starts[-1] < value.size:
                     carry = np.concatenate((carry, value[starts[-1]:]))
         encode_pending()
-        if carry.size:
-            emit(carry)  # the unit's end ends its last document
         _add_progress(pending_bytes)
         record = {
-            "unit": dataclasses.asdict(unit),
+            "unit": unit.to_dict(),
             "train": _info_dict(train.finish()),
             "val": _info_dict(val.finish()),
             "records_skipped": skipped,
@@ -122,6 +140,16 @@ def run_unit(unit: Unit, s: dict) -> dict:
         }
     write_json_atomic(unit_record_path(out, unit.index), record)
     return record
+
+
+def _unit_records(unit: Unit, s: dict):
+    """(piece, its line counter, value, key, bytes) for each record of each piece of the unit, then
+    (None, None, None, None, 0) at the end of each piece."""
+    for piece in unit.pieces:
+        lines = LineCounter(piece.path, piece.start if piece.stop >= 0 else 0)
+        for value, key, nbytes in piece_records(piece, s):
+            yield piece, lines, value, key, nbytes
+        yield None, None, None, None, 0
 
 
 def _info_dict(info: ShardInfo | None) -> dict | None:
