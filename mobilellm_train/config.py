@@ -49,8 +49,8 @@ def __getattr__(name: str):
 class JobConfig:
     dump_folder: str = "./outputs/debug"
     """Run folder: checkpoints/, metrics.jsonl, tb/ and the effective config.toml go here."""
-    description: str = "MobileLLM pretraining"
-    """Free text, logged at start."""
+    description: str = ""
+    """Free text, logged at start; empty: said from the run (model and data, start_checks.describe_run)."""
     stop_file: str = ""
     """If this file appears, all ranks save a checkpoint at the next stop check and exit cleanly
     (launch/train.slurm creates it before the time limit). One present at start, left by an
@@ -185,7 +185,7 @@ class DataConfig:
     (verified.json, one stat per file); shards changed since or never verified are hashed, spread
     over the ranks; off: sizes only."""
     val_path: str = ""
-    """Prepared folder of held-out data (e.g. <out>/val of mobilellm-prepare); empty: no validation."""
+    """Prepared held-out data (<out>/val of mobilellm-prepare); empty with val_interval set: <data.path>/val."""
     val_interval: int = 0
     """Compute the validation loss every N steps and at the last step; 0: never."""
     val_sequences: int = 512
@@ -497,8 +497,17 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
         _set(cfg, dotted, value, f"--{dotted}")
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    fill_in_from_data(cfg)
     validate(cfg, world_size)
     return cfg
+
+
+def fill_in_from_data(cfg: Config) -> None:
+    """data.val_path left empty with data.val_interval set: <data.path>/val, mobilellm-prepare's split
+    (model.vocab_size, which a resumed checkpoint also decides, is the trainer's: start_checks)."""
+    d, candidate = cfg.data, os.path.join(cfg.data.path, "val")
+    if d.val_interval and not d.val_path and d.path and os.path.isfile(os.path.join(candidate, "manifest.json")):
+        d.val_path = candidate
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -572,7 +581,8 @@ def validate(cfg: Config, world_size: int) -> None:
             check(os.path.isdir(source), f"data.sources: {source} is not a folder")
     check(d.val_interval >= 0 and d.val_sequences > 0, "data.val_interval must be >= 0 and data.val_sequences > 0")
     check(not d.val_path or os.path.isdir(d.val_path), f"data.val_path: {d.val_path} is not a folder")
-    check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path")
+    check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path, a prepared folder of held-out data"
+          + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else ""))
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")

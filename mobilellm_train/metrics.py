@@ -147,6 +147,27 @@ def drop_records_after(path: str, step: int) -> int:
     return dropped
 
 
+def elapsed_at(path: str, step: int) -> float:
+    """The run's training seconds up to `step`, from the records of a JSONL log that holds no
+    later step (after drop_records_after): the last record's elapsed_s plus, for the steps
+    between it and `step`, its step time. 0.0 without a record. A resumed run adds its own
+    seconds to this, so elapsed_s is a run total that never goes backwards."""
+    last = None
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("elapsed_s"), (int, float)):
+                    last = record
+    if last is None:
+        return 0.0
+    between = max(0, step - int(last.get("step", step))) * float(last.get("step_time_s") or 0.0)
+    return float(last["elapsed_s"]) + between
+
+
 class MetricsLogger:
     """Writes one record per logged step; only rank 0 writes anything.
 
@@ -157,6 +178,7 @@ class MetricsLogger:
     def __init__(self, dump_folder: str, rank: int, enable_tensorboard: bool, resume_step: int | None = None):
         self.enabled = rank == 0
         self.dump_folder = dump_folder
+        self.elapsed_before = 0.0  # training seconds of the earlier starts of this run (rank 0)
         self.jsonl = None
         self.eval_jsonl = None
         self.tb = None
@@ -166,6 +188,7 @@ class MetricsLogger:
         self.enable_tensorboard = enable_tensorboard
         if resume_step is not None:
             self._drop_after(resume_step)
+            self.elapsed_before = elapsed_at(os.path.join(dump_folder, "metrics.jsonl"), resume_step)
         # Append: a resumed run continues the same file.
         self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a", buffering=1)
         self._open_tensorboard(resume_step)

@@ -405,11 +405,17 @@ def check_memory(cfg: C.Config, world_size: int, device, device_name: str, total
     logger = logging.getLogger("mobilellm_train")
     card_gib = total_memory_bytes / GIB if total_memory_bytes else CARDS_GIB["a100-80gb"]
     plan = estimate_config(cfg, world_size, card_gib)
-    where = device_name if total_memory_bytes else "an 80 GB GPU (running on CPU: not checked)"
-    logger.info("planned peak memory per GPU: %.1f GiB of %.1f GiB on %s (activations %.1f GiB, sharded "
-                "state %.1f GiB; mobilellm-plan shows the breakdown; %s)", plan.peak_gib, card_gib, where,
-                sum(b for name, b, _ in plan.items if name.startswith("activations")) / GIB,
-                sum(b for name, b, _ in plan.items if "shard" in name) / GIB, GPU_CHECKED)
+    parts = (sum(b for name, b, _ in plan.items if name.startswith("activations")) / GIB,
+             sum(b for name, b, _ in plan.items if "shard" in name) / GIB)
+    if total_memory_bytes:
+        logger.info("planned peak memory per GPU: %.1f GiB of %.1f GiB on %s (activations %.1f GiB, sharded "
+                    "state %.1f GiB; mobilellm-plan shows the breakdown; %s)", plan.peak_gib, card_gib, device_name,
+                    *parts, GPU_CHECKED)
+    else:
+        # No GPU to compare with: the figure is what this config would take on one, not on this host.
+        logger.info("running on CPU: memory is not checked (on %d GPU(s) this config would need %.1f GiB per GPU: "
+                    "activations %.1f GiB, sharded state %.1f GiB; mobilellm-plan --card CARD says whether it fits; "
+                    "%s)", world_size, plan.peak_gib, *parts, GPU_CHECKED)
     if total_memory_bytes and not plan.fits():
         best = recommendation(suggest(cfg, world_size, card_gib), cfg.training.local_batch_size)
         fix = ("nothing fits on this many GPUs: use more GPUs or a shorter sequence" if best is None else

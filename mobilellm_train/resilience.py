@@ -68,6 +68,8 @@ class StopRequest:
     def __init__(self, stop_file: str = ""):
         self.stop_file = stop_file
         self.reason = ""
+        # What the first Ctrl-C says happens next; the training loop names the step (loop/stops.py).
+        self.interrupt_note = "saving at the next stop check"
         self._first_interrupt: float | None = None
         # A CPU gloo group: agreeing costs no GPU sync and never queues behind GPU work.
         self.pg = dist.new_group(backend="gloo")
@@ -82,7 +84,7 @@ class StopRequest:
                 os._exit(130)
             if self._first_interrupt is None:
                 self._first_interrupt = now
-                os.write(2, b"interrupt: saving at the end of this step (Ctrl-C again to abort without saving)\n")
+                os.write(2, f"interrupt: {self.interrupt_note} (Ctrl-C again to abort without saving)\n".encode())
         # Only a flag: saving from inside a signal handler could interrupt a collective.
         if not self.reason:
             self.reason = f"received {signal.Signals(signum).name}"

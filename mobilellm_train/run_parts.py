@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mobilellm_train.checkpoint import Checkpointer
     from mobilellm_train.resilience import RunFolderLock
+    from mobilellm_train.start_checks import RunFolderRecord
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -17,13 +18,28 @@ logger = logging.getLogger("mobilellm_train")
 class RunParts:
     """What a run has started that must stop in order however the run ends: loader workers
     first (they feed nothing any more), then the save in flight (its writer thread runs
-    collectives, so the process group must still exist), then the process group. Leaving any of
+    collectives, so the process group must still exist), then the process group, and last the
+    run-folder lock (after removing what a refused start added to the folder). Leaving any of
     them to interpreter exit lets C++ threads die in an arbitrary order, which can abort."""
 
     def __init__(self) -> None:
         self.data_iter = None
         self.checkpointer: Checkpointer | None = None
-        self.lock: RunFolderLock | None = None
+        self.lock: RunFolderLock | None = None  # set once held
+        self.folder_record: RunFolderRecord | None = None  # what this start added to the run folder
+        self.training_started = False  # past every start-up refusal
+
+    def hold_run_folder(self, dump_folder: str, checkpoint_folder: str = "") -> None:
+        """Take the run-folder lock (rank 0; it covers `checkpoint_folder` too), noting first what
+        this start adds to the folder: once the lock is held, this start alone may remove that
+        again if it is refused."""
+        from mobilellm_train.resilience import RunFolderLock
+        from mobilellm_train.start_checks import RunFolderRecord
+
+        lock = RunFolderLock(dump_folder, checkpoint_folder)
+        record = RunFolderRecord(dump_folder)
+        lock.acquire()
+        self.lock, self.folder_record = lock, record
 
     def shut_down_after_error(self) -> None:
         import torch.distributed as dist
@@ -55,4 +71,8 @@ class RunParts:
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.lock is not None:
+            # A refused start leaves the run folder as it was; removed while the lock is still
+            # held, so no other run can be starting in it.
+            if not self.training_started and self.folder_record is not None:
+                self.folder_record.undo()
             self.lock.release()

@@ -34,6 +34,7 @@ from mobilellm_train.loop.garbage import GarbageCollection
 from mobilellm_train.loop.nonfinite import NonFiniteSteps
 from mobilellm_train.loop.validation import Validation, _validation_loss, validation_loss  # noqa: F401
 from mobilellm_train.run_parts import RunParts
+from mobilellm_train.start_checks import apply_data_vocab_size, check_checkpoint_space, describe_run
 from mobilellm_train.step import clip_grad_norm_, step_on_device, train_step  # noqa: F401
 
 # torch and the modules built on it are imported inside the functions that use them, so that
@@ -58,7 +59,7 @@ class Trainer:
 
     def join_run(self) -> None:
         """The run-folder lock, the process group, logging."""
-        from mobilellm_train.resilience import RunFolderLock, clear_stale_stop_file, exit_with_parent
+        from mobilellm_train.resilience import clear_stale_stop_file, exit_with_parent
 
         cfg = self.cfg
         exit_with_parent()  # under torchrun: a rank never trains on after its launcher died
@@ -67,13 +68,12 @@ class Trainer:
             # Before the process group: a busy folder stops the run before any rank waits on it.
             # The checkpoint folder too: an absolute one may be another run's.
             ckpt = os.path.join(self.dump_folder, cfg.checkpoint.folder) if cfg.checkpoint.enable else ""
-            self.parts.lock = RunFolderLock(self.dump_folder, ckpt)
-            self.parts.lock.acquire()
+            self.parts.hold_run_folder(self.dump_folder, ckpt)
         self.rank, self.world_size, self.device = init_distributed(cfg.comm, cfg.job.dump_folder)
         setup_logging(self.rank)
         if self.rank == 0:
             clear_stale_stop_file(cfg.job.stop_file)
-        logger.info("%s: %d rank(s) on %s, run folder %s", cfg.job.description, self.world_size, self.device.type,
+        logger.info("%s: %d rank(s) on %s, run folder %s", describe_run(cfg), self.world_size, self.device.type,
                     self.dump_folder)
 
     def set_up_model(self) -> None:
@@ -89,8 +89,7 @@ class Trainer:
         cfg, tcfg, device, plan = self.cfg, self.tcfg, self.device, self.plan
         torch.manual_seed(tcfg.seed)
         self.on_gpu = on_gpu = device.type == "cuda"
-        # From the config alone, before the data is resolved: the place to infer the vocabulary
-        # from the data's tokenizer instead would move this below resolve_data.
+        apply_data_vocab_size(cfg, self.dump_folder)  # unless given: the data's, or a resumed checkpoint's
         self.model_args = model_args = C.build_model_args(cfg.model)
         # Before anything is allocated: a config that cannot fit stops here, not with an OOM mid-compile.
         check_memory(cfg, self.world_size, device, torch.cuda.get_device_name(device) if on_gpu else "cpu",
@@ -171,13 +170,15 @@ class Trainer:
             self.checkpointer.close()
             dist.destroy_process_group()
             return False
-        # Past every refusal and before the first step: the place for checks of the run folder
-        # that training needs (free disk for the checkpoints to come).
+        # Past every other refusal, before the first step: room for the checkpoints to come.
+        check_checkpoint_space(self.cfg.checkpoint, self.checkpointer.folder, self.model_args, self.tokenizer_path,
+                               state.step, total_steps, self.rank)
         if self.rank == 0:
             # Only now, past every refusal: config.toml describes the checkpoints beside it.
             previous = write_effective_config(self.cfg, self.dump_folder)
             if previous is not None:
                 log_config_change(previous, self.cfg, self.world_size, state.step)
+        self.parts.training_started = True  # from here on, an error keeps what the run folder holds
         return True
 
     def start_loop(self) -> None:
@@ -193,14 +194,15 @@ class Trainer:
         self.metrics = MetricsLogger(self.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
                                      resume_step=self.train_state.step)
         peak_flops = detect_peak_flops(self.device, cfg.metrics.peak_tflops)
-        self.stops = Stops(cfg.job.stop_file, cfg.job.stop_check_freq, tcfg.stop_at_step)
+        self.stops = Stops(cfg.job.stop_file, cfg.job.stop_check_freq, tcfg.stop_at_step, self.train_state.step,
+                           cfg.checkpoint.enable)
         self.batches = StepBatches(self.loader, plan.accum_steps, self.parts)
         self.spike_rewind = SpikeRewind(tcfg, self.world_size, self.checkpointer, self.train_state, self.batches,
                                         self.metrics)
         self.batches.start()  # after the resume, so it starts at the restored position
         self.garbage = GarbageCollection(tcfg.gc_freq, tcfg.gc_full_freq)
         self.record = LogRecord(self.device, self.world_size, plan.global_batch_tokens, plan.total_steps,
-                                self.flops_per_token, peak_flops)
+                                self.flops_per_token, peak_flops, self.metrics.elapsed_before)
         self.nonfinite = NonFiniteSteps(tcfg.on_nonfinite, tcfg.max_skipped_steps, self.checkpointer.describe_newest)
         self.first_step = True
 

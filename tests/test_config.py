@@ -121,8 +121,9 @@ def test_effective_config_toml_round_trip(tmp_path):
 
 def test_every_preset_loads_and_every_field_is_documented():
     for path in glob.glob(os.path.join(ROOT, "train_configs", "*.toml")):
-        # Presets name a data folder the user supplies; point it at one that exists.
-        cfg = C.load_config(["--config", path, "--data.path", ROOT], world_size=32)
+        # Presets name a data folder (and own_data.toml its val split) the user supplies; point
+        # them at one that exists.
+        cfg = C.load_config(["--config", path, "--data.path", ROOT, "--data.val_path", ROOT], world_size=32)
         assert C.total_steps(cfg.training, 32) > 0
     for section, cls in C._section_types().items():
         docs = C._field_docs(cls)

@@ -21,7 +21,7 @@ from mobilellm_train.losses import chunked_cross_entropy
 from mobilellm_train.model import MODEL_PRESETS, TransformerBlock, precompute_rope
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
-FULL_SIZE = [p for p in PRESETS if not p.endswith("debug.toml")]
+FULL_SIZE = [p for p in PRESETS if not p.endswith(("debug.toml", "own_data.toml"))]  # the debug model's configs
 
 
 def measured_saved_bytes_per_token(block, dim, dtype, compiled=False, batch=3, seq_len=64):

@@ -110,6 +110,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(data, uninterrupted, tmp_path):
     assert "Traceback" not in out and "rerun the same command to resume" in out
     stopped = max(read_metrics(run))
     assert f"stopping after step {stopped} (received SIGINT)" in out
+    # The first Ctrl-C named that step (the next stop check), not "this step".
+    assert f"interrupt: stopping after step {stopped} (the next stop check" in out
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
     run_trainer(args)
     assert losses(run) == uninterrupted[1]

@@ -78,6 +78,11 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
     mc_tasks = [t for t in tasks if t in TASKS]
     if (mc_tasks or ("wikitext" in tasks and not args.wikitext)) and not args.data_dir:
         raise UsageError(f"--data-dir is needed for {', '.join(mc_tasks) or 'wikitext'}")
+    needs_data_dir = mc_tasks or ("wikitext" in tasks and not args.wikitext)
+    if needs_data_dir and not os.path.isdir(args.data_dir):
+        what = "is a file, not a folder" if os.path.exists(args.data_dir) else "no such folder"
+        raise UsageError(f"--data-dir {args.data_dir}: {what}; it should hold one subfolder per task "
+                         "(docs/EVALUATION.md lists the layouts)")
     # Every missing task at once: a user fixing the layout should not discover them one per run.
     problems = []
     try:
@@ -91,7 +96,8 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
             try:
                 find_wikitext(args.data_dir)
             except TaskDataError as e:
-                problems.append(str(e))
+                problems.append(f"{e}\n  or name the file: --wikitext FILE (a WikiText-2 test split, "
+                                ".parquet or wiki.test.raw)")
     if problems:
         raise TaskDataError("\n".join(problems))
     if "tokens" in tasks and not args.token_data:

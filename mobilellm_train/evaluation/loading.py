@@ -107,6 +107,9 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str = "") -> Tokenizer:
     """`tokenizer_path` when given, else the checkpoint's own; a FileNotFoundError names both."""
     path = tokenizer_path or find_tokenizer(checkpoint)
     if not path:
+        newest = newest_step_folder(checkpoint)
+        if newest:
+            raise FileNotFoundError(run_folder_message(checkpoint, newest))
         raise FileNotFoundError(
             f"{checkpoint} holds no {TOKENIZER_FILE} (nor tokenizer.json); pass --tokenizer PATH"
         )
@@ -136,7 +139,37 @@ def load_model(
         return model.eval()
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
+    newest = newest_step_folder(checkpoint)
+    if newest:
+        raise FileNotFoundError(run_folder_message(checkpoint, newest))
     raise FileNotFoundError(
         f"--checkpoint {checkpoint}: neither a complete DCP step folder (no .metadata) nor a "
         "Hugging Face folder (no config.json)"
     )
+
+
+def newest_step_folder(folder: str) -> str:
+    """The newest complete `step-N` checkpoint when `folder` is a training run folder (or its
+    checkpoint folder, named as its config.toml says), else "": what the user most likely meant."""
+    from mobilellm_train.checkpoint import list_checkpoints
+
+    candidates = [folder, os.path.join(folder, "checkpoints")]
+    config = os.path.join(folder, "config.toml")
+    if os.path.isfile(config):
+        from mobilellm_train.config import parse_effective_config
+
+        try:
+            with open(config) as f:
+                candidates.append(os.path.join(folder, parse_effective_config(f.read()).checkpoint.folder))
+        except (OSError, ValueError):
+            pass  # an unreadable config only costs the hint
+    for candidate in candidates:
+        complete, _ = list_checkpoints(candidate)
+        if complete:
+            return os.path.join(candidate, f"step-{complete[-1]}")
+    return ""
+
+
+def run_folder_message(checkpoint: str, newest: str) -> str:
+    return (f"--checkpoint {checkpoint} is a training run folder, not a checkpoint; its newest complete "
+            f"checkpoint is {newest}: pass --checkpoint {newest}")

@@ -16,7 +16,7 @@ class LogRecord:
     by step, so no step waits for the host; `take` reads it in one all-reduce."""
 
     def __init__(self, device: torch.device, world_size: int, global_batch_tokens: int, total_steps: int,
-                 flops_per_token: float, peak_flops: float | None):
+                 flops_per_token: float, peak_flops: float | None, elapsed_before: float = 0.0):
         import torch
 
         self.device = device
@@ -25,7 +25,8 @@ class LogRecord:
         self.total_steps = total_steps
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
-        # Timed from this start; elapsed_s is this process's time (see elapsed_s()).
+        # Timed from this start; elapsed_s adds the earlier starts' seconds (see elapsed_s()).
+        self.elapsed_before = elapsed_before
         self.train_begin = self.last_log_time = time.perf_counter()
         self.data_wait_s = self.checkpoint_blocked_s = 0.0
         self.steps_since_log = 0
@@ -46,9 +47,10 @@ class LogRecord:
         self.last_log_time += seconds
 
     def elapsed_s(self, now: float) -> float:
-        """Seconds since training started in this process; the place to add earlier starts' time
-        (kept in the train state) for a run total across resumes."""
-        return now - self.train_begin
+        """The run's training seconds: the earlier starts' (recovered from metrics.jsonl at the
+        resume, metrics.elapsed_at) plus this process's since its loop began, so the curve never
+        goes back at a resume."""
+        return self.elapsed_before + now - self.train_begin
 
     def take(self, step: int, lr: float, grad_norm: torch.Tensor, tokens_seen: int, skipped_steps: int,
              val_loss: float | None) -> dict:
