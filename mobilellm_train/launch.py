@@ -19,6 +19,8 @@ import sys
 from torch.distributed.launcher.api import LaunchConfig
 from torch.distributed.run import main as torchrun_main
 
+from mobilellm_train.resilience import LAUNCHER_PID_ENV
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -57,7 +59,17 @@ def main(argv: list[str] | None = None) -> None:
         for sig in FORWARDED:
             signal.signal(sig, forward_to_ranks)
         argv = ["--signals_to_handle", "SIGHUP,SIGQUIT", *argv]
-    torchrun_main(argv)
+    # The ranks check that this process still is their parent once they can ask the kernel to
+    # signal its death (resilience.exit_with_parent): one started just before a kill -9 here
+    # would otherwise train on, unsupervised.
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    try:
+        torchrun_main(argv)
+    finally:
+        # Every rank has exited: a stop signal now has nothing to stop. Ignored, it cannot turn a
+        # finished run into an exit by signal while Python shuts down (it resets its handlers).
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
