@@ -57,6 +57,7 @@ class StopRequest:
     # A launcher may pass one Ctrl-C on to a rank that the terminal already told: only a SIGINT
     # this long after the first counts as the second, aborting one.
     SECOND_INTERRUPT_AFTER_S = 1.0
+    clock = staticmethod(time.monotonic)  # tests replace it: what counts is the order, not the speed
 
     def __init__(self, stop_file: str = ""):
         self.stop_file = stop_file
@@ -67,7 +68,7 @@ class StopRequest:
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if signum == signal.SIGINT:
             if self._first_interrupt is not None and now - self._first_interrupt > self.SECOND_INTERRUPT_AFTER_S:
                 # The user asked twice: no save, no cleanup that could wait on other ranks.
@@ -102,10 +103,10 @@ class StopRequest:
             signal.signal(sig, self._on_signal_while_shutting_down)
         # Python resets its handlers to the default action before it exits; past the atexit
         # hooks nothing is left to stop, so the signals are ignored there instead.
-        atexit.register(ignore_stop_signals)
+        atexit.register(_ignore_stop_signals_at_exit)
 
     def _on_signal_while_shutting_down(self, signum, frame) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self._first_interrupt is None:
             self._first_interrupt = now
             os.write(2, b"stop requested while shutting down: the last checkpoint is complete; finishing\n")
@@ -114,7 +115,7 @@ class StopRequest:
             os._exit(0)
 
 
-def ignore_stop_signals() -> None:
+def _ignore_stop_signals_at_exit() -> None:
     for sig in StopRequest.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -227,9 +228,21 @@ class RunFolderLock:
             self._fd = None
 
 
+# Set by launch/train.slurm to the stop file it removed itself before starting the ranks.
+FRESH_STOP_FILE_ENV = "MOBILELLM_FRESH_STOP_FILE"
+
+
 def clear_stale_stop_file(stop_file: str) -> None:
     """A stop file that exists when a run starts was meant for an earlier run (which has stopped);
-    left in place it would stop every rerun after one step. Called by rank 0 before training."""
-    if stop_file and os.path.exists(stop_file):
-        os.remove(stop_file)
-        logger.warning("removed stop file %s left from an earlier run", stop_file)
+    left in place it would stop every rerun after one step. Called by rank 0 before training.
+
+    Except where the launch script already removed it before starting the ranks and says so in
+    MOBILELLM_FRESH_STOP_FILE: then the file is its stop request for this run (a time limit near
+    while a slow start was still under way), and deleting it would lose that stop."""
+    if not stop_file or not os.path.exists(stop_file):
+        return
+    if os.environ.get(FRESH_STOP_FILE_ENV) == stop_file:
+        logger.info("stop file %s was created for this run: stopping at the first stop check", stop_file)
+        return
+    os.remove(stop_file)
+    logger.warning("removed stop file %s left from an earlier run", stop_file)
