@@ -6,8 +6,11 @@ Plain torchrun turns SIGTERM and SIGINT into its own shutdown: it passes the sig
 ranks 30 s later whether or not they have saved, and exits non-zero; SIGUSR1 kills it outright and
 leaves its ranks training. Here SIGTERM, SIGINT and SIGUSR1 are passed to every rank and torchrun
 goes on supervising them: the ranks save at the next step boundary and exit 0, and so does the
-launcher. SIGHUP and SIGQUIT keep torchrun's own handling. launch/run_train.sh and
-launch/train.slurm start ranks through this module.
+launcher. SIGHUP and SIGQUIT keep torchrun's own handling. Once the ranks have exited, the three
+are ignored: a Ctrl-C as a run ends does not turn it into a failure. The ranks get this process's
+id (MOBILELLM_LAUNCHER_PID) to tell whether their launcher died while they started
+(resilience.exit_with_parent). launch/run_train.sh and launch/train.slurm start ranks through
+this module.
 """
 
 from __future__ import annotations
