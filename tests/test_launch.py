@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, base_args, descendants, read_metrics, subprocess_env, wait_for_step
 
 SRUN = """#!/bin/bash
-# srun stand-in: record srun's own options, then run the command once (one node).
-[ -n "${SRUN_RECORD:-}" ] && echo "$@" > "$SRUN_RECORD"
+# srun stand-in: record srun's own options (and the stop file the ranks are told is theirs), then
+# run the command once (one node).
+[ -n "${SRUN_RECORD:-}" ] && { echo "$@"; echo "fresh stop file ${MOBILELLM_FRESH_STOP_FILE:-}"; } > "$SRUN_RECORD"
 while [[ "$1" == --* ]]; do shift; done
 [ -n "${SRUN_RECORD:-}" ] && exit 0
 exec "$@"
@@ -168,6 +169,9 @@ def test_slurm_script_ranks_follow_the_allocation(tmp_path, allocation, ranks):
     srun = record.read_text()
     assert "--cpus-per-task=12" in srun and f"--nproc_per_node={ranks}" in srun
     assert "-m mobilellm_train.launch" in srun and f"x {ranks} rank(s)" in r.stdout
+    # The stop file the script removed before starting is the ranks' to keep (not stale).
+    stop_file = tmp_path / ".mobilellm-stop-4242"
+    assert f"--job.stop_file {stop_file}" in srun and f"fresh stop file {stop_file}" in srun
 
 
 @pytest.mark.slow
