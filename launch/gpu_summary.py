@@ -1,11 +1,17 @@
-"""One markdown line per preset for launch/gpu_bench.sh's summary, from a result JSON.
+"""The rows of launch/gpu_bench.sh's summary table, from a result JSON.
 
-    python launch/gpu_summary.py smoke <bench.json>   # measured peak against the planner's
-    python launch/gpu_summary.py timed <bench.json>   # ours against the original-style baseline
-    python launch/gpu_summary.py check <gpu_check.json>
+    python launch/gpu_summary.py header                       # the table's header
+    python launch/gpu_summary.py row <bench.json> PRESET WALL_S AT_S [STATUS]
+    python launch/gpu_summary.py check <gpu_check.json>       # the whole trainer (gpu_bench.sh tests)
 
-Lines rather than a table: the summary is appended to after every preset, and a run cut short
-must still read well.
+`row` prints one table row per preset: our trainer's measured peak against the planner's, the
+compile (first warm-up step) seconds, recompiles and graph breaks, throughput, and the
+original-style baseline beside it. Without a usable result (the process timed out or failed
+before writing one) the row says so, with STATUS (what the script saw) and, in the `compile s`
+column, "> WALL_S": the process ran that long without finishing its warm-up. WALL_S is the
+preset's process time, AT_S the script's clock when the row was written ("setup s" is the
+process's time before our first step: imports, process group, model). The table is appended to
+row by row, so a run cut short still reads well.
 """
 
 from __future__ import annotations
@@ -13,44 +19,61 @@ from __future__ import annotations
 import json
 import sys
 
+COLUMNS = ("preset", "status", "compile s", "recompiles", "breaks", "setup s", "wall s", "row at s", "batch", "peak GiB", "planner GiB",
+           "tok/s", "MFU", "ms/step", "SDPA", "HF batch", "HF tok/s", "speed-up")
+
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "/").replace("\n", " ").replace("`", "'")
+
+
 def _failed(m: dict) -> str:
     if m.get("status") == "oom":
         return f"out of memory at micro-batch {m.get('oom_batch_sizes')}"
-    return f"{m.get('status', 'missing')}: {str(m.get('error', ''))[:300]}"
+    return f"{m.get('status', 'missing')}: {str(m.get('error', ''))[:160]}"
 
 
-def smoke_line(run: dict) -> str:
-    m = run["ours"]
-    head = f"- {run['preset']} (AC {run['activation_checkpoint']}, compile {str(run['compile']).lower()})"
-    if m.get("status") != "ok":
-        return f"{head}: {_failed(m)}"
-    planned = m.get("planned_allocated_gib")
-    error = "" if not planned else f" ({100 * (planned / m['peak_memory_gib'] - 1):+.1f}%)"
-    reserved = f" (reserved {m['peak_reserved_gib']:.1f})" if "peak_reserved_gib" in m else ""
-    return (f"{head}: ok at micro-batch {m['local_batch_size']}, peak {m['peak_memory_gib']:.1f} GiB{reserved}, planner "
-            f"{'n/a' if planned is None else f'{planned:.1f} GiB'}{error}; SDPA {m.get('sdpa_kernel')}; "
-            f"graphs {m['graphs_compiled_in_warmup']} + {m['graphs_compiled_in_timed_steps']} recompiled, "
-            f"breaks {m['graph_breaks']}; loss {m['final_loss']:.3f}")
+def header() -> str:
+    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
 
-def timed_line(run: dict) -> str:
+def _row(cells: list) -> str:
+    cells = [_cell(c) for c in cells] + ["-"] * (len(COLUMNS) - len(cells))
+    return "| " + " | ".join(cells) + " |"
+
+
+def missing_row(preset: str, wall_s: str, at_s: str, status: str) -> str:
+    return _row([preset, status or "no result", f"> {wall_s}", "-", "-", "-", wall_s, at_s])
+
+
+def run_row(run: dict, wall_s: str, at_s: str, status: str = "") -> str:
     m, b = run["ours"], run.get("baseline") or {}
-    head = f"- {run['preset']}"
-    ours = (_failed(m) if m.get("status") != "ok" else
-            f"ours {m['tokens_per_second']:,.0f} tok/s ({_pct(m['mfu'])} MFU, batch {m['local_batch_size']}, "
-            f"{m['peak_memory_gib']:.1f} GiB, {m['step_time_ms']:.0f} ms/step, SDPA {m.get('sdpa_kernel')})")
+    warm = m.get("compile_s")
+    compile_s = f"{warm:.1f}" if warm is not None else f"> {wall_s}"
+    done = "ok" if not status or status == "ok" else f"ok, then {status}"
+    if m.get("status") != "ok":
+        return _row([run["preset"], _failed(m) + (f" ({status})" if status and status != "ok" else ""), compile_s,
+                     "-", "-", run.get("started_s", "-"), wall_s, at_s])
+    planned = m.get("planned_allocated_gib")
+    planner = "n/a" if planned is None else f"{planned:.1f} ({100 * (planned / m['peak_memory_gib'] - 1):+.0f}%)"
     if not b:
-        return f"{head}: {ours}; no baseline"
-    base = (_failed(b) if b.get("status") != "ok" else
-            f"HF {b['tokens_per_second']:,.0f} tok/s ({_pct(b['mfu'])} MFU, batch {b['local_batch_size']}, "
-            f"{b['peak_memory_gib']:.1f} GiB, SDPA {b.get('sdpa_kernel')})")
-    speedup = f"; speed-up {run['speedup']:.2f}x" if run.get("speedup") else ""
-    return f"{head}: {ours}; {base}{speedup}"
+        hf_batch, hf, speedup = "-", "not run" if status and status != "ok" else "no baseline", "-"
+    elif b.get("status") != "ok":
+        hf_batch, hf, speedup = b.get("local_batch_size", "-"), _failed(b), "-"
+    else:
+        hf_batch, hf = b["local_batch_size"], f"{b['tokens_per_second']:,.0f} ({_pct(b['mfu'])} MFU)"
+        speedup = f"{run['speedup']:.2f}x" if run.get("speedup") else "-"
+    oom = f", OOM at {m['oom_batch_sizes']}" if m.get("oom_batch_sizes") else ""
+    return _row([
+        run["preset"], done + oom, compile_s, m["graphs_compiled_in_timed_steps"], m["graph_breaks"],
+        run.get("started_s", "-"), wall_s, at_s, m["local_batch_size"], f"{m['peak_memory_gib']:.1f}", planner,
+        f"{m['tokens_per_second']:,.0f}", _pct(m["mfu"]), f"{m['step_time_ms']:.0f}", m.get("sdpa_kernel"),
+        hf_batch, hf, speedup,
+    ])
 
 
 def check_lines(results: dict) -> list[str]:
@@ -64,22 +87,29 @@ def check_lines(results: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in ("smoke", "timed", "check"):
-        print(__doc__, file=sys.stderr)
-        raise SystemExit(2)
-    kind, path = argv
+def _load(path: str) -> dict | None:
     try:
         with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        print(f"- {path}: no result ({e})")
-        return
-    if kind == "check":
-        print("\n".join(check_lines(results)))
-        return
-    for run in results.get("runs", []):
-        print(smoke_line(run) if kind == "smoke" else timed_line(run))
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["header"]:
+        print(header())
+    elif argv[:1] == ["row"] and len(argv) in (5, 6):
+        path, preset, wall_s, at_s = argv[1:5]
+        status = argv[5] if len(argv) == 6 else ""
+        results = _load(path)
+        runs = (results or {}).get("runs") or []
+        print(run_row(runs[0], wall_s, at_s, status) if runs else missing_row(preset, wall_s, at_s, status))
+    elif argv[:1] == ["check"] and len(argv) == 2:
+        results = _load(argv[1])
+        print("\n".join(check_lines(results)) if results else "- gpu_check.json: no result")
+    else:
+        print(__doc__, file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 set -euo pipefail
 
 NGPU=${NGPU:-8}
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}  # against fragmentation (TorchTitan's setting)
 exec "${PYTHON:-python}" -m mobilellm_train.launch --standalone --nnodes=1 --nproc_per_node="${NGPU}" \
     --local-ranks-filter "${LOG_RANKS:-0}" --role rank --tee 3 \
     -m mobilellm_train.train "$@"

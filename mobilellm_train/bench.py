@@ -42,6 +42,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from mobilellm_train import config as C
+from mobilellm_train.measure import StepTimer, compile_counts, free_memory, is_oom, with_oom_retry  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 # torch and everything built on it are imported inside the functions that use them: --help and
 # argument errors answer at once (importing torch takes seconds).
 
+_PROCESS_START = time.monotonic()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PRESETS = ["125M", "125M_ls", "350M", "350M_ls", "600M", "1B", "1.5B"]
 
@@ -60,89 +62,7 @@ REFERENCE_BATCH = {"125M": 32, "350M": 32, "600M": 16, "1B": 8, "1.5B": 8}
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring: time, memory, compile activity.
-
-
-class StepTimer:
-    """Wall time of a region of device work: CUDA events on GPU (no sync inside the region),
-    perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        import torch
-
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.begin_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-
-    def begin(self) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.begin_event.record()
-        else:
-            self.begin_s = time.perf_counter()
-
-    def end(self) -> float:
-        """Seconds since begin(), once the device has finished the region's work."""
-        import torch
-
-        if self.cuda:
-            self.end_event.record()
-            torch.cuda.synchronize()
-            return self.begin_event.elapsed_time(self.end_event) / 1e3
-        return time.perf_counter() - self.begin_s
-
-
-def compile_counts() -> dict[str, int]:
-    """Dynamo's running totals: graphs compiled (a recompile is one more) and graph breaks."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
-
-
-def free_memory(device: torch.device) -> None:
-    """Between runs: drop compiled code (its caches pin shapes and memory) and cached blocks."""
-    import torch
-
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def is_oom(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def with_oom_retry(run: Callable[[int], dict], batch_size: int, retry: bool, device: torch.device) -> dict:
-    """run(batch_size), halving the batch after each out-of-memory until it fits or reaches 1.
-
-    The result carries `oom_batch_sizes`, the batches that did not fit; a run that never fits is
-    {"status": "oom", ...}. Any other error is reported as {"status": "error", "error": ...}.
-    """
-    oom_batch_sizes = []
-    while True:
-        out_of_memory = False
-        try:
-            result = run(batch_size)
-        except Exception as e:  # noqa: BLE001 - reported in the results, not raised
-            # Keep no reference to the exception: its traceback holds the failed run's tensors.
-            out_of_memory = is_oom(e)
-            result = {"status": "error", "local_batch_size": batch_size, "error": f"{type(e).__name__}: {e}"[:2000]}
-        # Only here, outside the except block, are the failed run's frames (and tensors) released.
-        free_memory(device)
-        if not out_of_memory:
-            result["oom_batch_sizes"] = oom_batch_sizes
-            return result
-        oom_batch_sizes.append(batch_size)
-        if not retry or batch_size == 1:
-            return {"status": "oom", "local_batch_size": batch_size, "oom_batch_sizes": oom_batch_sizes}
-        batch_size //= 2
+# Measuring (time, memory, compile activity: mobilellm_train.measure) and the inputs.
 
 
 def synthetic_batches(n: int, batch_size: int, seq_len: int, vocab_size: int, pin: bool) -> list[dict]:
@@ -243,9 +163,12 @@ def planned_allocated_gib(cfg: C.Config, device: torch.device) -> float | None:
 # The two ways of training.
 
 
-def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int) -> dict:
-    """Time `train.train_step` on the model `train.build_model` builds for `cfg`, one rank."""
-    import torch
+def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int, dry_compile_s: float = 0.0) -> dict:
+    """Time `train.train_step` on the model `train.build_model` builds for `cfg`, one rank.
+
+    `compile_s` is the wall time of the first warm-up step, which compiles (so it includes one
+    step's run time), `warmup_s` that of all warm-up steps. `dry_compile_s` (CPU only: a dry run
+    of the GPU check) waits that long where the first step would compile."""
     from torch.distributed.tensor import DTensor
 
     from mobilellm_train.metrics import detect_peak_flops, flops_per_token, reset_peak_memory
@@ -275,7 +198,13 @@ def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int)
     gc.collect()
     gc.disable()
     try:
-        run_steps(1, warmup_steps)
+        warm = StepTimer(device)
+        warm.begin()
+        time.sleep(dry_compile_s)
+        run_steps(1, min(1, warmup_steps))
+        compile_s = warm.end() if warmup_steps else None
+        run_steps(2, warmup_steps - 1)
+        warmup_s = warm.end()
         counts_warm = compile_counts()
         timer = StepTimer(device)
         timer.begin()
@@ -295,6 +224,8 @@ def run_ours(cfg: C.Config, device: torch.device, steps: int, warmup_steps: int)
         "final_loss": loss.item(),
         "final_grad_norm": float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm),
         "params": count_params(model_args),
+        "compile_s": None if compile_s is None else round(compile_s, 2),
+        "warmup_s": round(warmup_s, 2),
         "graphs_compiled_in_warmup": counts_warm["graphs"] - counts_begin["graphs"],
         # Anything compiled after warm-up is a recompile: its cost lands inside the timed steps.
         "graphs_compiled_in_timed_steps": counts_end["graphs"] - counts_warm["graphs"],
@@ -371,73 +302,6 @@ def run_hf_baseline(
         "optimizer": "AdamW fused" if fused_adamw and device.type == "cuda" else "AdamW (adamw_torch)",
     }
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# The lm-head loss on its own.
-
-
-def run_loss_variant(
-    name: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-    compile_chunk: bool, iters: int, device: torch.device,
-) -> dict:
-    """Time forward+backward of one loss variant and its peak memory above the inputs."""
-    import torch
-    import torch.nn.functional as F
-
-    from mobilellm_train.losses import chunked_cross_entropy
-    from mobilellm_train.metrics import current_memory_bytes, peak_memory_bytes, reset_peak_memory
-
-
-    def once() -> torch.Tensor:
-        hidden.grad = weight.grad = None
-        if chunk_size:
-            loss = chunked_cross_entropy(hidden, weight, labels, chunk_size, compile_chunk=compile_chunk)
-        else:
-            loss = F.cross_entropy((hidden @ weight.T).float(), labels)
-        loss.backward()
-        return loss.detach()
-
-    once()  # warm-up (and compile)
-    hidden.grad = weight.grad = None
-    gc.collect()
-    base = current_memory_bytes(device)
-    reset_peak_memory(device)
-    timer = StepTimer(device)
-    timer.begin()
-    for _ in range(iters):
-        loss = once()
-    elapsed_s = timer.end()
-    peak = peak_memory_bytes(device)
-    return {"status": "ok", "variant": name, "chunk_size": chunk_size, "compiled": compile_chunk, "loss": loss.item(),
-            "time_ms": 1e3 * elapsed_s / iters, "peak_above_inputs_gib": max(0, peak - base) / 2**30}
-
-
-def run_loss_bench(cfg: C.Config, device: torch.device, chunk_sizes: list[int], iters: int) -> list[dict]:
-    import torch
-
-    model_args = C.build_model_args(cfg.model)
-    num_tokens = cfg.training.local_batch_size * cfg.training.seq_len
-    # bf16 as under FSDP's mixed precision on GPU; fp32 as the trainer runs on CPU.
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(num_tokens, model_args.dim, generator=gen).to(device, dtype).requires_grad_()
-    weight = (0.02 * torch.randn(model_args.vocab_size, model_args.dim, generator=gen)).to(device, dtype)
-    weight.requires_grad_()
-    labels = torch.randint(0, model_args.vocab_size, (num_tokens,), generator=gen).to(device)
-    variants = [("plain", 0, False)] + [(f"chunked-{c}", c, False) for c in chunk_sizes]
-    if device.type == "cuda":
-        variants += [(f"chunked-{c}-compiled", c, True) for c in chunk_sizes]
-    results = []
-    for name, chunk_size, compiled in variants:
-        entry = with_oom_retry(
-            lambda _: run_loss_variant(name, hidden, weight, labels, chunk_size, compiled, iters, device),
-            1, False, device,
-        )
-        entry.update(variant=name, num_tokens=num_tokens, dim=model_args.dim, vocab_size=model_args.vocab_size)
-        results.append(entry)
-        print(json.dumps(entry), flush=True)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,20 +392,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def format_loss_table(results: dict) -> str:
-    e = results["environment"]
-    lines = [f"{e['card']}, torch {e['torch']}, {e['date']}: lm-head loss, forward + backward",
-             "", "| preset | tokens | variant | ms | peak GiB above inputs | loss |", "|---|---|---|---|---|---|"]
-    for preset, entries in results["loss"].items():
-        for x in entries:
-            if x.get("status") == "ok":
-                lines.append(f"| {preset} | {x['num_tokens']} | {x['variant']} | {x['time_ms']:.1f} | "
-                             f"{x['peak_above_inputs_gib']:.3f} | {x['loss']:.5f} |")
-            else:
-                lines.append(f"| {preset} | {x['num_tokens']} | {x['variant']} | {x['status']} | - | - |")
-    return "\n".join(lines)
-
-
 def write_results(results: dict, out_dir: str, name: str, table: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for suffix, text in ((".json", json.dumps(results, indent=2)), (".md", table + "\n")):
@@ -578,6 +428,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--loss-iters", type=int, default=5)
     parser.add_argument("--out", default="bench_results", help="folder for <name>.json and <name>.md")
     parser.add_argument("--name", default="", help="file name stem (default: bench, or loss_bench with --loss)")
+    parser.add_argument("--dry-compile-s", type=float, default=0.0,
+                        help="CPU only (a dry run of launch/gpu_bench.sh): wait this long where the first step compiles")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     i = 0
@@ -624,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     from mobilellm_train.train import init_distributed
 
     _, _, device = init_distributed()
+    if args.dry_compile_s and device.type != "cpu":
+        raise SystemExit("bench: --dry-compile-s is for CPU dry runs only")
     results = {"environment": environment(device), "seq_len": args.seq_len, "steps": args.steps,
                "sdpa_backend": args.sdpa_backend,
                "warmup_steps": args.warmup_steps, "overrides": overrides}
@@ -631,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.loss:
             name = args.name or "loss_bench"
             results["loss"] = {}
+            from mobilellm_train.loss_bench import format_loss_table, run_loss_bench
+
             for preset, (_, cfg) in configs.items():
                 results["loss"][preset] = run_loss_bench(cfg, device, args.chunk_sizes, args.loss_iters)
                 write_results(results, args.out, name, format_loss_table(results))
@@ -652,11 +508,15 @@ def main(argv: list[str] | None = None) -> None:
             def ours(batch_size: int, cfg=cfg) -> dict:
                 cfg = dataclasses.replace(cfg, training=dataclasses.replace(
                     cfg.training, local_batch_size=batch_size, global_batch_size=batch_size))
-                return run_ours(cfg, device, args.steps, args.warmup_steps)
+                return run_ours(cfg, device, args.steps, args.warmup_steps, args.dry_compile_s)
 
             print(f"bench: {preset}: ours, micro-batch {tcfg.local_batch_size} x {tcfg.seq_len}", flush=True)
+            run["started_s"] = round(time.monotonic() - _PROCESS_START, 1)  # after imports, set-up and earlier presets
             with sdpa_backend_context(args.sdpa_backend):
                 run["ours"] = with_oom_retry(ours, tcfg.local_batch_size, args.oom_retry, device)
+            # Written before the baseline too: a run cut short there keeps our figures.
+            partial = {**results, "runs": results["runs"] + [run]}
+            write_results(partial, args.out, name, format_table(partial))
             if with_baseline:
                 batch = args.baseline_batch_size or REFERENCE_BATCH.get(cfg.model.flavor, tcfg.local_batch_size)
 

@@ -181,7 +181,9 @@ class DataConfig:
     """Prepared data: attend within each document only, positions restarting at each document
     (slower attention). Off: documents are packed across, as in the original code."""
     verify_checksums: bool = True
-    """Prepared data: check every shard's sha256 at start-up (spread over the ranks); off: sizes only."""
+    """Prepared data: at start-up check that each shard is as its last full verification recorded
+    (verified.json, one stat per file); shards changed since or never verified are hashed, spread
+    over the ranks; off: sizes only."""
     val_path: str = ""
     """Prepared folder of held-out data (e.g. <out>/val of mobilellm-prepare); empty: no validation."""
     val_interval: int = 0

@@ -32,7 +32,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         # The fused kernel updates every parameter in a few launches instead of a few per tensor,
-        # and it can skip a non-finite step on the device (found_inf; see train.step_on_device).
+        # and it can skip a non-finite step on the device (found_inf; see step.step_on_device).
         # torch has it for CUDA and CPU.
         fused=cfg.fused and device_type in ("cuda", "cpu"),
     )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mobilellm_train.config import ActivationCheckpointConfig, CompileConfig, ParallelismConfig
@@ -117,6 +117,19 @@ def apply_fsdp(
         for prev, nxt in zip(blocks, blocks[1:]):
             prev.set_modules_to_forward_prefetch([nxt])
             nxt.set_modules_to_backward_prefetch([prev])
+
+
+def set_replica_all_reduce(model: nn.Module, enabled: bool) -> None:
+    """HSDP: whether the next backward all-reduces gradients across the replicas.
+
+    train_step turns it off for every micro-batch of an accumulation step but the last: each
+    backward still reduce-scatters within its replica group (set_requires_gradient_sync stays
+    on, so unsharded gradients never pile up), FSDP adds the partial results up on the shard, and
+    the last backward all-reduces the sum across replicas once instead of once per micro-batch.
+    Without HSDP (one mesh dimension) there is no such all-reduce and this changes nothing; a
+    model that is not FSDP-wrapped is left alone."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_all_reduce(enabled, recurse=True)
 
 
 def parallelize(

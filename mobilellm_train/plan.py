@@ -15,16 +15,20 @@ It reads the config exactly as `mobilellm-train` does (`config.load_config`, the
 - activations: what each block saves for backward, per token (`block_saved_bytes_per_token`, a
   count of the tensors the block's graph keeps under each activation-checkpointing mode, eager
   or compiled), times the tokens of one micro-batch and the block passes that keep them;
-- the loss: one chunk of logits and its gradient (`training.loss_chunk_tokens`), or the whole
-  logits when the loss is not chunked, and the hidden-state and weight gradients it holds;
+- the loss (`loss_bytes`): what `losses.chunked_cross_entropy` keeps (the hidden-state and fp32
+  weight gradients) and its work at one time (a chunk of logits with its fp32 softmax and
+  gradient, the previous chunk's gradient, the weight-gradient copies), or, unchunked, the
+  whole-batch fp32 log-softmax and its gradients; counted from the code and checked exactly
+  against the tensors it creates in tests/test_plan.py;
 - backward: one block's recomputed activations (checkpointed blocks) and its gradient
   temporaries, and the gradient buffers of the reduce-scatter;
 - headroom: allocator fragmentation (a fraction of the peak) and the memory outside the
   allocator (CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers).
 
-The activation count is calibrated against two peaks measured on one H200 (see docs/PERFORMANCE.md
-for the planner's error on them); everything else is exact arithmetic on the shapes. It prints a
-breakdown and, when the config does not fit or has room to spare, the lightest activation
+Nothing is fitted: every term is arithmetic on the shapes, and the activation and loss counts are
+checked on CPU against the tensors torch keeps. The whole has not yet been checked against a peak
+measured on a GPU with this trainer (GPU_CHECKED says so in every output; the GPU check in
+docs/PERFORMANCE.md compares the two per preset). It prints a breakdown and, when the config does not fit or has room to spare, the lightest activation
 checkpointing and largest micro-batch that fit. `--json` prints one object instead.
 """
 
@@ -61,12 +65,11 @@ NCCL_GIB = 0.5
 # The allocator reserves more than it hands out (blocks split and cached): a fraction of the peak.
 FRAGMENTATION = 0.05
 
-# Bytes per token per block pass that the shape count does not explain, fitted to the two H200
-# peaks (125M at 32 x 2048 and 1B at 8 x 2048, compiled, no AC): the count alone gives 73% and 89%
-# of them, and both remainders come to about 7 KB per token per block, whatever the width. Both
-# points are at seq_len 2048, so this cannot tell a per-token constant from one that grows with
-# the sequence; it is applied to every block pass whose activations are kept.
-UNEXPLAINED_BYTES_PER_TOKEN_PASS = 7000
+# How far the planner has been checked against memory measured on a GPU with this trainer. The two
+# H200 peaks known so far (125M x 32: 47.6 GiB, 1B x 8: 53.6 GiB) came from a reference program
+# whose loss keeps every chunk's fp32 log-softmax and whose blocks save more than ours, so they
+# say nothing about this count; a term once fitted to them was removed.
+GPU_CHECKED = "not yet checked against a peak measured on a GPU with this trainer"
 
 
 def ac_modes_supported() -> tuple[str, ...]:
@@ -108,6 +111,49 @@ def block_saved_bytes_per_token(args: ModelArgs, mode: str, compiled: bool, dtyp
     return 2 * rms_norm + b * (2 * d + 2 * kv + 4 * f) + 4 * h
 
 
+def loss_bytes(tokens: int, dim: int, vocab: int, chunk_tokens: int, dtype_bytes: int = 2,
+               compiled_chunk: bool = False) -> tuple[int, int, tuple[str, str]]:
+    """(bytes the loss keeps from its forward until its backward, the most it holds beyond that at
+    any one time in forward or backward, how each was counted), for `tokens` tokens of width
+    `dim` and the output weight [vocab, dim], both in compute dtype `dtype_bytes`.
+
+    Chunked (`losses.chunked_cross_entropy`, c = min(chunk_tokens, tokens) tokens per chunk): it
+    keeps the hidden-state gradient [tokens, dim] and the fp32 weight gradient [vocab, dim]. At
+    its peak in forward a chunk's logits, their fp32 copy and the chunk's gradient exist (2 + 4 +
+    2 bytes per logit in bf16; in fp32 all three are one tensor) while the previous chunk's
+    gradient is still referenced (from the second chunk on). Compiled, the chunk's
+    fp32 arithmetic fuses into one kernel, so no fp32 chunk is materialised. Next, the weight
+    gradient of a chunk in compute dtype and its fp32 copy (none in fp32, where it accumulates in
+    place). Backward scales the two kept gradients into new tensors (the weight's fp32, then in
+    compute dtype).
+    Unchunked (`F.cross_entropy` on fp32 logits): the fp32 log-softmax is kept, and backward
+    holds it with two more fp32 [tokens, vocab] gradients; forward holds less.
+    Checked exactly against the tensors torch creates, eager in bf16 and fp32, in
+    tests/test_plan.py (not the compiled chunk, whose buffers inductor allocates).
+    """
+    b = dtype_bytes
+    if not chunk_tokens:
+        return 4 * tokens * vocab, 8 * tokens * vocab, (
+            "fp32 log-softmax of the whole logits", "backward: two fp32 gradients of the whole logits")
+    c = min(chunk_tokens, tokens)
+    kept = b * tokens * dim + 4 * vocab * dim
+    previous = b * c * vocab if tokens > c else 0
+    if compiled_chunk:
+        chunk = 2 * b * c * vocab + previous
+    else:
+        chunk = (4 if b == 4 else 2 * b + 4) * c * vocab + previous
+    weight_grad = 0 if b == 4 else b * c * vocab + (b + 4) * vocab * dim
+    backward = b * tokens * dim + 4 * vocab * dim + (0 if b == 4 else b * vocab * dim)
+    work = max(chunk, weight_grad, backward)
+    fp32_how = "fused" if compiled_chunk else "fp32 copy"
+    return kept, work, (
+        "hidden-state gradient (compute dtype) and output-weight gradient (fp32)",
+        f"the largest of: one chunk ({c:,} tokens x {vocab:,}: logits, {fp32_how}, gradient, previous "
+        f"chunk's gradient) {chunk / GIB:.2f} GiB; a chunk's weight gradient and its fp32 copy "
+        f"{weight_grad / GIB:.2f} GiB; backward's scaled gradients {backward / GIB:.2f} GiB",
+    )
+
+
 @dataclasses.dataclass
 class MemoryPlan:
     """Per-GPU memory of one config; every figure in bytes, `items` in order of the breakdown."""
@@ -146,6 +192,7 @@ class MemoryPlan:
             "peak_phase": self.peak_phase,
             "settings": self.settings,
             "breakdown_gib": {name: round(b / GIB, 3) for name, b, _ in self.items},
+            "checked_against_gpu": GPU_CHECKED,
         }
 
 
@@ -211,35 +258,25 @@ def estimate(
         n_ckpt = 0
     n_kept = a.n_layers - n_ckpt
     per_token = n_kept * passes * kept + n_ckpt * ckpt
-    unexplained = UNEXPLAINED_BYTES_PER_TOKEN_PASS * passes * n_kept
     activations = add(
         "activations", tokens * per_token,
         f"{tokens:,} tokens x ({n_kept} kept block(s) x {passes} pass(es) x {kept:,} B"
         + (f" + {n_ckpt} checkpointed x {ckpt:,} B" if n_ckpt else "") + ")",
     )
-    activations += add("activations, calibration", tokens * unexplained,
-                       f"{UNEXPLAINED_BYTES_PER_TOKEN_PASS:,} B per token per kept block pass (fitted)")
     # The root: embedding output feeds block 0 (counted there); the final norm runs eagerly.
     root_act = add("final norm", tokens * (4 * a.dim + 4 + 2 * compute_bytes * a.dim),
                    "eager RMSNorm: fp32 input, inverse RMS, normalised value and output")
 
-    # The loss keeps grad_hidden [N, dim] and an fp32 weight gradient [V, dim] until backward, and
-    # while it runs one chunk of logits, its fp32 softmax and its gradient.
-    loss_kept = add("loss: saved gradients", tokens * a.dim * compute_bytes + 4 * a.vocab_size * a.dim,
-                    "grad of hidden states (compute dtype) and of the output weight (fp32)")
-    if training.loss_chunk_tokens:
-        chunk = min(training.loss_chunk_tokens, tokens)
-        loss_work = add("loss: one chunk", chunk * a.vocab_size * (2 * compute_bytes + 4),
-                        f"{chunk:,} tokens x {a.vocab_size:,}: logits, gradient, fp32 softmax")
-    else:
-        loss_work = add("loss: whole logits", tokens * a.vocab_size * (compute_bytes + 3 * 4),
-                        "logits, fp32 copy, log-softmax and its gradient")
+    # The loss runs on GPU with its chunk arithmetic compiled when compile is on (train.build_model).
+    kept_bytes, work_bytes, (kept_how, work_how) = loss_bytes(
+        tokens, a.dim, a.vocab_size, training.loss_chunk_tokens, compute_bytes, compiled_chunk=compiled)
+    loss_kept = add("loss: kept for backward", kept_bytes, kept_how)
+    loss_work = add("loss: working set", work_bytes, work_how)
 
     # Backward of one block: its recomputed activations when checkpointed, gradient temporaries of
     # about its saved set, and gradient buffers (compute dtype unsharded + reduce dtype copy) for
     # the block being reduced and the one being computed.
-    full_block = tokens * passes * (block_saved_bytes_per_token(a, "none", compiled, compute_bytes)
-                                     + UNEXPLAINED_BYTES_PER_TOKEN_PASS)
+    full_block = tokens * passes * block_saved_bytes_per_token(a, "none", compiled, compute_bytes)
     recompute = full_block if n_ckpt else (tokens * passes * kept // 2 if mode == "op" else 0)
     bwd_work = add("backward: recompute + gradient temporaries", recompute + tokens * passes * kept,
                    "one block: recomputed activations (if checkpointed) and the gradients of its tensors")
@@ -321,6 +358,7 @@ def format_plan(plan: MemoryPlan, card: str, headroom: float) -> str:
         f"  peak ({plan.peak_phase} phase, with headroom)  {plan.peak_gib:.2f} GiB of {plan.card_gib:.1f} GiB "
         f"({100 * plan.peak_bytes / plan.card_bytes:.0f}%): {verdict}"
         + (f" with {headroom:.0%} kept free" if headroom else ""),
+        f"  counted, not fitted; {GPU_CHECKED}",
     ]
     return "\n".join(lines)
 
@@ -369,9 +407,9 @@ def check_memory(cfg: C.Config, world_size: int, device, device_name: str, total
     plan = estimate_config(cfg, world_size, card_gib)
     where = device_name if total_memory_bytes else "an 80 GB GPU (running on CPU: not checked)"
     logger.info("planned peak memory per GPU: %.1f GiB of %.1f GiB on %s (activations %.1f GiB, sharded "
-                "state %.1f GiB; mobilellm-plan shows the breakdown)", plan.peak_gib, card_gib, where,
+                "state %.1f GiB; mobilellm-plan shows the breakdown; %s)", plan.peak_gib, card_gib, where,
                 sum(b for name, b, _ in plan.items if name.startswith("activations")) / GIB,
-                sum(b for name, b, _ in plan.items if "shard" in name) / GIB)
+                sum(b for name, b, _ in plan.items if "shard" in name) / GIB, GPU_CHECKED)
     if total_memory_bytes and not plan.fits():
         best = recommendation(suggest(cfg, world_size, card_gib), cfg.training.local_batch_size)
         fix = ("nothing fits on this many GPUs: use more GPUs or a shorter sequence" if best is None else

@@ -45,9 +45,16 @@ def set_flight_recorder_env(cfg: CommConfig, dump_folder: str) -> None:
 
 def set_train_timeout(cfg: CommConfig) -> None:
     """Shorten the collective timeout once start-up (compile, checkpoint load) is behind us, so a
-    hung or dead rank ends the job in minutes rather than after the long start-up timeout."""
-    distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=cfg.train_timeout_seconds), None)
-    logger.info("collective timeout now %ds", cfg.train_timeout_seconds)
+    hung or dead rank ends the job in minutes rather than after the long start-up timeout.
+
+    On every process group this rank is in, not only the default one: the device mesh's groups
+    (HSDP's shard and replicate groups) carry their own timeout, which would otherwise stay at
+    the start-up value."""
+    timeout = datetime.timedelta(seconds=cfg.train_timeout_seconds)
+    groups = [g for g in distributed_c10d._world.pg_map if not distributed_c10d._rank_not_in_group(g)]
+    for group in groups:
+        distributed_c10d._set_pg_timeout(timeout, group)
+    logger.info("collective timeout now %ds on %d process group(s)", cfg.train_timeout_seconds, len(groups))
 
 
 class StopRequest:

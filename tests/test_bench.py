@@ -228,3 +228,99 @@ def test_sdpa_kernel_names():
     assert sdpa_kernels(["aten::_scaled_dot_product_efficient_attention",
                          "aten::_scaled_dot_product_attention_math"]) == "efficient+math"
     assert sdpa_kernels(["aten::mm"]) == "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/gpu_bench.sh: its schedule replayed on CPU with short stand-in compile times
+# (DRY_COMPILE_S), and the rows of its summary. The full-length dry run (DRY_COMPILE_S=90, the
+# default budget: three rows, the first within 3 minutes) is a manual check (docs/PERFORMANCE.md).
+
+
+def run_gpu_bench(tmp_path, *mode, timeout=400, **env):
+    env = subprocess_env(**{"ALLOW_CPU": 1, "PY": sys.executable, "TMPDIR": tmp_path, "OUT": tmp_path / "out", **env})
+    r = subprocess.run(["bash", "launch/gpu_bench.sh", *mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout, start_new_session=True)
+    return r, (tmp_path / "out" / "summary.md").read_text() if (tmp_path / "out" / "summary.md").exists() else ""
+
+
+def table_rows(summary):
+    """{preset: {column: cell}} of the summary's preset table."""
+    lines = [line for line in summary.splitlines() if line.startswith("| ")]
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(columns, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_one_process_per_preset(tmp_path):
+    """Each preset is one process whose row carries its compile seconds (the stand-in wait
+    included), a failed preset gets its row and the rest go on, and OUT holds only the summary and
+    the archive of everything else."""
+    import tarfile
+
+    r, summary = run_gpu_bench(tmp_path, DRY_COMPILE_S=2, PRESETS="125M missing 125M_ls",
+                               TIMED_ARGS="--steps 1 --warmup-steps 1")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rows = table_rows(summary)
+    assert list(rows) == ["125M", "missing", "125M_ls"]
+    for preset in ("125M", "125M_ls"):
+        row = rows[preset]
+        assert row["status"] == "ok" and float(row["compile s"]) >= 2, row  # the wait is inside the warm-up
+        assert row["recompiles"] == "0" and row["breaks"] == "0" and row["SDPA"] == "flash (CPU)"
+        assert float(row["row at s"]) >= float(row["wall s"])
+        assert row["speed-up"].endswith("x") or not HAVE_TRANSFORMERS
+    assert rows["missing"]["status"].startswith("exit 1") and "no preset" in rows["missing"]["status"]
+    assert float(rows["125M_ls"]["row at s"]) > float(rows["125M"]["row at s"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["all_results.tar.gz", "summary.md"]
+    with tarfile.open(tmp_path / "out" / "all_results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./bench/125M.json" in names and "./logs/missing.log" in names
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_bench.")]  # the work folder is removed
+    with open(os.path.join(ROOT, "launch", "gpu_bench.sh")) as f:
+        assert "/tmp/" not in f.read().replace('"${TMPDIR:-/tmp}/gpu_bench', "")  # no fixed paths
+
+
+@pytest.mark.slow
+def test_gpu_bench_cuts_a_preset_at_the_budget_and_skips_the_rest(tmp_path):
+    """A compile longer than the budget: the preset is stopped at the budget (its row says so,
+    with the time it ran in the compile column) and no later preset starts."""
+    r, summary = run_gpu_bench(tmp_path, DRY_COMPILE_S=600, BUDGET_S=40, MIN_PRESET_S=10, PRESETS="125M 1B")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    row = table_rows(summary)["125M"]
+    limit = int(row["status"].split("timed out after ")[1].split()[0])
+    assert 0 < limit <= 40  # the script's own decision: never past the budget
+    assert row["compile s"].startswith("> ")
+    assert "Skipped, under 10 s of the budget left: 1B" in summary and "1B" not in table_rows(summary)
+
+
+def test_gpu_bench_tests_stop_at_once_without_torchdata(tmp_path):
+    # `python -S`: no site-packages, so no torchdata; the check runs before anything imports torch.
+    r, summary = run_gpu_bench(tmp_path, "tests", timeout=60, PY=f"{sys.executable} -S")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "no torchdata" in r.stderr and "launch/gpu_bench.sh fetch" in r.stderr
+    assert "no torchdata" in summary
+
+
+def test_gpu_summary_rows():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    ours = {"status": "ok", "compile_s": 91.234, "graphs_compiled_in_timed_steps": 0, "graph_breaks": 1,
+            "local_batch_size": 32, "peak_memory_gib": 35.0, "planned_allocated_gib": 34.6, "tokens_per_second": 4.2e5,
+            "mfu": 0.41, "step_time_ms": 156.0, "sdpa_kernel": "flash", "oom_batch_sizes": []}
+    base = {"status": "ok", "local_batch_size": 32, "tokens_per_second": 1.68e5, "mfu": 0.199}
+    run = {"preset": "125M", "started_s": 14.2, "ours": ours, "baseline": base, "speedup": 2.5}
+    header = gpu_summary.header().splitlines()
+    columns = len(header[0].split("|"))
+    row = gpu_summary.run_row(run, "130", "145")
+    assert len(row.split("|")) == columns
+    assert "| 125M | ok | 91.2 | 0 | 1 | 14.2 | 130 | 145 | 32 | 35.0 | 34.6 (-1%) | 420,000 | 41.0% |" in row
+    assert row.endswith("| 168,000 (19.9% MFU) | 2.50x |")
+    cut = gpu_summary.run_row({**run, "baseline": None}, "240", "250", "timed out after 240 s")
+    assert "ok, then timed out after 240 s" in cut and "not run" in cut
+    missing = gpu_summary.missing_row("1B", "240", "490", "timed out after 240 s")
+    assert len(missing.split("|")) == columns and "| 1B | timed out after 240 s | > 240 |" in missing
+    failed = gpu_summary.run_row({**run, "ours": {"status": "oom", "oom_batch_sizes": [32]}}, "50", "60")
+    assert "out of memory at micro-batch [32]" in failed and len(failed.split("|")) == columns

@@ -1,5 +1,5 @@
-"""The memory planner: its activation count against what torch actually saves, its calibration
-against the two H200 measurements, every preset against an 80 GB card, and the CLI."""
+"""The memory planner: its activation and loss counts against what torch actually saves and
+creates, no fitted term, every preset against an 80 GB card, and the CLI."""
 
 import glob
 import json
@@ -9,10 +9,15 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import ROOT, subprocess_env
 from mobilellm_train import config as C
 from mobilellm_train import plan as P
+from mobilellm_train.losses import chunked_cross_entropy
 from mobilellm_train.model import MODEL_PRESETS, TransformerBlock, precompute_rope
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
@@ -72,20 +77,71 @@ def test_checkpointed_block_keeps_only_its_input():
         P.block_saved_bytes_per_token(args, "partial", compiled=True)
 
 
-# Peaks measured on one H200 (torch 2.11, seq 2048, bf16 params, fp32 reduce, per-block compile,
-# no AC, chunked loss, fused AdamW): the figures docs/PERFORMANCE.md states the planner's error on.
-H200_POINTS = [("125M", 32, 47.6), ("1B", 8, 53.6)]
+class CreatedBytes(TorchDispatchMode):
+    """Bytes of the tensor storages ops create while the mode is on, as they are created and freed,
+    and their peak; storages of `existing` tensors (inputs a view may return) are left out."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.live, self.live_bytes, self.peak_bytes = {}, 0, 0
+
+    def now(self) -> int:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.live_bytes -= self.live.pop(key)[1]
+        return self.live_bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.now()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and key not in self.existing:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return out
 
 
-@pytest.mark.parametrize("flavor,batch,measured_gib", H200_POINTS)
-def test_planner_matches_the_h200_measurements(flavor, batch, measured_gib):
-    cfg = P.load_plan_config(["--config", os.path.join(ROOT, "train_configs", f"{flavor}.toml"),
-                              "--training.local_batch_size", str(batch), "--training.global_batch_size", "0",
-                              "--activation_checkpoint.mode", "none", "--compile.enable", "true"], 1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,chunk", [(512, 128), (500, 128), (256, 0), (100, 128)])
+def test_loss_count_is_what_the_loss_creates(dtype, tokens, chunk):
+    """What the loss keeps from forward to backward, and its peak beyond that, as the planner counts
+    them: the model's chunked loss (several chunks, a short last one, a single chunk) and the
+    unchunked fp32 cross-entropy, eager, in bf16 and fp32."""
+    dim, vocab = 64, 1000
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, dim, generator=gen)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    with CreatedBytes([hidden, weight, labels]) as mem:
+        if chunk:
+            loss = chunked_cross_entropy(hidden, weight, labels, chunk)
+        else:
+            loss = F.cross_entropy((hidden @ weight.T).float(), labels)
+        kept = mem.now() - 4  # the loss itself, an fp32 scalar
+        loss.backward()
+    kept_planned, work_planned, _ = P.loss_bytes(tokens, dim, vocab, chunk, dtype.itemsize)
+    assert 0 <= kept - kept_planned <= 16  # plus 0-dim tensors such as nll_loss's total weight
+    # Above the count: only per-chunk vectors (labels' mask, the log-sum-exp, ...), a few KiB.
+    assert 0 <= mem.peak_bytes - kept - work_planned < 8 * (chunk or tokens) * 4
+    if chunk:  # the case the planner exists for: a chunk, not the whole logits
+        assert work_planned < 12 * min(chunk, tokens) * vocab
+
+
+def test_nothing_is_fitted_and_every_output_says_how_far_it_was_checked():
+    assert not [name for name in vars(P) if "UNEXPLAINED" in name or "CALIBRAT" in name.upper()]
+    cfg = P.load_plan_config(["--config", os.path.join(ROOT, "train_configs", "125M.toml"),
+                              "--training.local_batch_size", "32", "--training.global_batch_size", "0"], 1)
     plan = P.estimate_config(cfg, 1, P.CARDS_GIB["h200-141gb"])
-    error = plan.allocated_bytes / P.GIB / measured_gib - 1
-    assert abs(error) < 0.03, f"{flavor}: planner {plan.allocated_bytes / P.GIB:.1f} GiB vs {measured_gib} GiB"
-    assert plan.peak_bytes > plan.allocated_bytes  # fragmentation and the CUDA context come on top
+    assert not [name for name, _, how in plan.items if "fitted" in how or "calibration" in name]
+    assert "not yet checked against" in P.format_plan(plan, "h200-141gb", 0.0)
+    assert "not yet" in plan.to_json()["checked_against_gpu"]
+    # Counted on our own model (compiled blocks, chunked loss), 125M x 32 plans near 35 GiB
+    # allocated; the 47.6 GiB once measured was another program's.
+    assert 33 < plan.allocated_bytes / P.GIB < 37
 
 
 @pytest.mark.parametrize("path", FULL_SIZE, ids=os.path.basename)

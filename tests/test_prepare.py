@@ -233,7 +233,7 @@ def test_interrupted_run_leaves_nothing_readable_and_a_rerun_finishes_it(tmp_pat
     with pytest.raises(DataError, match="no manifest.*interrupted"):
         build_token_loader(str(out), 8, 1, 1, 0, 1)
     records = [json.load(open(out / ".progress" / n)) for n in os.listdir(out / ".progress") if n.startswith("unit-")]
-    of_a = sorted(r["train"]["name"] for r in records if r["unit"]["path"] == good)
+    of_a = sorted(r["train"]["name"] for r in records if {p[0] for p in r["unit"]["pieces"]} == {good})
     assert of_a and len(records) > len(of_a)  # a.jsonl's units, and b.jsonl's first, finished
     stale = out / "shard-00099.bin.tmp.12345"  # what a killed worker leaves
     stale.write_bytes(b"half")
@@ -304,7 +304,7 @@ def test_convert_amber_splits_documents_at_eos_and_keeps_its_chunks_as_windows(t
                  "--tokenizer", tokenizer, "--workers", "1"])
     train = documents(out)
     assert [t for d in train for t in d] == stream[: 10 * 65].tolist()
-    # Documents end at each EOS, and at the end of a shard (one per input file here).
+    # Documents end at each EOS, and at the end of each input file (both files share one shard here).
     assert sum(d[-1] != 2 for d in train) <= 2 and all(2 not in d[:-1] for d in train)
     assert len(train) == np.sum(stream[: 5 * 65] == 2) + np.sum(stream[5 * 65 : 10 * 65] == 2) + 2
     assert [t for d in documents(out / "val") for t in d] == stream[10 * 65 :].tolist()
@@ -346,3 +346,42 @@ def test_write_token_dataset_refuses_to_overwrite_and_checks_ids(tmp_path):
         write_token_dataset(str(tmp_path / "d"), [np.arange(5)], 10, 100)
     with pytest.raises(DataError, match=r"token id outside \[0, 4\)"):
         write_token_dataset(str(tmp_path / "e"), [np.arange(5)], 4, 100)
+
+
+def test_encode_and_verify_record_the_verification_and_the_steps_the_data_covers(tmp_path, tokenizer, caplog):
+    """encode records that its shards verified (verified.json), so training starts hash nothing; a
+    shard an earlier, interrupted run wrote is hashed again before the record vouches for it; verify
+    records too; both say how many steps of the given batch the windows cover."""
+    rows = [{"text": t} for t in random_texts(100, seed=3)]
+    good = write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in random_texts(100)])
+    bad = write_jsonl(tmp_path / "in" / "b.jsonl", rows[:50] + ["{broken"] + rows[50:])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"b\.jsonl:51"):
+        encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "1K")
+    assert not (out / "verified.json").exists()
+    records = [json.load(open(out / ".progress" / n)) for n in os.listdir(out / ".progress") if n.startswith("unit-")]
+    finished = sorted(r["train"]["name"] for r in records if {p[0] for p in r["unit"]["pieces"]} == {good})
+    shard = out / f"{finished[0]}.bin"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # damage while the run was away: same size, other bytes
+    shard.write_bytes(bytes(data))
+    write_jsonl(bad, rows)
+    with pytest.raises(DataError, match=rf"{finished[0]}\.bin: sha256 .* does not match"):
+        encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "1K")
+    assert not (out / "verified.json").exists()
+
+    fresh = tmp_path / "fresh"
+    with caplog.at_level(logging.INFO):
+        encode(tokenizer, [tmp_path / "in"], fresh, "--unit-bytes", "1K", "--seq-len", "16",
+               "--global-batch-size", "4")
+    record = json.loads((fresh / "verified.json").read_text())
+    assert record["how"] == "hashed while writing" and len(record["files"]) == 2 * len(read_manifest(str(fresh)).shards)
+    windows = read_manifest(str(fresh)).num_tokens // 17
+    assert f"{windows:,} windows of seq_len + 1 = 17 tokens: {windows // 4:,} steps of global batch 4" in caplog.text
+
+    (fresh / "verified.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = prepare.run(["verify", str(fresh), "--workers", "2", "--seq-len", "16", "--global-batch-size", "4"])
+    assert summary[str(fresh)]["record"] == str(fresh / "verified.json") and (fresh / "verified.json").exists()
+    assert "recorded in" in caplog.text and f"{windows // 4:,} steps of global batch 4" in caplog.text

@@ -40,15 +40,18 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mobilellm_train.data.budget import DataBudget, check_data_budget, coverage_summary, data_budget  # noqa: F401
 from mobilellm_train.data.jsonl import ignore_stop_signals, quiet_stateful_dataloader
 from mobilellm_train.data.sources import parse_sources  # noqa: F401 (part of the loader's interface)
 from mobilellm_train.errors import DataError
 from mobilellm_train.data.shards import (
+    VERIFIED_FILE,
     Manifest,
     TokenStream,
     check_shard_sizes,
     check_tokenizer,
     read_manifest,
+    unverified_shards,
     verify_shards,
 )
 
@@ -172,15 +175,17 @@ def open_sources(
     dp_world_size: int,
 ) -> list[Source]:
     """Read and check every source before training: manifest, file sizes, tokenizer, token range,
-    enough tokens for a window; and (verify_checksums) the sha256 of this rank's share of the shards
-    (rank r of W hashes shards r, r+W, ... over all sources, so together the ranks check all once)."""
+    enough tokens for a window; and (verify_checksums) that each shard is as its full verification
+    recorded it (verified.json: a stat per file, no reading). Shards the record does not vouch for
+    are hashed now, split over the ranks (rank r of W hashes the unvouched ones among shards r,
+    r+W, ... over all sources), and the run is told how to record a full verification once."""
     manifests = [read_manifest(path) for path, _ in sources]
     tokenizers = {m.tokenizer["sha256"]: m.folder for m in manifests if m.tokenizer and "sha256" in m.tokenizer}
     if len(tokenizers) > 1:
         raise DataError(f"the data sources were made with different tokenizers: {', '.join(tokenizers.values())}")
     out = []
     for m in manifests:
-        check_shard_sizes(m)
+        signatures = check_shard_sizes(m)
         check_tokenizer(m, tokenizer_path)
         if vocab_size is not None:
             if m.max_token_id >= vocab_size:
@@ -197,24 +202,35 @@ def open_sources(
             raise DataError(
                 f"{m.folder}: {m.num_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
             )
-        out.append(Source(m, TokenStream(m, vocab_size), num_windows))
-    all_shards = [(m, i) for m in manifests for i in range(len(m.shards))]
+        out.append(Source(m, TokenStream(m, vocab_size, signatures if verify_checksums else None), num_windows))
     if verify_checksums:
-        mine: dict[int, list[int]] = {}
-        for k in range(dp_rank, len(all_shards), dp_world_size):
-            m, i = all_shards[k]
-            mine.setdefault(id(m), []).append(i)
-        seconds = sum(verify_shards(m, mine.get(id(m), [])) for m in manifests)
-        logger.info(
-            "verified the sha256 of %d of %d shards (this rank's share of %d ranks) in %.1f s",
-            sum(map(len, mine.values())), len(all_shards), dp_world_size, seconds,
-        )
+        _check_recorded_verification(out, dp_rank, dp_world_size)
     else:
         logger.warning(
             "data checksums not verified (--data.verify_checksums false): %d shards checked for size only",
-            len(all_shards)
+            sum(len(m.shards) for m in manifests)
         )
     return out
+
+
+def _check_recorded_verification(sources: list[Source], dp_rank: int, dp_world_size: int) -> None:
+    first = 0  # global index of each source's first shard
+    for src in sources:
+        m = src.manifest
+        todo, why = unverified_shards(m, src.stream.signatures)
+        if todo:
+            mine = [i for i in todo if (first + i) % dp_world_size == dp_rank]
+            seconds = verify_shards(m, mine)
+            logger.warning(
+                "%s: %s; hashed %d of the %d unvouched shards (this rank's share of %d ranks) in %.1f s. "
+                "Run `mobilellm-prepare verify %s` once: it hashes every shard and records it in %s, and "
+                "later starts check only sizes and that record", m.folder, why, len(mine), len(todo),
+                dp_world_size, seconds, m.folder, VERIFIED_FILE,
+            )
+        else:
+            logger.info("%s: all %d shards as verified in full before (%s); sizes and stat checked",
+                        m.folder, len(m.shards), VERIFIED_FILE)
+        first += len(m.shards)
 
 
 class Sampler:
@@ -377,6 +393,16 @@ class TokenLoader(Stateful):
                 raise RuntimeError("this data iterator was replaced by a newer iter() or load_state_dict()")
             self._micro_batches += 1
             yield batch
+
+    def skip_steps(self, steps: int) -> None:
+        """Move the position `steps` optimizer steps on without reading any data: the same position,
+        and so the same next batches, as taking and dropping steps x accum_steps micro-batches (a
+        spike rewind's skip past the data that led to the spike). Takes effect at the next iter()."""
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        self._start_sample = self.samples_consumed + steps * self.global_batch_size
+        self._micro_batches = 0
+        self._generation += 1  # a live iterator from before would continue at the old position
 
     def state_dict(self) -> dict:
         return {

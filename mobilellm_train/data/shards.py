@@ -6,13 +6,16 @@ A prepared dataset is one folder (``mobilellm-prepare`` writes it, see docs/DATA
     <dir>/shard-00000.bin    token ids, raw little-endian uint16 (vocab <= 65536) or uint32
     <dir>/shard-00000.idx    end offset of each document in the shard, raw little-endian int64
     <dir>/tokenizer.model    the SentencePiece model the data was made with, when there was one
+    <dir>/verified.json      the record of the last full verification (optional)
 
 A shard holds whole documents: its last .idx entry equals its token count. The manifest lists
 every shard with its token and document counts, largest token id and the sha256 of both files
-(sha256 rather than blake2b: with SHA-NI it is the faster one, see docs/DATA.md). Reading
-memory-maps the shards, so training parses no JSON and copies only the tokens it uses.
-``TokenStream`` is the concatenation of a folder's shards, in manifest order, as one token
-sequence: the loader cuts it into windows.
+(sha256 rather than blake2b: with SHA-NI it is the faster one, see docs/DATA.md). After every
+shard was hashed against it (``verify_dataset``, or the writer's hashes of what it wrote),
+verified.json records each file's size, mtime, ctime and inode: a training start then checks
+those with a stat per file instead of reading 2 TB. ``TokenStream`` is the concatenation of a
+folder's shards, in manifest order, as one token sequence (the loader cuts it into windows); it
+reads each window with one pread, so training parses no JSON and fetches only the pages it uses.
 
 Writing is atomic per file (a temporary name, then ``os.replace``), so a killed run leaves
 ``*.tmp.<pid>`` files that no reader opens, never a half shard under a shard's name.
@@ -21,6 +24,7 @@ Writing is atomic per file (a temporary name, then ``os.replace``), so a killed 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +43,8 @@ from mobilellm_train.errors import DataError
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+VERIFIED_FILE = "verified.json"
+VERIFIED_FORMAT = "mobilellm-verified-1"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT_NAME = "mobilellm-token-shards"
 FORMAT_VERSION = 1
@@ -47,9 +53,12 @@ INDEX_DTYPE = np.dtype("<i8")
 
 _HASH_CHUNK_BYTES = 8 << 20
 _WRITE_BUFFER_TOKENS = 4 << 20
-# Every open memmap holds a file descriptor; past this many a reader closes the least recently
-# used one (a 1T-token dataset can have thousands of shards, times the loader's processes).
-MAX_OPEN_SHARDS = 1024
+# Open files a reading process keeps (descriptors, not maps: they hold no memory), at most a quarter
+# of its open-file limit; past that it closes the least recently used. 4000 shards of a 1T-token
+# dataset then stay open, so a random read costs no open() (a metadata round trip on Lustre or NFS).
+MAX_OPEN_SHARDS = 8192
+# Index maps are all dropped after this many lookups: a bound on the index pages a process maps.
+IDX_RELEASE_LOOKUPS = 4096
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -334,42 +343,128 @@ def read_manifest(folder: str) -> Manifest:
     return manifest
 
 
-def check_shard_sizes(manifest: Manifest) -> None:
-    """Every shard file exists with the size the manifest implies (a stat per file, no reading)."""
+def check_shard_sizes(manifest: Manifest) -> dict[str, list[int]]:
+    """Every shard file exists with the size the manifest implies (a stat per file, no reading).
+    Returns each file's stat signature (see file_signature), keyed by file name."""
     itemsize = DTYPES[manifest.dtype].itemsize
+    signatures = {}
     for s in manifest.shards:
         for ext, expected in ((".bin", s.num_tokens * itemsize), (".idx", s.num_documents * INDEX_DTYPE.itemsize)):
             file = os.path.join(manifest.folder, s.name + ext)
             try:
-                size = os.path.getsize(file)
+                st = os.stat(file)
             except OSError:
                 raise DataError(f"{file}: missing (listed in {manifest.path})") from None
-            if size != expected:
+            if st.st_size != expected:
                 raise DataError(
-                    f"{file}: {size} bytes, but {manifest.path} implies {expected}; the file was truncated "
+                    f"{file}: {st.st_size} bytes, but {manifest.path} implies {expected}; the file was truncated "
                     f"or replaced after preparing"
                 )
+            signatures[s.name + ext] = _signature(st)
+    return signatures
 
 
-def verify_shards(manifest: Manifest, shard_indices: Iterable[int] | None = None) -> float:
+def _verify_one(manifest: Manifest, s: ShardInfo) -> None:
+    for ext, expected in ((".bin", s.bin_sha256), (".idx", s.idx_sha256)):
+        file = os.path.join(manifest.folder, s.name + ext)
+        actual = file_sha256(file)
+        if actual != expected:
+            raise DataError(
+                f"{file}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
+                f"{manifest.path}; the shard is corrupt or from another preparation. Prepare the data again "
+                f"(or restore the file from a good copy), then run `mobilellm-prepare verify {manifest.folder}`"
+            )
+    ends = np.fromfile(os.path.join(manifest.folder, s.name + ".idx"), dtype=INDEX_DTYPE)
+    if ends[-1] != s.num_tokens or (ends.size > 1 and not np.all(ends[1:] > ends[:-1])) or ends[0] <= 0:
+        raise DataError(f"{manifest.folder}/{s.name}.idx: document ends are not increasing up to {s.num_tokens}")
+
+
+def verify_shards(manifest: Manifest, shard_indices: Iterable[int] | None = None, workers: int = 1) -> float:
     """Recompute the sha256 of the given shards (default all) against the manifest, and check each
-    index is increasing and ends at the shard's token count. Returns the seconds it took."""
+    index is increasing and ends at the shard's token count. Returns the seconds it took.
+    workers > 1 hashes that many shards at once (hashlib releases the GIL: for parallel storage)."""
     begin = time.perf_counter()
-    indices = range(len(manifest.shards)) if shard_indices is None else shard_indices
-    for i in indices:
-        s = manifest.shards[i]
-        for ext, expected in ((".bin", s.bin_sha256), (".idx", s.idx_sha256)):
-            file = os.path.join(manifest.folder, s.name + ext)
-            actual = file_sha256(file)
-            if actual != expected:
-                raise DataError(
-                    f"{file}: sha256 {actual[:16]}... does not match {expected[:16]}... recorded in "
-                    f"{manifest.path}; the shard is corrupt or from another preparation"
-                )
-        ends = np.fromfile(os.path.join(manifest.folder, s.name + ".idx"), dtype=INDEX_DTYPE)
-        if ends[-1] != s.num_tokens or (ends.size > 1 and not np.all(ends[1:] > ends[:-1])) or ends[0] <= 0:
-            raise DataError(f"{manifest.folder}/{s.name}.idx: document ends are not increasing up to {s.num_tokens}")
+    indices = list(range(len(manifest.shards)) if shard_indices is None else shard_indices)
+    if workers <= 1 or len(indices) <= 1:
+        for i in indices:
+            _verify_one(manifest, manifest.shards[i])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(indices))) as pool:
+            list(pool.map(lambda i: _verify_one(manifest, manifest.shards[i]), indices))
     return time.perf_counter() - begin
+
+
+# ---------------------------------------------------------------------------------------------
+# The verification record: hash every byte once, then check at each start only that nothing changed.
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    # A write changes size or mtime and ctime; ctime cannot be set back (utime, chmod and new hard
+    # links all move it), and the inode changes when a file is replaced or copied.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def record_verification(manifest: Manifest, how: str) -> str:
+    """Write <folder>/verified.json after every shard of the manifest was hashed against it (a full
+    verify, or the writer's own hashes of the bytes it wrote): the manifest's fingerprint and each
+    shard file's stat signature. Returns the record's path."""
+    files = check_shard_sizes(manifest)
+    record = {
+        "format": VERIFIED_FORMAT,
+        "fingerprint": manifest.fingerprint(),
+        "how": how,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": os.uname().nodename,
+        "files": files,
+    }
+    path = os.path.join(manifest.folder, VERIFIED_FILE)
+    write_file_atomic(path, (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8"))
+    return path
+
+
+def verify_dataset(folder: str, workers: int = 1) -> dict:
+    """The full check (`mobilellm-prepare verify`): sizes and sha256 of every shard, then the
+    record that lets later starts skip the hashing. A summary dict for the command's output."""
+    m = read_manifest(folder)
+    check_shard_sizes(m)
+    seconds = verify_shards(m, workers=workers)
+    record = ""
+    try:
+        record = record_verification(m, "mobilellm-prepare verify")
+    except OSError as e:
+        logger.warning("%s: verified, but could not write %s (%s): training starts will hash the shards "
+                       "again; ask the folder's owner to run the verify", folder, VERIFIED_FILE, e)
+    return {"num_tokens": m.num_tokens, "num_documents": m.num_documents, "num_shards": len(m.shards),
+            "dtype": m.dtype, "vocab_size": m.vocab_size, "verify_seconds": round(seconds, 2), "record": record}
+
+
+def unverified_shards(manifest: Manifest, signatures: dict[str, list[int]]) -> tuple[list[int], str]:
+    """Indices of the shards that verified.json does not vouch for (no record, another manifest, or a
+    file whose stat signature changed since), and why, in words ("" when it vouches for all).
+    signatures: check_shard_sizes' result. No file is read but the record."""
+    path = os.path.join(manifest.folder, VERIFIED_FILE)
+    everything = list(range(len(manifest.shards)))
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return everything, f"no {VERIFIED_FILE} (the data was never verified in full)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return everything, f"{path} is unreadable ({e})"
+    if not isinstance(record, dict) or record.get("format") != VERIFIED_FORMAT or not isinstance(
+            record.get("files"), dict):
+        return everything, f"{path} is not a verification record"
+    if record.get("fingerprint") != manifest.fingerprint():
+        return everything, f"{path} records another manifest"
+    files = record["files"]
+    changed = [i for i, s in enumerate(manifest.shards)
+               if any(files.get(s.name + ext) != signatures[s.name + ext] for ext in (".bin", ".idx"))]
+    if changed:
+        return changed, (f"{len(changed)} shard(s) changed since the verification of {record.get('time', '?')} "
+                         f"(first: {manifest.shards[changed[0]].name})")
+    return [], ""
 
 
 def check_tokenizer(manifest: Manifest, tokenizer_path: str) -> None:
@@ -433,70 +528,141 @@ def write_token_dataset(
         with open(tokenizer_path, "rb") as f:
             write_file_atomic(os.path.join(folder, TOKENIZER_FILE), f.read())
     write_manifest(folder, shards, dtype, vocab_size, tokenizer, extra)
-    return read_manifest(folder)
+    manifest = read_manifest(folder)
+    record_verification(manifest, "hashed while writing")  # the writer hashed every byte it wrote
+    return manifest
 
 
-def _raise_open_file_limit() -> None:
-    # Many memmaps mean many descriptors; the soft limit is often 1024 while the hard one is far higher.
+def _raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (often 1024 against far more); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
     if soft != resource.RLIM_INFINITY and soft < want:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
         except (ValueError, OSError):
             pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 class TokenStream:
     """The shards of one dataset, in manifest order, as one token sequence.
 
-    Shards are memory-mapped on first use, in the process that reads them (loader workers each open
-    their own), at most MAX_OPEN_SHARDS at a time. Pickling drops the open maps.
+    Token files are read with pread into a buffer, the descriptor advised POSIX_FADV_RANDOM: a cold
+    window costs the pages it spans (8 KB for 2049 uint16 tokens), not the kernel's read-around
+    window of a memory map (8 MB on a disk with 8 MB read-ahead), and a process holds no mapped
+    data pages, so its RSS does not grow with what it read. Each process (loader workers each open
+    their own) keeps at most MAX_OPEN_SHARDS descriptors. The .idx files (document starts, only with
+    doc_mask) are memory-mapped with MADV_RANDOM and all unmapped every IDX_RELEASE_LOOKUPS lookups,
+    which bounds the index pages a process keeps. Pickling drops the open files.
+
+    signatures (check_shard_sizes' result at start-up): each file's stat signature must still match
+    when it is opened, so a shard replaced or rewritten during the run stops it before it is read.
     """
 
-    def __init__(self, manifest: Manifest, vocab_size: int | None = None):
+    def __init__(self, manifest: Manifest, vocab_size: int | None = None,
+                 signatures: dict[str, list[int]] | None = None):
         self.vocab_size = vocab_size  # every read checks its ids against it: a damaged shard never reaches the model
         self.folder = manifest.folder
         self.dtype = DTYPES[manifest.dtype]
         self.names = [s.name for s in manifest.shards]
+        self.signatures = signatures
         counts = np.array([s.num_tokens for s in manifest.shards], dtype=np.int64)
         self.shard_starts = np.concatenate(([0], np.cumsum(counts)))
         self.num_tokens = int(self.shard_starts[-1])
-        self._bins: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._bins: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._idxs: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._idx_lookups = self._max_open = 0
+        self._buf: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_bins"], state["_idxs"] = collections.OrderedDict(), collections.OrderedDict()
+        state["_bins"], state["_idxs"], state["_max_open"] = collections.OrderedDict(), collections.OrderedDict(), 0
         return state
 
-    def _open(self, cache: collections.OrderedDict, shard: int, ext: str, dtype: np.dtype) -> np.ndarray:
-        arr = cache.get(shard)
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every open descriptor and map (reading again reopens them)."""
+        for fd in getattr(self, "_bins", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if hasattr(self, "_bins"):
+            self._bins.clear(), self._idxs.clear()
+
+    def _open_fd(self, shard: int, ext: str) -> int:
+        if not self._max_open:
+            self._max_open = max(2, min(MAX_OPEN_SHARDS, _raise_open_file_limit() // 4))
+        if len(self._bins) + len(self._idxs) >= self._max_open:
+            if self._bins and len(self._bins) >= len(self._idxs):
+                os.close(self._bins.popitem(last=False)[1])
+            else:
+                self._idxs.popitem(last=False)  # dropping the array unmaps it
+        file = os.path.join(self.folder, self.names[shard] + ext)
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            then = None if self.signatures is None else self.signatures[self.names[shard] + ext]
+            if then is not None and (now := _signature(os.fstat(fd))) != then:
+                raise DataError(f"{file}: changed since this run started (size, mtime, ctime, inode {then} then, "
+                                f"{now} now); check what writes to the data folder, then run "
+                                f"`mobilellm-prepare verify {self.folder}` before resuming")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _bin_fd(self, shard: int) -> int:
+        fd = self._bins.get(shard)
+        if fd is not None:
+            self._bins.move_to_end(shard)
+            return fd
+        fd = self._open_fd(shard, ".bin")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead around each window
+        self._bins[shard] = fd
+        return fd
+
+    def _idx(self, shard: int) -> np.ndarray:
+        self._idx_lookups += 1
+        if self._idx_lookups > IDX_RELEASE_LOOKUPS:
+            self._idxs.clear()  # unmaps: the pages touched so far leave this process's RSS
+            self._idx_lookups = 0
+        arr = self._idxs.get(shard)
         if arr is not None:
-            cache.move_to_end(shard)
+            self._idxs.move_to_end(shard)
             return arr
-        if not cache and not self._bins and not self._idxs:
-            _raise_open_file_limit()
-        if len(self._bins) + len(self._idxs) >= MAX_OPEN_SHARDS:
-            # Evict from the larger cache; dropping the memmap closes its descriptor.
-            victim = self._bins if len(self._bins) >= len(self._idxs) else self._idxs
-            victim.popitem(last=False)
-        with open(os.path.join(self.folder, self.names[shard] + ext), "rb") as f:
-            # A plain ndarray over the map: slicing an np.memmap costs several times more per call.
-            arr = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=dtype)
-        cache[shard] = arr
+        fd = self._open_fd(shard, ".idx")
+        try:
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            m.madvise(mmap.MADV_RANDOM)  # a binary search touches a few pages, not a read-around each
+        # A plain ndarray over the map: slicing an np.memmap costs several times more per call.
+        arr = np.frombuffer(m, dtype=INDEX_DTYPE)
+        self._idxs[shard] = arr
         return arr
 
     def read(self, start: int, out: np.ndarray) -> None:
         """Fill out (1-D, any int dtype) with tokens [start, start + len(out)) of the stream."""
         n = out.shape[0]
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        itemsize = self.dtype.itemsize
+        if self._buf is None or self._buf.shape[0] < n:
+            self._buf = np.empty(n, dtype=self.dtype)  # reused: out[...] = segment copies out of it
         done = 0
         while done < n:
             local = start + done - int(self.shard_starts[shard])
-            bin_ = self._open(self._bins, shard, ".bin", self.dtype)
-            take = min(n - done, bin_.shape[0] - local)
-            segment = bin_[local : local + take]
+            take = min(n - done, int(self.shard_starts[shard + 1] - self.shard_starts[shard]) - local)
+            segment = self._buf[:take]
+            got = os.preadv(self._bin_fd(shard), [segment], local * itemsize) if take else 0
+            if got != take * itemsize:
+                raise DataError(
+                    f"{self.folder}/{self.names[shard]}.bin: read {got} of {take * itemsize} bytes at byte "
+                    f"{local * itemsize}: the file shrank after start-up; prepare the data again"
+                )
             # One max over the window (microseconds): ids beyond the vocabulary would index past
             # the embedding (an IndexError on CPU, a device-side assert on a GPU).
             if self.vocab_size is not None and take and int(segment.max()) >= self.vocab_size:
@@ -510,7 +676,8 @@ class TokenStream:
         raise DataError(
             f"{self.folder}/{self.names[shard]}.bin: token id {int(segment[i])} at token {local + i} of the shard "
             f"is outside the model's vocabulary [0, {self.vocab_size}), though manifest.json records no such id: "
-            "the shard changed after it was prepared. Run with --data.verify_checksums true to find every "
+            f"the shard changed after it was prepared. Run `mobilellm-prepare verify {self.folder}` (or train with "
+            "--data.verify_checksums true, which hashes shards changed since their verification) to find every "
             "damaged shard by its sha256, then prepare the data again"
         )
 
@@ -521,7 +688,7 @@ class TokenStream:
         found = []
         while shard < len(self.names) and self.shard_starts[shard] < stop:
             base = int(self.shard_starts[shard])
-            ends = self._open(self._idxs, shard, ".idx", INDEX_DTYPE)
+            ends = self._idx(shard)
             # Document ends e with start < base + e < stop are the starts of the next documents;
             # a shard's last end is its boundary with the next shard, also a document start.
             lo = int(np.searchsorted(ends, start - base, side="right"))

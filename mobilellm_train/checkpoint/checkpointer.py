@@ -1,0 +1,283 @@
+"""The Checkpointer: saves and restores a run's states with torch.distributed.checkpoint (DCP).
+
+A checkpoint is the folder <dump_folder>/<checkpoint.folder>/step-<N>/ holding everything a run
+needs to continue exactly: model, optimizer, lr schedule, data loader, train state and RNG.
+Model and optimizer are saved sharded and reshard on load; the data loader and RNG are per rank.
+Saves run synchronously or in the background (`checkpoint.async_mode`); a failed save stops the
+run at the next step boundary. This file is the run-facing sequence (when to save, wait, verify,
+load); which step to resume is in resume.py, the folders and retention in folders.py, checksums
+in integrity.py, reading without running code in safe_load.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from concurrent.futures import Future
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.stateful import Stateful
+
+from mobilellm_train.checkpoint.failures import save_failed_error
+from mobilellm_train.checkpoint.folders import (
+    apply_retention,
+    delete_step_folder,
+    folder_state,
+    list_checkpoints,
+    permission_error,
+    step_path,
+)
+from mobilellm_train.checkpoint.integrity import ChecksummedWriter, verify_on_all_ranks
+from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights
+from mobilellm_train.checkpoint.resume import choose_resume_step, resumable_states
+from mobilellm_train.checkpoint.state import TrainState
+from mobilellm_train.config import CheckpointConfig
+from mobilellm_train.data.shards import TOKENIZER_FILE
+from mobilellm_train.errors import CheckpointError
+
+logger = logging.getLogger("mobilellm_train")
+
+_TORCH_VERSION = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+
+
+def next_pinned_stager(previous: DefaultStager | None) -> DefaultStager:
+    """The pinned-memory stager of the next save. torch 2.11's DefaultStager fails on its second
+    save (it clears its copy table after the first), so before 2.12 each save gets a fresh one;
+    later versions keep one, and with it the pinned buffers, for the whole run."""
+    if previous is not None and _TORCH_VERSION >= (2, 12):
+        return previous
+    if previous is not None:
+        previous.close()
+    return DefaultStager(StagingOptions(
+        use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
+    ))
+
+
+class Checkpointer:
+    """Saves and restores the run's `Stateful` objects; rank 0 does the folder bookkeeping.
+
+    `per_rank` names the states that belong to one rank (RNG; the JSONL reader's position).
+    `required_per_rank` are those that cannot be carried to another number of ranks: resuming
+    such a checkpoint on a different rank count is refused. The others are left fresh there,
+    with a warning.
+    """
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        dump_folder: str,
+        states: dict[str, Stateful],
+        rank: int,
+        tokenizer_path: str = "",
+        per_rank: frozenset[str] = frozenset(),
+        required_per_rank: frozenset[str] = frozenset(),
+    ):
+        self.cfg = cfg
+        self.folder = os.path.join(dump_folder, cfg.folder)
+        self.states = states
+        self.rank = rank
+        self.tokenizer_path = tokenizer_path
+        self.per_rank, self.required_per_rank = per_rank, required_per_rank
+        self.async_mode = cfg.async_mode
+        if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            logger.warning("checkpoint.async_mode=async_with_pinned_mem needs CUDA; using async")
+            self.async_mode = "async"
+        self.pg = None
+        self.stager: DefaultStager | None = None
+        if cfg.enable and self.async_mode != "disabled":
+            # The background writer runs collectives of its own; a separate gloo group keeps them
+            # from interleaving with the training collectives of the main thread.
+            self.pg = dist.new_group(backend="gloo")
+        self.pending: Future | None = None  # the write of the save in flight
+        self.staging: Future | None = None  # its copy to host memory (pinned mode)
+        self.pending_step = 0
+        self.writer: ChecksummedWriter | None = None  # the writer of the save in flight
+        self.protected_step: int | None = None  # a step being loaded: retention must keep it
+
+    def path(self, step: int) -> str:
+        return step_path(self.folder, step)
+
+    def maybe_resume(self, train_state: TrainState) -> bool:
+        """Restore the chosen checkpoint of this run folder, or the initial model weights.
+
+        Returns True when training resumes from a checkpoint of this run.
+        """
+        step = None
+        if self.cfg.enable and self.cfg.load_step != 0:
+            step = choose_resume_step(self.cfg, self.folder, self.rank)
+        if step is None:
+            # No checkpoint of this run is read, but the initial weights still are: silently
+            # starting from random weights would be the wrong run.
+            if self.cfg.initial_load_path:
+                self.load_model_only(self.cfg.initial_load_path)
+            return False
+        self.load(step, train_state)
+        return True
+
+    def verify(self, step: int) -> None:
+        verify_on_all_ranks(self.path(step), self.rank)
+
+    def newest_complete_step(self) -> int | None:
+        """The newest complete checkpoint, after the save in flight (if any) has finished: that
+        save may be the newest, and finishing it may delete an older one under retention."""
+        self.wait()
+        complete, _ = list_checkpoints(self.folder)
+        return complete[-1] if complete else None
+
+    def describe_newest(self) -> str:
+        """One sentence on the newest checkpoint for an error message; says "intact" only after
+        checking it (collective when checkpoint.verify is on)."""
+        if not self.cfg.enable:
+            return "Checkpointing is off."
+        try:
+            step = self.newest_complete_step()
+        except CheckpointError as e:  # the save in flight failed: say so too
+            return str(e)
+        if step is None:
+            return "No checkpoint has been saved yet."
+        if not self.cfg.verify:
+            return f"The newest checkpoint is {self.path(step)} (not verified: checkpoint.verify is off)."
+        try:
+            self.verify(step)
+        except CheckpointError as e:
+            return f"The newest checkpoint does NOT verify: {e}"
+        return f"The newest checkpoint, {self.path(step)}, verified intact against its checksums."
+
+    def load(self, step: int, train_state: TrainState) -> None:
+        # Retention runs when the save in flight finishes (in wait): it must not delete `step`.
+        self.protected_step = step
+        try:
+            self._load(step, train_state)
+        finally:
+            self.protected_step = None
+
+    def _load(self, step: int, train_state: TrainState) -> None:
+        self.wait()
+        path = self.path(step)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} does not exist (it was deleted while the run was going)")
+        begin = time.perf_counter()
+        if self.cfg.verify:
+            self.verify(step)
+        expected_world = train_state.dp_world_size
+        # Read the train state alone first, so a mismatch is reported in words, not as a
+        # shape error from deep inside DCP.
+        saved = TrainState()
+        checked_load({"train_state": saved}, path)
+        states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank)
+        checked_load(states, path)
+        train_state.dp_world_size = expected_world
+        logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
+
+    def load_model_only(self, path: str) -> None:
+        load_initial_weights(self.states["model"], path, self.cfg.verify, self.rank)
+
+    def save(self, step: int) -> float:
+        """Save (or start saving) step `step`; returns the seconds training was blocked.
+
+        A failure raises CheckpointError naming the step, the folder and the cause; an async save
+        that fails later is reported by `raise_if_failed` at the next step boundary.
+        """
+        begin = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        path = self.path(step)
+        if self.rank == 0 and os.path.isdir(path):
+            if folder_state(path) == "unreadable":
+                raise permission_error(path)
+            # The remains of a killed save, or (after a rewind) an older save of this step.
+            try:
+                delete_step_folder(path)
+            except OSError as e:
+                raise CheckpointError(f"cannot replace the old {path} before saving step {step}: {e}") from None
+        dist.barrier()
+        self.pending_step = step
+        self.writer = ChecksummedWriter(path)
+        try:
+            if self.async_mode == "disabled":
+                dcp.save(self.states, storage_writer=self.writer)
+            else:
+                result = dcp.async_save(self.states, storage_writer=self.writer, process_group=self.pg,
+                                        async_stager=self._stager_for_save())
+                if isinstance(result, AsyncSaveResponse):
+                    self.staging, self.pending = result.staging_completion, result.upload_completion
+                else:
+                    self.pending = result
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise self._save_failed(e) from None
+        if self.async_mode == "disabled":
+            self._finish()
+        blocked = time.perf_counter() - begin
+        logger.info("checkpoint %s: training blocked %.2fs (%s)", path, blocked, self.async_mode)
+        return blocked
+
+    def _stager_for_save(self) -> DefaultStager | None:
+        if self.async_mode != "async_with_pinned_mem":
+            return None
+        self.stager = next_pinned_stager(self.stager)
+        return self.stager
+
+    def _save_failed(self, error: BaseException) -> CheckpointError:
+        self.pending = self.staging = None
+        return save_failed_error(error, self.pending_step, self.path(self.pending_step), self.folder)
+
+    def raise_if_failed(self) -> None:
+        """At a step boundary: a background save that has failed stops the run now, not at the
+        next save; one that has succeeded is finished (retention, tokenizer copy). Never blocks."""
+        for future in (self.staging, self.pending):
+            if future is not None and future.done():
+                if future.exception() is not None:
+                    self.wait()  # raises the CheckpointError
+                elif future is self.pending:
+                    self.wait()
+
+    def wait_for_staging(self) -> None:
+        """Pinned mode: parameters may change only once the copy of the last save is done."""
+        if self.staging is None:
+            return
+        staging, self.staging = self.staging, None
+        try:
+            staging.result()
+            # torch 2.11's async_save reports a staging that failed before it returned as done;
+            # the stager's own future holds the truth.
+            if self.stager is not None:
+                self.stager.synchronize_staging()
+        except (Exception, CheckpointException) as e:
+            raise self._save_failed(e) from None
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete on disk."""
+        self.wait_for_staging()
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            pending.result()
+        except (Exception, CheckpointException) as e:
+            raise self._save_failed(e) from None
+        self._finish()
+
+    def _finish(self) -> None:
+        path = self.path(self.pending_step)
+        if self.rank == 0:
+            if self.tokenizer_path:
+                # A step folder is then all that evaluation and export need.
+                shutil.copyfile(self.tokenizer_path, os.path.join(path, TOKENIZER_FILE))
+            apply_retention(self.folder, self.cfg.keep_latest_k, self.protected_step)
+        writer = self.writer
+        logger.info("checkpoint %s complete (checksums of %.2f GB on this rank: %.2fs%s)", path,
+                    writer.checksum_bytes / 1e9, writer.checksum_seconds,
+                    "" if self.async_mode == "disabled" else ", in the background")
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None

@@ -1,0 +1,28 @@
+"""mobilellm-prepare verify: check a prepared folder (and its val/) against its manifest, every
+shard's size and sha256, then record that it verified (verified.json beside the manifest), so that
+training starts check one stat per file instead of hashing the dataset (docs/DATA.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mobilellm_train.data.budget import coverage_summary
+from mobilellm_train.data.prepare.layout import VAL_DIR
+from mobilellm_train.data.shards import MANIFEST_FILE, is_dataset, verify_dataset
+
+logger = logging.getLogger("mobilellm_train.prepare")
+
+
+def cmd_verify(args) -> dict:
+    summary = {}
+    for folder in (args.folder, os.path.join(args.folder, VAL_DIR)):
+        if folder != args.folder and not is_dataset(folder):
+            continue
+        s = summary[folder] = verify_dataset(folder, workers=args.workers)
+        logger.info("%s: %d shards, %d tokens, %d documents: sizes and sha256 match %s%s", folder, s["num_shards"],
+                    s["num_tokens"], s["num_documents"], MANIFEST_FILE,
+                    f"; recorded in {s['record']}" if s["record"] else "")
+        if folder == args.folder:
+            logger.info("%s: %s", folder, coverage_summary(s["num_tokens"], args.seq_len, args.global_batch_size))
+    return summary

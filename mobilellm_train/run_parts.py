@@ -1,0 +1,58 @@
+"""The shutdown order of a run that fails: what it started stops in a safe order (loader workers,
+the save in flight, the process group, the run-folder lock) before the error goes up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mobilellm_train.checkpoint import Checkpointer
+    from mobilellm_train.resilience import RunFolderLock
+
+logger = logging.getLogger("mobilellm_train")
+
+
+class RunParts:
+    """What a run has started that must stop in order however the run ends: loader workers
+    first (they feed nothing any more), then the save in flight (its writer thread runs
+    collectives, so the process group must still exist), then the process group. Leaving any of
+    them to interpreter exit lets C++ threads die in an arbitrary order, which can abort."""
+
+    def __init__(self) -> None:
+        self.data_iter = None
+        self.checkpointer: Checkpointer | None = None
+        self.lock: RunFolderLock | None = None
+
+    def shut_down_after_error(self) -> None:
+        import torch.distributed as dist
+
+        close = getattr(self.data_iter, "close", None) or getattr(self.data_iter, "_shutdown_workers", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # the run is failing already; report the first error, not this
+                logger.warning("stopping the data loader: %s: %s", type(e).__name__, e)
+        # Workers the error's traceback still holds on to (an error raised in a worker keeps its
+        # loader iterator alive) would be ended at exit with SIGTERM, which loader workers ignore
+        # (see data.jsonl.ignore_stop_signals), and exit would wait for them forever.
+        # They are killed instead, after the loader's SIGCHLD handler (which would turn a killed
+        # worker into a new error in place of the one being reported) is put back to the default.
+        import multiprocessing
+        import signal
+
+        if multiprocessing.active_children():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=5)
+        if self.checkpointer is not None:
+            try:
+                self.checkpointer.close()
+            except Exception as e:
+                logger.warning("the checkpoint in flight did not complete: %s: %s", type(e).__name__, e)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
