@@ -6,8 +6,11 @@ Plain torchrun turns SIGTERM and SIGINT into its own shutdown: it passes the sig
 ranks 30 s later whether or not they have saved, and exits non-zero; SIGUSR1 kills it outright and
 leaves its ranks training. Here SIGTERM, SIGINT and SIGUSR1 are passed to every rank and torchrun
 goes on supervising them: the ranks save at the next step boundary and exit 0, and so does the
-launcher. SIGHUP and SIGQUIT keep torchrun's own handling. launch/run_train.sh and
-launch/train.slurm start ranks through this module.
+launcher. SIGHUP and SIGQUIT keep torchrun's own handling. Once the ranks have exited, the three
+are ignored: a Ctrl-C as a run ends does not turn it into a failure. The ranks get this process's
+id (MOBILELLM_LAUNCHER_PID) to tell whether their launcher died while they started
+(resilience.exit_with_parent). launch/run_train.sh and launch/train.slurm start ranks through
+this module.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 
 from torch.distributed.launcher.api import LaunchConfig
 from torch.distributed.run import main as torchrun_main
+
+from mobilellm_train.resilience import LAUNCHER_PID_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -57,7 +62,17 @@ def main(argv: list[str] | None = None) -> None:
         for sig in FORWARDED:
             signal.signal(sig, forward_to_ranks)
         argv = ["--signals_to_handle", "SIGHUP,SIGQUIT", *argv]
-    torchrun_main(argv)
+    # The ranks check that this process still is their parent once they can ask the kernel to
+    # signal its death (resilience.exit_with_parent): one started just before a kill -9 here
+    # would otherwise train on, unsupervised.
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    try:
+        torchrun_main(argv)
+    finally:
+        # Every rank has exited: a stop signal now has nothing to stop. Ignored, it cannot turn a
+        # finished run into an exit by signal while Python shuts down (it resets its handlers).
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

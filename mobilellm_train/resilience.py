@@ -10,6 +10,7 @@ folder holds one run at a time (`RunFolderLock`).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import datetime
@@ -64,6 +65,7 @@ class StopRequest:
     # A launcher may pass one Ctrl-C on to a rank that the terminal already told: only a SIGINT
     # this long after the first counts as the second, aborting one.
     SECOND_INTERRUPT_AFTER_S = 1.0
+    clock = staticmethod(time.monotonic)  # tests replace it: what counts is the order, not the speed
 
     def __init__(self, stop_file: str = ""):
         self.stop_file = stop_file
@@ -76,7 +78,7 @@ class StopRequest:
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if signum == signal.SIGINT:
             if self._first_interrupt is not None and now - self._first_interrupt > self.SECOND_INTERRUPT_AFTER_S:
                 # The user asked twice: no save, no cleanup that could wait on other ranks.
@@ -100,8 +102,32 @@ class StopRequest:
         return bool(flag.item())
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """Called once the last checkpoint is complete: the run is shutting down, and a stop signal
+        from here on must not turn a finished run into a failed one. The previous handlers would
+        let Ctrl-C raise KeyboardInterrupt in the middle of the shutdown (or kill the process
+        outright once Python resets its handlers at exit), and torchrun would then report the rank
+        FAILED. Instead a first signal is noted and the shutdown goes on to exit 0; a second Ctrl-C
+        (as in training, more than a second after the first) exits 0 at once."""
+        self._first_interrupt = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal_while_shutting_down)
+        # Python resets its handlers to the default action before it exits; past the atexit
+        # hooks nothing is left to stop, so the signals are ignored there instead.
+        atexit.register(_ignore_stop_signals_at_exit)
+
+    def _on_signal_while_shutting_down(self, signum, frame) -> None:
+        now = self.clock()
+        if self._first_interrupt is None:
+            self._first_interrupt = now
+            os.write(2, b"stop requested while shutting down: the last checkpoint is complete; finishing\n")
+        elif signum == signal.SIGINT and now - self._first_interrupt > self.SECOND_INTERRUPT_AFTER_S:
+            os.write(2, b"second interrupt: exiting now; the last checkpoint is complete\n")
+            os._exit(0)
+
+
+def _ignore_stop_signals_at_exit() -> None:
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class SpikeDetector:
@@ -131,18 +157,31 @@ class SpikeDetector:
         self.recent.clear()
 
 
+# Set by mobilellm_train.launch to its own process id: the parent its ranks must outlive.
+LAUNCHER_PID_ENV = "MOBILELLM_LAUNCHER_PID"
+
+
 def exit_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere nothing).
 
     Under torchrun a rank's parent is torchrun's agent. If that is killed (even by kill -9),
     SIGTERM makes the rank save at the next step and exit like any other stop, instead of
-    training on unsupervised beside a restarted run. The signal is tied to the parent *thread*:
-    torchrun starts its ranks from its main thread, so that lives as long as torchrun does. Only
-    under torchrun: a plain run's parent is a shell, and `nohup mobilellm-train &` must survive it.
+    training on unsupervised beside a restarted run (under slurm's proctrack/linuxproc an orphan
+    is not even part of the job any more). The signal is tied to the parent *thread*: torchrun
+    starts its ranks from its main thread, so that lives as long as torchrun does.
+
+    The kernel signals only a parent death that happens after this call, and a rank gets here
+    only after Python and torch have started (seconds, more on a busy machine): a launcher that
+    died before then has already handed the rank to init, and the rank would train on. So the
+    parent is checked after the call against the launcher's pid, which mobilellm_train.launch
+    passes in MOBILELLM_LAUNCHER_PID (under plain torchrun, against the parent seen on entry).
+    Only under torchrun: a plain run's parent is a shell, and `nohup mobilellm-train &` must
+    survive it.
     """
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    parent = os.getppid()
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    parent = int(launcher) if launcher.isdigit() else os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
@@ -153,9 +192,11 @@ def exit_with_parent() -> None:
             return
     except (OSError, AttributeError):
         return
-    # The parent may have died between the two getppid() calls; the kernel would then never signal.
     if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+        # Nothing has started yet (no process group, no lock): leaving now loses nothing.
+        print(f"the launcher (pid {parent}) exited before this rank (pid {os.getpid()}) started; "
+              f"not training without it", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 class RunFolderLock:
@@ -245,9 +286,21 @@ class RunFolderLock:
             os.close(fd)  # closing the descriptor drops the lock
 
 
+# Set by launch/train.slurm to the stop file it removed itself before starting the ranks.
+FRESH_STOP_FILE_ENV = "MOBILELLM_FRESH_STOP_FILE"
+
+
 def clear_stale_stop_file(stop_file: str) -> None:
     """A stop file that exists when a run starts was meant for an earlier run (which has stopped);
-    left in place it would stop every rerun after one step. Called by rank 0 before training."""
-    if stop_file and os.path.exists(stop_file):
-        os.remove(stop_file)
-        logger.warning("removed stop file %s left from an earlier run", stop_file)
+    left in place it would stop every rerun after one step. Called by rank 0 before training.
+
+    Except where the launch script already removed it before starting the ranks and says so in
+    MOBILELLM_FRESH_STOP_FILE: then the file is its stop request for this run (a time limit near
+    while a slow start was still under way), and deleting it would lose that stop."""
+    if not stop_file or not os.path.exists(stop_file):
+        return
+    if os.environ.get(FRESH_STOP_FILE_ENV) == stop_file:
+        logger.info("stop file %s was created for this run: stopping at the first stop check", stop_file)
+        return
+    os.remove(stop_file)
+    logger.warning("removed stop file %s left from an earlier run", stop_file)

@@ -1,12 +1,15 @@
-"""Shared fixtures: a small learnable corpus in the original layout, and runners for the trainer
-in-process (one rank) and under torchrun (several gloo ranks on CPU)."""
+"""Shared fixtures: a small learnable corpus in the original layout, runners for the trainer
+in-process (one rank) and under torchrun (several gloo ranks on CPU), and an automatic one that
+ends every process a test started, whatever the test's outcome."""
 
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -90,8 +93,9 @@ def read_metrics(dump_folder):
         return {r["step"]: r for r in map(json.loads, f)}
 
 
-def wait_for_step(run, step, proc, timeout=120):
-    """Wait until the trainer `proc`, writing into `run`, has logged `step`; fail if it exits first."""
+def wait_for_step(run, step, proc, timeout=300):
+    """Wait until the trainer `proc`, writing into `run`, has logged `step`; fail if it exits first.
+    The timeout only bounds a hang: a loaded machine may take minutes to start a run."""
     path = os.path.join(run, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -135,3 +139,41 @@ def train_tiny_tokenizer(folder) -> str:
                                    vocab_size=60, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
                                    minloglevel=2, num_threads=1)
     return prefix + ".model"
+
+
+# Every process a test starts (directly, through torchrun, sbatch and srun, or as a loader worker)
+# inherits this variable, with a value of that test's own, and keeps it when its parent dies and
+# it is handed to init: the one thing that finds all of them after the test.
+TEST_MARK = "MOBILELLM_TEST_PROCESS"
+
+
+def marked_processes(mark):
+    needle = f"\0{TEST_MARK}={mark}\0".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in b"\0" + f.read():
+                        out.append(int(entry))
+            except OSError:
+                pass  # ended while we looked, or not ours to read
+    return out
+
+
+@pytest.fixture(autouse=True)
+def end_every_process_the_test_started():
+    """After each test, passed or failed, SIGKILL whatever it started that still runs (ranks
+    included: torchrun puts them in sessions of their own, so killing a process group misses them)."""
+    mark = uuid.uuid4().hex
+    os.environ[TEST_MARK] = mark
+    try:
+        yield
+    finally:
+        os.environ.pop(TEST_MARK, None)
+        if os.path.isdir("/proc"):
+            for pid in marked_processes(mark):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass

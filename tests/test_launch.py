@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, base_args, descendants, read_metrics, subprocess_env, wait_for_step
 
 SRUN = """#!/bin/bash
-# srun stand-in: record srun's own options, then run the command once (one node).
-[ -n "${SRUN_RECORD:-}" ] && echo "$@" > "$SRUN_RECORD"
+# srun stand-in: record srun's own options (and the stop file the ranks are told is theirs), then
+# run the command once (one node).
+[ -n "${SRUN_RECORD:-}" ] && { echo "$@"; echo "fresh stop file ${MOBILELLM_FRESH_STOP_FILE:-}"; } > "$SRUN_RECORD"
 while [[ "$1" == --* ]]; do shift; done
 [ -n "${SRUN_RECORD:-}" ] && exit 0
 exec "$@"
@@ -33,9 +34,11 @@ esac
 """
 
 SQUEUE = """#!/bin/bash
-# squeue stand-in for `squeue -h -j ID -o %L`: the time left before JOB_END_EPOCH, or no limit.
-if [ -z "${JOB_END_EPOCH:-}" ]; then echo UNLIMITED; exit 0; fi
-left=$(( JOB_END_EPOCH - $(date +%s) )); [ $left -lt 0 ] && left=0
+# squeue stand-in for `squeue -h -j ID -o %L`: the seconds written in TIME_LEFT_FILE (a clock the
+# test moves), the time left before JOB_END_EPOCH, or no limit.
+if [ -n "${TIME_LEFT_FILE:-}" ]; then left=$(cat "$TIME_LEFT_FILE")
+elif [ -n "${JOB_END_EPOCH:-}" ]; then left=$(( JOB_END_EPOCH - $(date +%s) )); [ $left -lt 0 ] && left=0
+else echo UNLIMITED; exit 0; fi
 printf '%d:%02d\n' $(( left / 60 )) $(( left % 60 ))
 """
 
@@ -78,14 +81,10 @@ def test_slurm_script_checkpoints_requeues_and_resumes(corpus, tmp_path):
     marker = tmp_path / "requeued"
     env = slurm_env(tmp_path, marker)
     args = base_args(corpus, run, steps=5000, **{"checkpoint.interval": 1000})
-    proc = subprocess.Popen(["bash", "launch/train.slurm", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (os.path.exists(run / "metrics.jsonl") and read_metrics(run) and max(read_metrics(run)) >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-        time.sleep(0.05)
+    proc = start_script(args, env)
+    wait_for_step(run, 3, proc)
     proc.send_signal(signal.SIGUSR1)  # what slurm sends 300 s before the time limit
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     stopped = max(read_metrics(run))
     assert stopped < 5000 and "time limit (USR1): asking every rank to checkpoint and stop" in out
@@ -97,7 +96,7 @@ def test_slurm_script_checkpoints_requeues_and_resumes(corpus, tmp_path):
     marker.unlink()
     env["MASTER_PORT"] = str(free_port())
     r = subprocess.run(["bash", "launch/train.slurm", *base_args(corpus, run, steps=stopped + 3)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"step-{stopped}" in r.stdout and "resumed from" in r.stdout
     assert max(read_metrics(run)) == stopped + 3 and not marker.exists()
@@ -106,8 +105,6 @@ def test_slurm_script_checkpoints_requeues_and_resumes(corpus, tmp_path):
 def start_script(args, env):
     return subprocess.Popen(["bash", "launch/train.slurm", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
 
 
 @pytest.mark.slow
@@ -119,7 +116,7 @@ def test_slurm_script_sigterm_saves_and_does_not_requeue(corpus, tmp_path):
     wait_for_step(run, 3, proc)
     for pid in descendants(proc.pid):  # scancel: SIGTERM to every process of the job
         os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     stopped = max(read_metrics(run))
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
@@ -128,15 +125,20 @@ def test_slurm_script_sigterm_saves_and_does_not_requeue(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_slurm_script_stops_before_its_time_limit_and_reports_a_refused_requeue(corpus, tmp_path):
-    # 24 s left: the derived lead is a fifth (4 s); the requeue is refused as with --no-requeue.
+    # 24 s left at start: the derived lead is a fifth (4 s). The clock is the test's: time moves to
+    # 2 s left once the run trains, however long its start took. The requeue is refused as with
+    # --no-requeue.
     run = tmp_path / "run"
     marker = tmp_path / "requeued"
-    env = slurm_env(tmp_path, marker, JOB_END_EPOCH=int(time.time()) + 24, REQUEUE_REFUSED=1)
-    r = subprocess.run(["bash", "launch/train.slurm", *base_args(corpus, run, steps=100000,
-                       **{"checkpoint.interval": 100000})], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
-    out = r.stdout + r.stderr
-    assert r.returncode == 3, out[-4000:]
+    clock = tmp_path / "time-left"
+    clock.write_text("24")
+    proc = start_script(base_args(corpus, run, steps=100000, **{"checkpoint.interval": 100000}),
+                        slurm_env(tmp_path, marker, TIME_LEFT_FILE=clock, REQUEUE_REFUSED=1))
+    wait_for_step(run, 3, proc)
+    (tmp_path / "time-left.new").write_text("2")
+    os.replace(tmp_path / "time-left.new", clock)  # the script never reads a half-written file
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-4000:]
     assert "stop 4s before the time limit" in out and "time limit (USR1)" in out
     assert "could not be requeued" in out and "submit the same command again to resume" in out
     stopped = max(read_metrics(run))
@@ -146,7 +148,7 @@ def test_slurm_script_stops_before_its_time_limit_and_reports_a_refused_requeue(
 def test_slurm_script_refuses_a_lead_longer_than_half_the_time_limit(tmp_path):
     env = slurm_env(tmp_path, tmp_path / "requeued", JOB_END_EPOCH=int(time.time()) + 120, STOP_LEAD_S=300)
     r = subprocess.run(["bash", "launch/train.slurm", "--config", "train_configs/debug.toml"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "less than twice the stop lead of 300s" in r.stderr and "Raise --time or lower STOP_LEAD_S" in r.stderr
 
@@ -162,8 +164,11 @@ def test_slurm_script_ranks_follow_the_allocation(tmp_path, allocation, ranks):
     record = tmp_path / "srun-args"
     env = slurm_env(tmp_path, tmp_path / "requeued", SRUN_RECORD=record, SLURM_CPUS_PER_TASK=12, **allocation)
     r = subprocess.run(["bash", "launch/train.slurm", "--config", "x.toml"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     srun = record.read_text()
     assert "--cpus-per-task=12" in srun and f"--nproc_per_node={ranks}" in srun
     assert "-m mobilellm_train.launch" in srun and f"x {ranks} rank(s)" in r.stdout
+    # The stop file the script removed before starting is the ranks' to keep (not stale).
+    stop_file = tmp_path / ".mobilellm-stop-4242"
+    assert f"--job.stop_file {stop_file}" in srun and f"fresh stop file {stop_file}" in srun

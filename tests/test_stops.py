@@ -55,22 +55,42 @@ def logged_steps(run):
         return [json.loads(line)["step"] for line in f]
 
 
-def start(args, nproc):
+def start(args, nproc, how=None):
     """A trainer in a session of its own (as a terminal or slurm would start it): plain python for
-    one rank, mobilellm_train.launch (torchrun) for more."""
-    if nproc == 1:
+    one rank, mobilellm_train.launch (torchrun) for more or when `how` is "launch", and
+    launch/run_train.sh (which execs the launcher) when it is "run_train.sh"."""
+    how = how or ("python" if nproc == 1 else "launch")
+    env = subprocess_env()
+    if how == "python":
         cmd = [sys.executable, "-m", "mobilellm_train.train", *args]
-    else:
+    elif how == "launch":
         cmd = [sys.executable, "-m", "mobilellm_train.launch", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "mobilellm_train.train", *args]
-    return subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    else:
+        cmd = ["bash", "launch/run_train.sh", *args]
+        env.update(NGPU=str(nproc), PYTHON=sys.executable)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
+def running(pid):
+    """Still running: a zombie (exited, not yet reaped by init) has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
+def wait_until_gone(pids, what, timeout=300):
+    """The bound only ends a hang; a stop on a loaded machine may take a while."""
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"{what}: still running after {timeout}s"
+        time.sleep(0.1)
 
-def finish(proc, timeout=120):
+
+def finish(proc, timeout=300):
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -136,25 +156,85 @@ def test_a_signal_to_the_launcher_reaches_every_rank(data, uninterrupted, tmp_pa
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
-    # The handler on its own: a one-rank group, SIGINT, and a second one more than a second later.
+    # The handler on its own: a one-rank group, SIGINT, and a second one more than a second later
+    # by the handler's clock, which the script moves (a busy machine must not turn the launcher's
+    # copy of the first Ctrl-C into a second).
     script = (
         "import os, signal, time, torch.distributed as dist\n"
         "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
         "from mobilellm_train.resilience import StopRequest\n"
+        "now = [100.0]\n"
+        "StopRequest.clock = staticmethod(lambda: now[0])\n"
         "stop = StopRequest()\n"
-        "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
         "assert stop.agreed() and stop.reason == 'received SIGINT'\n"
+        "now[0] += 0.5\n"
         "os.kill(os.getpid(), signal.SIGINT)  # a launcher passing the same Ctrl-C on: not a second\n"
-        "time.sleep(1.2)\n"
         "print('still running', flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "now[0] += 1.0\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
         "print('not aborted')\n"
     )
     r = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=300)
     assert r.returncode == 130, r.stdout + r.stderr
     assert "still running" in r.stdout and "not aborted" not in r.stdout
     assert "second interrupt: aborting without saving" in r.stderr
+
+
+def test_a_stop_signal_while_shutting_down_exits_0(tmp_path):
+    # After the last checkpoint (restore()): a signal is noted and the shutdown goes on, also in
+    # Python's own exit (an atexit hook registered before restore() runs after its hooks); a
+    # second Ctrl-C exits 0 at once.
+    script = (
+        "import atexit, os, signal, sys, torch.distributed as dist\n"
+        "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+        "from mobilellm_train.resilience import StopRequest\n"
+        "now = [100.0]\n"
+        "StopRequest.clock = staticmethod(lambda: now[0])\n"
+        "def at_exit():\n"
+        "    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):\n"
+        "        os.kill(os.getpid(), sig)\n"
+        "    print('exit went on', flush=True)\n"
+        "atexit.register(at_exit)\n"
+        "stop = StopRequest()\n"
+        "stop.restore()\n"
+        "for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
+        "    os.kill(os.getpid(), sig)\n"
+        "print('shutdown went on', flush=True)\n"
+        "if sys.argv[1] == 'twice':\n"
+        "    now[0] += 2\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('not exited')\n"
+        "dist.destroy_process_group()\n"
+    )
+    for times in ("once", "twice"):
+        r = subprocess.run([sys.executable, "-c", script, times], env=subprocess_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "shutdown went on" in r.stdout and "Traceback" not in r.stderr
+        assert "stop requested while shutting down: the last checkpoint is complete" in r.stderr
+        if times == "once":
+            assert "exit went on" in r.stdout
+        else:
+            assert "not exited" not in r.stdout and "second interrupt: exiting now" in r.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_as_a_launcher_run_finishes_exits_0(data, tmp_path):
+    run = tmp_path / "run"
+    proc = start(base_args(data, run, steps=6, **COMMON), 2)
+    out = ""
+    for line in proc.stdout:  # the ranks are shutting down once rank 0 says so
+        out += line
+        if "finished at step 6 of 6" in line:
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher's group
+            break
+    rc, rest = finish(proc)
+    out += rest
+    assert rc == 0, out[-4000:]
+    assert "FAILED" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    assert os.path.isfile(run / "checkpoints" / "step-6" / ".metadata")
 
 
 def test_metrics_and_tensorboard_hold_each_step_once_after_a_resume(tmp_path):
@@ -203,23 +283,37 @@ def test_killed_run_resumed_logs_each_step_once(tmp_path):
 
 @pytest.mark.slow
 def test_ranks_stop_when_their_launcher_is_killed(data, tmp_path):
+    # Through launch/run_train.sh, which execs mobilellm_train.launch: proc is the launcher.
     run = tmp_path / "run"
     args = base_args(data, run, steps=5000, **COMMON)
-    proc = start(args, 2)
+    proc = start(args, 2, "run_train.sh")
     wait_for_step(run, 5, proc)
     ranks = children(proc.pid)
     assert len(ranks) == 2
     proc.kill()  # SIGKILL to the launcher alone
     proc.wait()
-    deadline = time.time() + 60
-    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
-              for pid in ranks):
-        assert time.time() < deadline, "ranks outlived their launcher"
-        time.sleep(0.1)
+    wait_until_gone(ranks, "ranks whose launcher was killed")
     stopped = max(read_metrics(run))
     assert stopped < 5000
     # Parent death is a SIGTERM: the ranks saved the step they stopped at.
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
+
+
+def test_a_rank_whose_launcher_died_while_it_started_does_not_train(data, tmp_path):
+    # Killed before the rank could ask the kernel to signal its parent's death (Python and torch
+    # are still starting): the rank sees init as its parent and leaves instead of training alone.
+    run = tmp_path / "run"
+    proc = start(base_args(data, run, steps=5000, **COMMON), 1, "launch")
+    deadline = time.monotonic() + 300
+    while not children(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.005)
+    ranks = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    wait_until_gone(ranks, "a rank whose launcher died as it started")
+    out = proc.stdout.read()  # the rank held the launcher's output pipe until it ended
+    assert not os.path.exists(run / "metrics.jsonl"), out[-4000:]
 
 
 def test_one_run_per_run_folder(tmp_path):
