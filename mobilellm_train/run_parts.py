@@ -5,10 +5,12 @@ the save in flight, the process group, the run-folder lock) before the error goe
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mobilellm_train.checkpoint import Checkpointer
+    from mobilellm_train.config import CheckpointConfig
     from mobilellm_train.resilience import RunFolderLock
     from mobilellm_train.start_checks import RunFolderRecord
 
@@ -29,13 +31,14 @@ class RunParts:
         self.folder_record: RunFolderRecord | None = None  # what this start added to the run folder
         self.training_started = False  # past every start-up refusal
 
-    def hold_run_folder(self, dump_folder: str, checkpoint_folder: str = "") -> None:
-        """Take the run-folder lock (rank 0; it covers `checkpoint_folder` too), noting first what
-        this start adds to the folder: once the lock is held, this start alone may remove that
-        again if it is refused."""
+    def hold_run_folder(self, dump_folder: str, checkpoint: CheckpointConfig) -> None:
+        """Take the run-folder lock (rank 0), noting first what this start adds to the folder:
+        once the lock is held, this start alone may remove that again if it is refused. The lock
+        covers the checkpoint folder too: an absolute one may be another run's."""
         from mobilellm_train.resilience import RunFolderLock
         from mobilellm_train.start_checks import RunFolderRecord
 
+        checkpoint_folder = os.path.join(dump_folder, checkpoint.folder) if checkpoint.enable else ""
         lock = RunFolderLock(dump_folder, checkpoint_folder)
         record = RunFolderRecord(dump_folder)
         lock.acquire()

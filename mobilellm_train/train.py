@@ -66,9 +66,7 @@ class Trainer:
         self.dump_folder = cfg.job.dump_folder
         if int(os.environ.get("RANK", "0")) == 0:
             # Before the process group: a busy folder stops the run before any rank waits on it.
-            # The checkpoint folder too: an absolute one may be another run's.
-            ckpt = os.path.join(self.dump_folder, cfg.checkpoint.folder) if cfg.checkpoint.enable else ""
-            self.parts.hold_run_folder(self.dump_folder, ckpt)
+            self.parts.hold_run_folder(self.dump_folder, cfg.checkpoint)
         self.rank, self.world_size, self.device = init_distributed(cfg.comm, cfg.job.dump_folder)
         setup_logging(self.rank)
         if self.rank == 0:

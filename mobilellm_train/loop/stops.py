@@ -10,7 +10,8 @@ from mobilellm_train.resilience import StopRequest
 
 
 class Stops:
-    """Installs the stop-signal handlers on construction; `close()` puts the old ones back.
+    """Installs the stop-signal handlers on construction; `close()`, once the last checkpoint is
+    complete, switches them to shutdown mode (a stop signal then ends the run quietly, exit 0).
     `start_step` is the step training resumes from; `saves` whether a stop writes a checkpoint."""
 
     def __init__(self, stop_file: str, check_freq: int, stop_at_step: int, start_step: int = 0, saves: bool = True):
