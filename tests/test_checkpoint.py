@@ -5,9 +5,11 @@ The crafted files hold a pickle whose `__reduce__` creates a marker file when un
 check that the marker never appears and that the error names the file.
 """
 
+import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 import pickle
 import random
@@ -574,7 +576,32 @@ def test_manifests_cover_every_file_and_name_only_files_of_the_step(tmp_path, on
         C.verify_checkpoint(step)
     with pytest.raises(C.CheckpointError, match="symbolic link"):
         C.load_model_from_checkpoint(step, verify=False)
+    fresh()
+    # A step of the earlier layout (no manifest for .metadata and the tokenizer): its shards are
+    # still verified, with a warning that the rest is not; a damaged shard is still caught.
+    os.remove(os.path.join(step, C.METADATA_MANIFEST))
+    with caplog_at(logging.WARNING) as records:
+        assert C.verify_checkpoint(step) > 0
+    assert any("written before .metadata and tokenizer.model had checksums" in r for r in records)
+    with open(shard, "r+b") as f:
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    with pytest.raises(C.CheckpointError, match=re.escape(shard)):
+        C.verify_checkpoint(step)
     ck.close()
+
+
+@contextlib.contextmanager
+def caplog_at(level):
+    """The messages logged to "mobilellm_train" at `level` or above inside the block."""
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("mobilellm_train")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
 
 
 def test_auto_resume_falls_back_past_any_step_that_fails_to_load(tmp_path, one_rank_group, caplog):

@@ -221,7 +221,15 @@ def verify_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> int:
     read = {info.relative_path for info in metadata.storage_data.values()} | {".metadata"}
     if os.path.lexists(os.path.join(path, TOKENIZER_FILE)):
         read.add(TOKENIZER_FILE)  # export and eval read it
-    for name in sorted(read - set(expected)):
+    unlisted = read - set(expected)
+    older = {".metadata", TOKENIZER_FILE}
+    if unlisted and unlisted <= older and not os.path.lexists(os.path.join(path, METADATA_MANIFEST)):
+        # Written before .metadata and the tokenizer were checksummed: its shards are checked, and
+        # damage that the load meets still falls back at resume (resume.py).
+        logger.warning("%s was written before %s had checksums (no %s): only its shards are verified",
+                       path, " and ".join(sorted(unlisted)), METADATA_MANIFEST)
+        unlisted = set()
+    for name in sorted(unlisted):
         raise CheckpointError(
             f"{os.path.join(path, name)} has no checksum in any manifest of {path} (a step written before "
             f"{name} was checksummed, or damaged). --checkpoint.verify false (--no-verify for the tools) "
