@@ -101,15 +101,36 @@ def check_mapping(model, state: dict, params: dict) -> float:
     return diff
 
 
-def export_recipe(folder: str, ckpt: str, params: str, context: int, quantize: str, group_size: int, out: str) -> None:
+def recipe_command(folder: str, ckpt: str, params: str, context: int, quantize: str, group_size: int, out: str) -> list:
     cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "-c", ckpt, "-p", params,
            "-kv", "--use_sdpa_with_kv_cache", "-X", "-d", "fp32", "--max_seq_length", str(PROMPT_TOKENS + 1),
            "--max_context_length", str(context), "--output-dir", folder, "--output_name", os.path.basename(out)]
     if quantize != "none":
         cmd += ["-qmode", quantize, "-G", str(group_size)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if r.returncode != 0 or not os.path.isfile(out):
-        raise RuntimeError(f"the recipe's export failed ({r.returncode}): {r.stderr[-3000:]}")
+    return cmd
+
+
+def export_ours(opts, path: str, context: int, quantize: str) -> None:
+    """The --export-ours worker: our program of the seeded preset."""
+    from mobilellm_train import edge
+
+    edge.write_program(seeded_model(opts.preset, opts.layers), path, max_context=context, quantize=quantize,
+                       group_size=opts.group_size, overwrite=True, source=f"{opts.preset} init_weights(seed=0)")
+
+
+def seeded_model(preset: str, layers: int = 0):
+    """The preset with init_weights(seed=0); `layers` > 0 keeps its width but not its depth."""
+    from dataclasses import replace
+
+    import torch
+
+    from mobilellm_train.model import MODEL_PRESETS, MobileLLM
+
+    torch.manual_seed(0)
+    args = MODEL_PRESETS[preset]
+    model = MobileLLM(replace(args, n_layers=layers) if layers else args)
+    model.init_weights(seed=0)
+    return model.eval()
 
 
 def measure(pte: str, threads: int) -> dict:
@@ -162,13 +183,7 @@ def build_programs(opts) -> list[dict]:
     """Write (or reuse) ours and the recipe's program for every context and quantization."""
     import torch
 
-    from mobilellm_train import edge
-    from mobilellm_train.model import MODEL_PRESETS, MobileLLM
-
-    torch.manual_seed(0)
-    model = MobileLLM(MODEL_PRESETS[opts.preset])
-    model.init_weights(seed=0)
-    model.eval()
+    model = seeded_model(opts.preset, opts.layers)
     os.makedirs(opts.out_dir, exist_ok=True)
     ckpt, params_path = os.path.join(opts.out_dir, "meta.pth"), os.path.join(opts.out_dir, "params.json")
     state, params = meta_state_dict(model), meta_params(model.args)
@@ -177,21 +192,31 @@ def build_programs(opts) -> list[dict]:
         torch.save(state, ckpt)
         with open(params_path, "w") as f:
             json.dump(params, f)
-    programs = []
+    programs, jobs = [], []
     for quantize in opts.quantize:
         for context in opts.contexts:
             for who in ("ours", "recipe"):
                 path = os.path.join(opts.out_dir, f"{who}_{quantize}_{context}.pte")
-                if not os.path.isfile(path):
-                    t0 = time.time()
-                    if who == "ours":
-                        edge.write_program(model, path, max_context=context, quantize=quantize,
-                                           group_size=opts.group_size, overwrite=True, source=f"{opts.preset} seed 0")
-                    else:
-                        export_recipe(opts.out_dir, ckpt, params_path, context, quantize, opts.group_size, path)
-                    print(f"exported {path} in {time.time() - t0:.0f} s", file=sys.stderr)
-                programs.append({"who": who, "quantize": quantize, "context": context, "path": path,
-                                 "bytes": os.path.getsize(path)})
+                programs.append({"who": who, "quantize": quantize, "context": context, "path": path})
+                if os.path.isfile(path):
+                    continue
+                if who == "ours":
+                    cmd = [sys.executable, "-m", "mobilellm_train.edge_bench", "--export-ours", path, "--preset",
+                           opts.preset, "--layers", str(opts.layers), "--contexts", str(context), "--quantize", quantize,
+                           "--group-size", str(opts.group_size)]
+                else:
+                    cmd = recipe_command(opts.out_dir, ckpt, params_path, context, quantize, opts.group_size, path)
+                log = open(path + ".log", "w")
+                # All at once: the exports are single-threaded for most of their time.
+                jobs.append((path, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for path, t0, proc, log in jobs:
+        code = proc.wait(timeout=7200)
+        log.close()
+        if code != 0 or not os.path.isfile(path):
+            raise RuntimeError(f"exporting {path} failed ({code}); see {path}.log")
+        print(f"exported {path} in {time.time() - t0:.0f} s", file=sys.stderr)
+    for prog in programs:
+        prog["bytes"] = os.path.getsize(prog["path"])
     return programs
 
 
@@ -213,13 +238,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mobilellm_train.edge_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="/tmp/edge_bench")
     p.add_argument("--preset", default="125M")
+    p.add_argument("--layers", type=int, default=0,
+                   help="override the preset's depth (its width kept): a quicker export on a busy machine")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--quantize", nargs="+", default=["8da4w"], choices=["none", "8da4w", "8da8w"])
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
+    p.add_argument("--export-ours", default="", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    if opts.export_ours:
+        export_ours(opts, opts.export_ours, opts.contexts[0], opts.quantize[0])
+        return
     if opts.measure:
         print(json.dumps(measure(opts.measure, opts.threads[0])))
         return
@@ -243,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "executorch": executorch_version(),
-        "preset": opts.preset, "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS,
+        "preset": opts.preset, "layers": opts.layers or "preset", "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS,
         "repeats": opts.repeats, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "programs": programs,
     }
