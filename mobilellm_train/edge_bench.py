@@ -104,7 +104,7 @@ def check_mapping(model, state: dict, params: dict) -> float:
 def recipe_command(folder: str, ckpt: str, params: str, context: int, quantize: str, group_size: int, out: str) -> list:
     cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "-c", ckpt, "-p", params,
            "-kv", "--use_sdpa_with_kv_cache", "-X", "-d", "fp32", "--max_seq_length", str(PROMPT_TOKENS + 1),
-           "--max_context_length", str(context), "--output-dir", folder, "--output_name", os.path.basename(out)]
+           "--max_context_length", str(context), "--output-dir", folder, "--output_name", out]  # a bare name lands in the cwd
     if quantize != "none":
         cmd += ["-qmode", quantize, "-G", str(group_size)]
     return cmd
