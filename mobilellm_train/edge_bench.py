@@ -133,10 +133,18 @@ def seeded_model(preset: str, layers: int = 0):
     return model.eval()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started: VmHWM, not getrusage's ru_maxrss,
+    which Linux carries over exec from the parent (the benchmark's own model would be counted)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure(pte: str, threads: int) -> dict:
     """One measurement in this process (the --measure worker): see the module docstring."""
-    import resource
-
     import torch
 
     from mobilellm_train.edge_model import load_custom_ops, maybe_quiet_native_noise
@@ -166,7 +174,7 @@ def measure(pte: str, threads: int) -> dict:
     return {
         "prefill_tok_s": PROMPT_TOKENS / prefill_s,
         "decode_tok_s": DECODE_TOKENS / decode_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
