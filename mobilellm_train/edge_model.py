@@ -145,10 +145,12 @@ class StaticCacheModel(nn.Module):
         self.max_context = max_context
         self.max_prefill = max_prefill
         self.num_passes = args.n_layers * args.n_passes
-        # The rotary tables up to max_context only, as buffers of their own: the model's run to
-        # max_seq_len and would be stored whole in the program.
-        self.register_buffer("rope_cos", model.rope_cos[:max_context].clone(), persistent=False)
-        self.register_buffer("rope_sin", model.rope_sin[:max_context].clone(), persistent=False)
+        # The rotary tables up to max_context only, and their first half only: each row is
+        # cat(freqs, freqs) (model.precompute_rope), so the program stores half and joins the
+        # halves per call, for the T rows it reads.
+        half = args.head_dim // 2
+        self.register_buffer("rope_cos", model.rope_cos[:max_context, :half].clone(), persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin[:max_context, :half].clone(), persistent=False)
         shape = (1, max_context, args.n_kv_heads, args.head_dim)
         dtype = model.tok_embeddings.weight.dtype
         # One buffer per pass: each update is an in-place write into its own buffer, and a
@@ -177,8 +179,8 @@ class StaticCacheModel(nn.Module):
         torch._check(start >= 0)
         torch._check(start + T <= self.max_context)
         # [T, 1, head_dim]: broadcast over the heads of [B, T, heads, head_dim].
-        cos = self.rope_cos.narrow(0, start, T).unsqueeze(1)
-        sin = self.rope_sin.narrow(0, start, T).unsqueeze(1)
+        cos, sin = self.rope_cos.narrow(0, start, T), self.rope_sin.narrow(0, start, T)
+        cos, sin = torch.cat([cos, cos], dim=-1).unsqueeze(1), torch.cat([sin, sin], dim=-1).unsqueeze(1)
         h = model.tok_embeddings(tokens)
         index = 0
         for block in model.layers:
