@@ -1,9 +1,11 @@
-"""Tests of the on-device export (edge.py): programs are run in ExecuTorch's own runtime and
-compared with the eager model. fp32 logits equal eager's (prefill, a chunk at an offset, single
-tokens), greedy generation from the program equals eager KV-cache generation, layer-sharing
-blocks are stored once, an 8da4w program agrees with the fp32 model on held-out tokens (KL,
-top-1, perplexity), and the two commands (mobilellm-export --format executorch, mobilellm-generate
---pte) work end to end and refuse bad input.
+"""Tests of the on-device export (edge.py, edge_model.py): programs are run in ExecuTorch's own
+runtime and compared with the eager model. fp32 logits equal eager's (a prompt over one call's
+token bound, a chunk at an offset, single tokens), greedy generation from the program equals eager
+KV-cache generation, layer-sharing blocks are stored once, an 8da4w program agrees with the fp32
+model on held-out tokens (KL, top-1, perplexity), and the two commands (mobilellm-export --format
+executorch, mobilellm-generate --pte) work end to end and refuse bad input. The exported cache
+model equals eager across chunk boundaries with unwritten cache slots NaN, no op of its graph but
+the cache ops spans the whole cache, and exporting prints none of the libraries' noise.
 
 Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
 """
@@ -29,6 +31,7 @@ from mobilellm_train.model import ModelArgs, count_params  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97, max_seq_len=64)
 CONTEXT = 40
+PREFILL = 8  # tokens per call: prompts over it are fed in chunks
 
 
 def pattern_batch(generator, batch, length, noise=0.15):
@@ -66,29 +69,51 @@ def programs(tmp_path_factory, trained):
     folder = tmp_path_factory.mktemp("pte")
     ls_model = init_model(replace(ARGS, layer_sharing=True), seed=5)
     paths = {}
-    for name, model, quantize in [("fp32", trained, "none"), ("ls", ls_model, "none"), ("8da4w", trained, "8da4w")]:
-        paths[name] = edge.write_program(model, str(folder / f"{name}.pte"), max_context=CONTEXT, quantize=quantize)
-    return {"paths": paths, "ls_model": ls_model}
+    # What the exports print, at the file-descriptor level (the libraries write from C++ too).
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(folder / "stderr.txt", "w+") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            for name, model, quantize in [("fp32", trained, "none"), ("ls", ls_model, "none"),
+                                          ("8da4w", trained, "8da4w")]:
+                paths[name] = edge.write_program(model, str(folder / f"{name}.pte"), max_context=CONTEXT,
+                                                 quantize=quantize, max_prefill=PREFILL)
+            edge.EdgeProgram(paths["fp32"]).forward([1, 2, 3], 0)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        stderr = captured.read()
+    return {"paths": paths, "ls_model": ls_model, "stderr": stderr}
 
 
-def runtime_logits(program, tokens, pieces):
-    return torch.cat([program.forward(tokens[a:b], a) for a, b in pieces])
+def last_logits(forward, tokens, pieces):
+    """The logits of the last token of each piece (a, b) of tokens, fed in order."""
+    return torch.cat([forward(tokens[a:b], a) for a, b in pieces])
 
 
 @pytest.mark.parametrize("variant", ["fp32", "ls"])
 def test_fp32_program_logits_equal_eager_in_the_runtime(programs, trained, variant):
     model = trained if variant == "fp32" else programs["ls_model"]
     program = edge.EdgeProgram(programs["paths"][variant])
+    assert program.max_prefill == PREFILL
     tokens = torch.randint(0, ARGS.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(tokens[None])[0]
-    # A prompt, a chunk at an offset, single tokens: each call reads what earlier calls cached.
-    got = runtime_logits(program, tokens, [(0, 11), (11, 18), (18, 19), (19, 20), (20, 30)])
+    # A prompt longer than one call (two chunks of PREFILL), a chunk at an offset, single tokens:
+    # each call reads what earlier calls cached.
+    pieces = [(0, 11), (11, 18), (18, 19), (19, 20), (20, 30)]
+    got = last_logits(program.forward, tokens, pieces)
+    torch.testing.assert_close(got, want[[b - 1 for _, b in pieces]], rtol=1e-4, atol=1e-4)
+    # Every position, one call each.
+    got = last_logits(program.forward, tokens, [(i, i + 1) for i in range(30)])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # A second sequence overwrites the first from position 0: no stale keys leak into it.
     other = tokens.flip(0)
     with torch.no_grad():
-        torch.testing.assert_close(program.forward(other[:9], 0), model(other[None, :9])[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(program.forward(other[:9], 0), model(other[None, :9])[0, -1:], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="context of 40"):
         program.forward(tokens[:5], CONTEXT - 4)
     with pytest.raises(ValueError, match="vocabulary"):
@@ -150,18 +175,70 @@ def test_options_are_checked(tmp_path, trained):
     with pytest.raises(edge.EdgeError, match="ends in .pte"):
         edge.write_program(trained, str(tmp_path / "m.bin"), max_context=8)
     assert os.listdir(tmp_path) == []
-    # StaticCacheModel is what is exported; eagerly it is the model.
-    wrapper = edge.StaticCacheModel(trained, 16)
-    tokens = torch.arange(12)[None]
+    with pytest.raises(edge.EdgeError, match="--max-prefill 9"):
+        edge.StaticCacheModel(trained, 8, max_prefill=9)
+
+
+@pytest.mark.parametrize("layer_sharing", [False, True])
+def test_cache_model_equals_eager_across_chunks(layer_sharing):
+    """StaticCacheModel, what is exported, run eagerly on ExecuTorch's ops: each call's last
+    logits equal the model's at that position, for a prompt, chunks that cross a chunk boundary
+    and single tokens; cache slots not yet written (NaN here: the runtime leaves that memory as it
+    finds it) are never read."""
+    model = init_model(replace(ARGS, layer_sharing=layer_sharing), seed=7).eval()
+    wrapper = edge.StaticCacheModel(model, 24, max_prefill=8)
+    assert wrapper.num_passes == ARGS.n_layers * (2 if layer_sharing else 1)
+    for name, buffer in wrapper.named_buffers():
+        if "cache" in name:
+            buffer.fill_(float("nan"))
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    pieces = [(0, 5), (5, 13), (13, 14), (14, 21), (21, 22), (22, 24)]
     with torch.no_grad():
-        got = torch.cat([wrapper(tokens[:, :7], torch.tensor([0])), wrapper(tokens[:, 7:], torch.tensor([7]))], 1)
-        torch.testing.assert_close(got, trained(tokens), rtol=1e-5, atol=1e-5)
-        # The runtime leaves the cache's memory as it finds it: slots not yet written, NaN here,
-        # must not reach the logits.
-        for name, buffer in wrapper.named_buffers():
-            if "cache" in name:
-                buffer.fill_(float("nan"))
-        torch.testing.assert_close(wrapper(tokens[:, :5], torch.tensor([0])), trained(tokens[:, :5]), rtol=1e-5, atol=1e-5)
+        want = model(tokens)[0]
+        got = last_logits(lambda t, a: wrapper(t[None], torch.tensor([a])), tokens[0], pieces)
+        torch.testing.assert_close(got, want[[b - 1 for _, b in pieces]], rtol=1e-5, atol=1e-5)
+        # Greedy decoding through the wrapper equals eager KV-cache generation, token for token.
+        prompt = tokens[0, :6].tolist()
+        (expected,) = generate(model, prompt, max_new_tokens=12)
+        logits, out = wrapper(torch.tensor([prompt]), torch.tensor([0])), []
+        for position in range(len(prompt), len(prompt) + 12):
+            out.append(int(logits.argmax()))
+            logits = wrapper(torch.tensor([[out[-1]]]), torch.tensor([position]))
+        assert out == expected
+
+
+def test_no_op_of_the_exported_graph_spans_the_whole_cache():
+    """The cost of a call follows the filled positions: apart from the cache buffers themselves,
+    which only the cache update and the attention op take, no tensor of the exported graph has a
+    dimension of the cache's length (the old program masked and expanded the whole cache in
+    every call), and nothing is of the vocabulary's size but the one row of logits."""
+    from torch.export import Dim, export
+
+    context = 37  # a length no other dimension of this model has
+    wrapper = edge.StaticCacheModel(init_model(ARGS, seed=3).eval(), context, max_prefill=8)
+    with torch.no_grad():
+        exported = export(wrapper, (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                          dynamic_shapes={"tokens": {1: Dim("tokens", min=1, max=8)}, "input_pos": None}, strict=False)
+    cache_users = set()
+    for node in exported.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" or not isinstance(value, torch.Tensor):
+            continue
+        sizes = [d for d in value.shape if isinstance(d, int)]  # the token count is symbolic
+        if context in sizes:
+            cache_users.add(str(node.target))
+        if ARGS.vocab_size in sizes:
+            assert list(value.shape) == [1, ARGS.vocab_size], (node, value.shape)
+    assert cache_users <= {"llama.update_cache.default", "llama.custom_sdpa.default"}, cache_users
+    targets = {str(n.target) for n in exported.graph.nodes}
+    assert {"llama.update_cache.default", "llama.custom_sdpa.default"} <= targets
+
+
+def test_export_prints_no_library_noise(programs):
+    """What torchao, cpuinfo and the custom ops print when loaded or run is kept from the user."""
+    noise = programs["stderr"]
+    for marker in ("cpuinfo", "Failed to load", "torchao", "kernel_runtime_context", "LeafSpec", "Enum subclass"):
+        assert marker not in noise, noise[-3000:]
 
 
 def _tokenizer(tmp_path):
