@@ -340,7 +340,9 @@ def run(cfg: C.Config) -> None:
         if isinstance(e, RunFolderError):  # raised before logging is set up
             print(f"RunFolderError: {e}", file=sys.stderr)
         else:
-            logger.error("%s: %s", type(e).__name__, own_message(e))
+            # The kinds of CheckpointError (access, mismatch) are told apart by their words.
+            name = "CheckpointError" if isinstance(e, CheckpointError) else type(e).__name__
+            logger.error("%s: %s", name, own_message(e))
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         # Ctrl-C before training started (the loop turns it into a clean stop): nothing to save.
