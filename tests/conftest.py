@@ -128,6 +128,15 @@ def descendants(pid):
     return out
 
 
+def running(pid):
+    """Still running: a zombie (exited, not yet reaped by init) has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def train_tiny_tokenizer(folder) -> str:
     """A 60-piece SentencePiece BPE model (bos 1, eos 2) trained in-process on two sentences;
     returns its tokenizer.model path."""

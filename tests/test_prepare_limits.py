@@ -18,7 +18,6 @@ import sys
 import tracemalloc
 import types
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,8 +25,9 @@ import pytest
 from mobilellm_train.data import prepare
 from mobilellm_train.data import shards as shards_module
 from mobilellm_train.data.prepare.sample import SampleStats, sample_sentences
-from mobilellm_train.data.shards import DTYPES, INDEX_DTYPE, read_manifest
+from mobilellm_train.data.shards import read_manifest
 from mobilellm_train.errors import DataError
+from test_prepare import documents
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -43,16 +43,6 @@ def write_jsonl(path, texts):
     with open(path, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     return str(path)
-
-
-def documents(folder):
-    m = read_manifest(str(folder))
-    docs = []
-    for s in m.shards:
-        tokens = np.fromfile(os.path.join(folder, s.name + ".bin"), dtype=DTYPES[m.dtype])
-        ends = np.fromfile(os.path.join(folder, s.name + ".idx"), dtype=INDEX_DTYPE)
-        docs += [tokens[a:b].tolist() for a, b in zip(np.concatenate(([0], ends[:-1])), ends)]
-    return docs
 
 
 def tmp_files(folder):

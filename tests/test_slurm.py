@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TEST_MARK, base_args, children, make_corpus, marked_processes, read_metrics, run_trainer, subprocess_env
+from conftest import ROOT, TEST_MARK, base_args, children, make_corpus, marked_processes, read_metrics, run_trainer, running, subprocess_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -264,14 +264,6 @@ def launchers_of_this_test():
         if os.path.basename(argv[0]).startswith(b"python") and argv[1:3] == [b"-m", b"mobilellm_train.launch"]:
             out.append(pid)
     return out
-
-
-def running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_ranks_stop_when_their_launcher_is_killed(cluster, tmp_path):

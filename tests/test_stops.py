@@ -19,6 +19,7 @@ from conftest import (
     make_corpus,
     read_metrics,
     run_trainer,
+    running,
     subprocess_env,
     wait_for_step,
 )
@@ -71,15 +72,6 @@ def start(args, nproc, how=None):
         env.update(NGPU=str(nproc), PYTHON=sys.executable)
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def running(pid):
-    """Still running: a zombie (exited, not yet reaped by init) has ended."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_until_gone(pids, what, timeout=300):
