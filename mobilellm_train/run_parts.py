@@ -1,5 +1,5 @@
 """The shutdown order of a run that fails: what it started stops in a safe order (loader workers,
-the save in flight, the process group, the run-folder lock) before the error goes up.
+the save in flight, the metrics, the process group, the run-folder lock) before the error goes up.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mobilellm_train.checkpoint import Checkpointer
     from mobilellm_train.config import CheckpointConfig
+    from mobilellm_train.metrics import MetricsLogger
     from mobilellm_train.resilience import RunFolderLock
     from mobilellm_train.start_checks import RunFolderRecord
 
@@ -20,13 +21,15 @@ logger = logging.getLogger("mobilellm_train")
 class RunParts:
     """What a run has started that must stop in order however the run ends: loader workers
     first (they feed nothing any more), then the save in flight (its writer thread runs
-    collectives, so the process group must still exist), then the process group, and last the
+    collectives, so the process group must still exist), the metrics (TensorBoard's unflushed
+    records), then the process group, and last the
     run-folder lock (after removing what a refused start added to the folder). Leaving any of
     them to interpreter exit lets C++ threads die in an arbitrary order, which can abort."""
 
     def __init__(self) -> None:
         self.data_iter = None
         self.checkpointer: Checkpointer | None = None
+        self.metrics: MetricsLogger | None = None  # TensorBoard's writer holds what it has not flushed
         self.lock: RunFolderLock | None = None  # set once held
         self.folder_record: RunFolderRecord | None = None  # what this start added to the run folder
         self.training_started = False  # past every start-up refusal
@@ -71,6 +74,11 @@ class RunParts:
                 self.checkpointer.close()
             except Exception as e:
                 logger.warning("the checkpoint in flight did not complete: %s: %s", type(e).__name__, e)
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except Exception as e:  # a full disk, most likely: the records written so far stay
+                logger.warning("closing the metrics: %s: %s", type(e).__name__, e)
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.lock is not None:

@@ -1,4 +1,4 @@
-"""Pretrain a MobileLLM: `main` -> `run` (errors a user can act on: one line, exit 1) -> `train`
+"""Pretrain a MobileLLM: `cli` -> `main` -> `run` (errors a user can act on: one line, exit 1) -> `train`
 -> `Trainer`: its set-up in named phases, then `Trainer.train()`, the loop, which calls each
 concern (mobilellm_train/loop/) at a named point of the step.
 
@@ -189,8 +189,8 @@ class Trainer:
 
         cfg, tcfg, plan = self.cfg, self.tcfg, self.plan
         # Records past the step resumed from belong to the interrupted run; this run logs them again.
-        self.metrics = MetricsLogger(self.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
-                                     resume_step=self.train_state.step)
+        self.metrics = self.parts.metrics = MetricsLogger(self.dump_folder, self.rank, cfg.metrics.enable_tensorboard,
+                                                          resume_step=self.train_state.step)
         peak_flops = detect_peak_flops(self.device, cfg.metrics.peak_tflops)
         self.stops = Stops(cfg.job.stop_file, cfg.job.stop_check_freq, tcfg.stop_at_step, self.train_state.step,
                            cfg.checkpoint.enable)
@@ -314,6 +314,37 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
         trainer.train()
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The `mobilellm-train` command: `main`, then the process ends without the interpreter's
+    teardown.
+
+    That teardown frees the Python objects still alive, tensors included, while the process
+    groups' worker threads (gloo's run loops) may still hold the last collective's tensors:
+    freeing one of those then needs the interpreter lock from a thread the finalizing interpreter
+    no longer admits, and the process aborts ("terminate called without an active exception",
+    SIGABRT) after the run has already ended, well or with its one-line error. Seen with torch
+    2.11 and 2.13 in about 1 of 10 error exits on a loaded machine. The exit handlers (logging,
+    loader and compile workers, file locks) still run; only the teardown is skipped.
+    """
+    import atexit
+    import traceback
+
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = C.load_config(argv)
@@ -364,4 +395,4 @@ def own_message(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

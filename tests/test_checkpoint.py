@@ -218,7 +218,7 @@ def test_corruption_is_caught_and_auto_resume_falls_back(trained, tmp_path, caps
 FAILING_SAVE = """
 import errno, os, sys
 from mobilellm_train import checkpoint as C
-from mobilellm_train.train import main
+from mobilellm_train.train import cli
 
 original = C.ChecksummedWriter.write_data
 
@@ -228,7 +228,7 @@ def failing(self, plan, planner):
     return original(self, plan, planner)
 
 C.ChecksummedWriter.write_data = failing
-main(sys.argv[1:])
+cli(sys.argv[1:])
 """
 
 
