@@ -539,5 +539,13 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The `mobilellm-bench` command: `main`, then the process ends without the interpreter's
+    teardown, which can abort a process that ran collectives (see process_end)."""
+    from mobilellm_train.process_end import run_then_end
+
+    run_then_end(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

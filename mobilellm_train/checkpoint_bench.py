@@ -111,4 +111,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mobilellm_train.process_end import run_then_end  # see there: a process that ran collectives
+
+    run_then_end(lambda _argv: main())

@@ -316,33 +316,10 @@ def run_training(cfg: C.Config, parts: RunParts) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """The `mobilellm-train` command: `main`, then the process ends without the interpreter's
-    teardown.
+    teardown, which can abort a process that ran collectives (see process_end)."""
+    from mobilellm_train.process_end import run_then_end
 
-    That teardown frees the Python objects still alive, tensors included, while the process
-    groups' worker threads (gloo's run loops) may still hold the last collective's tensors:
-    freeing one of those then needs the interpreter lock from a thread the finalizing interpreter
-    no longer admits, and the process aborts ("terminate called without an active exception",
-    SIGABRT) after the run has already ended, well or with its one-line error. Seen with torch
-    2.11 and 2.13 in about 1 of 10 error exits on a loaded machine. The exit handlers (logging,
-    loader and compile workers, file locks) still run; only the teardown is skipped.
-    """
-    import atexit
-    import traceback
-
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        status = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    run_then_end(main, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
