@@ -15,14 +15,16 @@ prompts are fed in chunks of max_prefill), then one call per generated token (de
 never needs clearing: a new sequence starts at input_pos 0 and nothing past a query's position is
 ever read.
 
-What is lowered is the model in model.py, unchanged, wrapped by edge_model.StaticCacheModel: it
-reuses the model's embedding, norms, projections, feed-forward and output and re-implements only
-the attention step, on ExecuTorch's LLM custom ops (update_cache, custom_sdpa) so that a decode
-step costs what the filled cache positions cost. A layer-sharing block stays one module called
-twice, so its weights are stored once in the program; each of its passes has its own cache. Every
-op XNNPACK runs is delegated to it; with `--quantize` the linear layers are first quantized by
-torchao (8da4w: int8 dynamic activations with int4 weights in groups of --group-size, the layout
-XNNPACK runs for LLMs; 8da8w: int8 per-channel weights), the embedding staying fp32.
+What is lowered is the model in model.py, its fused projections split again
+(edge_model.unfused_copy: a split would cut XNNPACK's delegate), wrapped by
+edge_model.StaticCacheModel: it reuses the model's embedding, norms, projections, feed-forward
+and output and re-implements only the attention step, on ExecuTorch's LLM custom ops
+(update_cache, custom_sdpa) so that a decode step costs what the filled cache positions cost. A
+layer-sharing block stays one module called twice, so its weights are stored once in the
+program; each of its passes has its own cache. Every op XNNPACK runs is delegated to it; with
+`--quantize` the linear layers are first quantized by torchao (8da4w: int8 dynamic activations
+with int4 weights in groups of --group-size, the layout XNNPACK runs for LLMs; 8da8w: int8
+per-channel weights), the embedding staying fp32.
 
 `executorch` and `torchao` are the optional `edge` extra (pip install -e '.[edge]'); they are
 imported only when lowering or running a program.
@@ -30,7 +32,6 @@ imported only when lowering or running a program.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -43,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilellm_train.edge_model import EdgeError, StaticCacheModel, load_custom_ops, maybe_quiet_native_noise
+from mobilellm_train.edge_model import (
+    EdgeError,
+    StaticCacheModel,
+    load_custom_ops,
+    maybe_quiet_native_noise,
+    unfused_copy,
+)
 from mobilellm_train.model import MobileLLM
 
 logger = logging.getLogger("mobilellm_train")
@@ -107,7 +114,7 @@ def export_program(
 ) -> bytes:
     """The serialized ExecuTorch program (.pte bytes) of `model`: StaticCacheModel through
     torch.export with a dynamic token count (1..max_prefill), every op XNNPACK runs delegated to
-    it. `model` is moved to the CPU in fp32; quantization works on a copy."""
+    it. `model` is moved to the CPU in fp32; unfusing and quantization work on a copy."""
     require_executorch()
     with maybe_quiet_native_noise():
         return _export_program(model, max_context, quantize, group_size, min(max_prefill, max_context))
@@ -121,8 +128,9 @@ def _export_program(model: MobileLLM, max_context: int, quantize: str, group_siz
     from torch.export import Dim, export
 
     model = model.to(device="cpu", dtype=torch.float32).eval()
-    if quantize != "none":
-        model = copy.deepcopy(model)  # quantize_ replaces modules in place; the caller's stays fp32
+    # A copy (quantize_ replaces modules in place; the caller's model stays as it was) with the
+    # projections unfused, so that XNNPACK's delegate is not cut at every split.
+    model = unfused_copy(model)
     apply_quantization(model, quantize, group_size)
     wrapper = StaticCacheModel(model, max_context, max_prefill).eval()
     example = (torch.zeros(1, min(2, max_prefill), dtype=torch.long), torch.zeros(1, dtype=torch.long))

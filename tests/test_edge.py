@@ -5,7 +5,9 @@ KV-cache generation, layer-sharing blocks are stored once, an 8da4w program agre
 model on held-out tokens (KL, top-1, perplexity), and the two commands (mobilellm-export --format
 executorch, mobilellm-generate --pte) work end to end and refuse bad input. The exported cache
 model equals eager across chunk boundaries with unwritten cache slots NaN, no op of its graph but
-the cache ops spans the whole cache, and exporting prints none of the libraries' noise.
+the cache ops spans the whole cache, no split runs outside XNNPACK's delegate (the unfused copy
+that is lowered shares every other weight and computes the same), and exporting prints none of
+the libraries' noise.
 
 Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
 """
@@ -232,6 +234,44 @@ def test_no_op_of_the_exported_graph_spans_the_whole_cache():
     assert cache_users <= {"llama.update_cache.default", "llama.custom_sdpa.default"}, cache_users
     targets = {str(n.target) for n in exported.graph.nodes}
     assert {"llama.update_cache.default", "llama.custom_sdpa.default"} <= targets
+
+
+def test_unfused_copy_shares_all_but_the_fused_weights_and_computes_the_same():
+    model = init_model(replace(ARGS, layer_sharing=True), seed=4).eval()
+    fused = {name: p.clone() for name, p in model.named_parameters()}
+    copy = edge.unfused_copy(model)
+    attn, ff = copy.layers[0].attention, copy.layers[0].feed_forward
+    assert not hasattr(attn, "wqkv") and not hasattr(ff, "w13")
+    torch.testing.assert_close(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]),
+                               model.layers[0].attention.wqkv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([ff.w1.weight, ff.w3.weight]), model.layers[0].feed_forward.w13.weight,
+                               rtol=0, atol=0)
+    assert copy.tok_embeddings.weight is model.tok_embeddings.weight  # shared, not copied
+    assert copy.layers[1].attention_norm.weight is model.layers[1].attention_norm.weight
+    # The caller's model is as it was: fused, with the same values.
+    assert {name: p for name, p in model.named_parameters()}.keys() == fused.keys()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, fused[name]), name
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = edge.StaticCacheModel(model, 16, max_prefill=8)(tokens, torch.tensor([0]))
+        got = edge.StaticCacheModel(copy, 16, max_prefill=8)(tokens, torch.tensor([0]))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_no_split_runs_outside_the_delegate(programs):
+    """A split or a chunk between two delegated ops would cut XNNPACK's graph in two, one more
+    delegate call per block: none is left in the programs (fused projections are unfused for the
+    export, the rotary half-turn is a product)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    for name in ("fp32", "ls", "8da4w"):
+        with open(programs["paths"][name], "rb") as f:
+            program = deserialize_pte_binary(f.read())
+        plan = getattr(program, "program", program).execution_plan[0]
+        kernels = {plan.operators[i.instr_args.op_index].name for chain in plan.chains for i in chain.instructions
+                   if type(i.instr_args).__name__ == "KernelCall"}
+        assert not {k for k in kernels if "split" in k or "chunk" in k}, (name, sorted(kernels))
 
 
 def test_export_prints_no_library_noise(programs):
