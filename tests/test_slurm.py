@@ -200,11 +200,13 @@ def test_time_limit_requeue_resume_and_scancel(cluster, tmp_path):
     args = base_args(data, run, steps=100000, **{"checkpoint.interval": 50, "data.num_workers": 1})
     # A one-minute limit: the stop comes 25 s before it.
     job = cluster.submit(args, "--time=1", STOP_LEAD_S=25)
-    cluster.wait_for(job, lambda: cluster.job(job)["Restarts"] == "1", "the time-limit requeue")
+    # The requeue counts before the script logs it: wait for both, its log line being its last words.
+    cluster.wait_for(job, lambda: cluster.job(job)["Restarts"] == "1" and f"requeued job {job}" in cluster.output(job),
+                     "the time-limit requeue")
     out = cluster.output(job)
     stopped = max_step(run)
     assert "time limit (USR1): asking every rank to checkpoint and stop" in out, out[-4000:]
-    assert f"stopping after step {stopped} (stop file" in out and f"requeued job {job}" in out
+    assert f"stopping after step {stopped} (stop file" in out, out[-4000:]
     # Periodic checkpoints, as many as the steps before the stop allowed (a loaded machine trains fewer).
     assert all(f"{run}/checkpoints/step-{s} complete" in out for s in range(50, stopped, 50)), out[-4000:]
     assert os.path.isfile(run / "checkpoints" / f"step-{stopped}" / ".metadata")
