@@ -22,8 +22,14 @@ Each measurement is a fresh process (`--measure PTE`), so that its peak RSS is t
 load the program, set the runtime's thread count, one warm-up prompt, then a 128-token prompt in
 one call (prefill) and 128 greedy single-token calls (decode). Programs and thread counts are
 interleaved within each repeat, so that load from other jobs falls on all of them alike; the
-table gives medians, with the load average before and after. Existing programs in --out-dir are
+first table gives medians, the second ours over the recipe's per repeat (median ratio and range),
+with the load average before and after. Existing programs in --out-dir are
 reused (delete them to export again).
+
+The worker's own torch runs on one thread whatever the runtime's count: it only picks the next
+token between calls, and a second OpenMP thread of torch spinning after that argmax takes a core
+from the runtime's worker (on a 2-core VM, two-thread decode fell from ~320 to ~48 tok/s in most
+runs). A phone runs the program without torch, so this is also the faithful setting.
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ def measure(pte: str, threads: int) -> dict:
     from mobilellm_train.edge_model import load_custom_ops, maybe_quiet_native_noise
 
     load_custom_ops()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # torch only picks tokens here; the runtime's pool gets the cores
     with maybe_quiet_native_noise():
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
@@ -179,7 +185,7 @@ def measure(pte: str, threads: int) -> dict:
 
 
 def run_worker(pte: str, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "mobilellm_train.edge_bench", "--measure", pte, "--threads", str(threads)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -237,7 +243,33 @@ def table(programs: list[dict], threads: list[int]) -> str:
         row = [f"{p['who']} {p['quantize']}", str(p["context"]), f"{p['bytes'] / 1e6:.1f}",
                f"{r[threads[0]]['prefill_tok_s']:.0f}"]
         row += [f"{r[t]['decode_tok_s']:.1f}" for t in threads]
-        row.append(f"{max(r[t]['peak_rss_mb'] for t in threads):.0f}")
+        row.append(f"{max(r[t]['peak_rss_mb'] for t in threads):.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(programs: list[dict], threads: list[int]) -> str:
+    """Ours over the recipe's, per repeat (the two ran back to back, under the same load), as the
+    median ratio with its range: steadier than the ratio of medians when the machine's speed
+    drifts over the run. Peak RSS as the difference in MB."""
+    head = ["ours / recipe", "context", "prefill (1 thread)"]
+    head += [f"decode, {t} thread{'s' if t > 1 else ''}" for t in threads] + ["peak RSS, ours - recipe's (all thread counts)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ours in (p for p in programs if p["who"] == "ours"):
+        recipe = next(p for p in programs if p["who"] == "recipe" and p["quantize"] == ours["quantize"]
+                      and p["context"] == ours["context"])
+
+        def cell(key, *counts):
+            ratios = [a[key] / b[key] for t in counts for a, b in zip(ours["runs"][t], recipe["runs"][t])]
+            return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]"
+
+        def rss_cell():
+            diffs = [a["peak_rss_mb"] - b["peak_rss_mb"] for t in threads
+                     for a, b in zip(ours["runs"][t], recipe["runs"][t])]
+            return f"{statistics.median(diffs):+.2f} MB [{min(diffs):+.2f} to {max(diffs):+.2f}]"
+
+        row = [ours["quantize"], str(ours["context"]), cell("prefill_tok_s", threads[0])]
+        row += [cell("decode_tok_s", t) for t in threads] + [rss_cell()]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -289,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(opts.out_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(table(programs, opts.threads))
+    print()
+    print(paired_table(programs, opts.threads))
     print(f"\nload average before {load_before}, after {result['load_average_after']}; {result['date']}; "
           f"torch {result['torch']}, executorch {result['executorch']}")
 
