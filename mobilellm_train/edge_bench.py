@@ -259,13 +259,15 @@ def paired_table(programs: list[dict], threads: list[int]) -> str:
         recipe = next(p for p in programs if p["who"] == "recipe" and p["quantize"] == ours["quantize"]
                       and p["context"] == ours["context"])
 
-        def cell(key, *counts):
-            ratios = [a[key] / b[key] for t in counts for a, b in zip(ours["runs"][t], recipe["runs"][t])]
+        def pairs(*counts):
+            return [(a, b) for t in counts for a, b in zip(ours["runs"][t], recipe["runs"][t])]
+
+        def cell(key, t):
+            ratios = [a[key] / b[key] for a, b in pairs(t)]
             return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]"
 
         def rss_cell():
-            diffs = [a["peak_rss_mb"] - b["peak_rss_mb"] for t in threads
-                     for a, b in zip(ours["runs"][t], recipe["runs"][t])]
+            diffs = [a["peak_rss_mb"] - b["peak_rss_mb"] for a, b in pairs(*threads)]
             return f"{statistics.median(diffs):+.2f} MB [{min(diffs):+.2f} to {max(diffs):+.2f}]"
 
         row = [ours["quantize"], str(ours["context"]), cell("prefill_tok_s", threads[0])]

@@ -33,12 +33,11 @@ kernels for eager PyTorch and for the runtime, registered by `load_custom_ops()`
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import tempfile
 import warnings
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +195,7 @@ class StaticCacheModel(nn.Module):
         # cat(freqs, freqs) (model.precompute_rope), so the program stores half and joins the
         # halves per call, for the T rows it reads.
         half = args.head_dim // 2
+        dtype = model.tok_embeddings.weight.dtype
         self.register_buffer("rope_cos", model.rope_cos[:max_context, :half].clone(), persistent=False)
         self.register_buffer("rope_sin", model.rope_sin[:max_context, :half].clone(), persistent=False)
         # rotate_half(x) = cat(-x2, x1) as x @ turn.T: a signed permutation, exact in fp32, and a
@@ -203,9 +203,8 @@ class StaticCacheModel(nn.Module):
         turn = torch.zeros(args.head_dim, args.head_dim)
         turn[torch.arange(half), torch.arange(half) + half] = -1.0
         turn[torch.arange(half) + half, torch.arange(half)] = 1.0
-        self.register_buffer("half_turn", turn.to(model.tok_embeddings.weight.dtype), persistent=False)
+        self.register_buffer("half_turn", turn.to(dtype), persistent=False)
         shape = (1, max_context, args.n_kv_heads, args.head_dim)
-        dtype = model.tok_embeddings.weight.dtype
         # One buffer per pass: each update is an in-place write into its own buffer, and a
         # layer-sharing block's two passes keep two caches over one set of weights.
         for i in range(self.num_passes):
