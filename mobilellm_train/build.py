@@ -213,6 +213,41 @@ def build_model(
     return model
 
 
+def build_checkpointer(
+    cfg: C.CheckpointConfig,
+    dump_folder: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    data_state: Stateful,
+    model_args: ModelArgs,
+    rank: int,
+    world_size: int,
+    tokenizer_path: str,
+):
+    """(the checkpointer of every Stateful part of the run, the run's TrainState). The checkpoint
+    holds exactly these states; nothing else is needed to resume."""
+    from mobilellm_train import checkpoint as ckpt
+
+    train_state = ckpt.TrainState(dp_world_size=world_size, model_args=ckpt.model_args_fingerprint(model_args))
+    jsonl_position = isinstance(data_state, ckpt.PerRankState)
+    states = {
+        "model": ckpt.ModelState(model),
+        "optimizer": ckpt.OptimizerState(model, optimizer),
+        "lr_scheduler": ckpt.SchedulerState(scheduler),
+        "dataloader": data_state,
+        "train_state": train_state,
+        "rng": ckpt.PerRankState(rank, ckpt.RNGState()),
+    }
+    checkpointer = ckpt.Checkpointer(
+        cfg, dump_folder, states, rank, tokenizer_path=tokenizer_path,
+        # The JSONL reader's position belongs to one rank and cannot move to another rank count.
+        per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
+        required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
+    )
+    return checkpointer, train_state
+
+
 def build_train_data(
     cfg: C.DataConfig,
     data_path: str,

@@ -321,9 +321,13 @@ class MobileLLM(nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        loss_terms: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size], or with `labels` [B, T] the mean
         cross-entropy over the labels that are not -100 (an fp32 scalar).
+
+        `loss_terms`, a dict, receives each term of the returned loss by name, detached ("ce" for
+        the cross-entropy), so that the trainer can log them apart.
 
         The loss is computed here, not by the caller, because under FSDP2 the (tied) output weight
         is gathered only inside this forward; and in chunks of `loss_chunk_tokens` tokens, so the
@@ -352,11 +356,15 @@ class MobileLLM(nn.Module):
         if labels is None:
             return self.output(h)
         if self.loss_chunk_tokens == 0:
-            return F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten())
-        return chunked_cross_entropy(
-            h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
-            compile_chunk=self.compile_loss,
-        )
+            loss = F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten())
+        else:
+            loss = chunked_cross_entropy(
+                h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
+                compile_chunk=self.compile_loss,
+            )
+        if loss_terms is not None:
+            loss_terms["ce"] = loss.detach()
+        return loss
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):

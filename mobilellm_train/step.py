@@ -33,13 +33,15 @@ def train_step(
     batches: list[dict],
     max_norm: float,
     before_update: Callable[[], None] | None = None,
+    loss_terms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches.
 
     Returns, all on the device: the loss summed over the micro-batches (each divided by their
     count), the global gradient norm, and a bool scalar that is True when the norm was not finite
     and the update was therefore skipped. `before_update` runs just before the parameters may
-    change (a checkpoint copy may still read them).
+    change (a checkpoint copy may still read them). `loss_terms`, a dict, receives each term of
+    the loss (model.forward's names), summed like the loss.
 
     A fused AdamW skips the update on the device (its found_inf input), so no step waits for the
     host: weights, moments and step counts stay as they were. Any other optimizer needs the
@@ -63,9 +65,12 @@ def train_step(
             positions = positions.to(device, non_blocking=True)
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
-        loss = model(inputs, labels=labels, position_ids=positions) / len(batches)
+        terms = None if loss_terms is None else {}
+        loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms) / len(batches)
         loss.backward()
         loss_sum += loss.detach()
+        for name, value in (terms or {}).items():
+            loss_terms[name] = loss_terms.get(name, 0.0) + value / len(batches)
 
     grad_norm = clip_grad_norm_(model, max_norm)
     # The norm is global (reduced over all shards), so every rank takes the same decision.

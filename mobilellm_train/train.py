@@ -20,6 +20,7 @@ import time
 
 from mobilellm_train import config as C
 from mobilellm_train.build import (
+    build_checkpointer,
     build_model,
     build_train_data,
     init_distributed,
@@ -132,28 +133,9 @@ class Trainer:
         self.zero_shot = ZeroShotEval(cfg.eval, self.tokenizer_path, self.plan.total_steps)
 
     def set_up_checkpointer(self) -> None:
-        from mobilellm_train import checkpoint as ckpt
-
-        rank = self.rank
-        self.train_state = ckpt.TrainState(dp_world_size=self.world_size,
-                                           model_args=ckpt.model_args_fingerprint(self.model_args))
-        jsonl_position = isinstance(self.data_state, ckpt.PerRankState)
-        self.checkpointer = ckpt.Checkpointer(
-            self.cfg.checkpoint,
-            self.dump_folder,
-            {
-                "model": ckpt.ModelState(self.model),
-                "optimizer": ckpt.OptimizerState(self.model, self.optimizer),
-                "lr_scheduler": ckpt.SchedulerState(self.scheduler),
-                "dataloader": self.data_state,
-                "train_state": self.train_state,
-                "rng": ckpt.PerRankState(rank, ckpt.RNGState()),
-            },
-            rank,
-            tokenizer_path=self.tokenizer_path,
-            # The JSONL reader's position belongs to one rank and cannot move to another rank count.
-            per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
-            required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
+        self.checkpointer, self.train_state = build_checkpointer(
+            self.cfg.checkpoint, self.dump_folder, self.model, self.optimizer, self.scheduler, self.data_state,
+            self.model_args, self.rank, self.world_size, self.tokenizer_path,
         )
         self.parts.checkpointer = self.checkpointer
 
@@ -214,11 +196,12 @@ class Trainer:
             wait_begin = time.perf_counter()
             batches = self.batches.next_step()
             self.record.data_wait_s += time.perf_counter() - wait_begin
+            loss_terms = {}
             loss_sum, grad_norm, skipped = train_step(
                 self.model, self.optimizer, batches, self.tcfg.max_norm,
-                before_update=self.checkpointer.wait_for_staging,
+                before_update=self.checkpointer.wait_for_staging, loss_terms=loss_terms,
             )
-            step_lr = self.after_step(step, loss_sum, grad_norm, skipped)
+            step_lr = self.after_step(step, loss_sum, grad_norm, skipped, loss_terms)
             # The spike check reads the loss on the host every step anyway, so it reads the flag too.
             if self.spike_rewind.enabled and step not in self.nonfinite.check(step):
                 if self.spike_rewind.after_step(step, loss_sum):
@@ -241,7 +224,7 @@ class Trainer:
         self.profiler.step_begin(step)
         self.garbage.collect(step)
 
-    def after_step(self, step: int, loss_sum, grad_norm, skipped) -> float:
+    def after_step(self, step: int, loss_sum, grad_norm, skipped, loss_terms: dict) -> float:
         """The step's bookkeeping; returns the lr the step used."""
         self.nonfinite.record(step, skipped, grad_norm, loss_sum)
         if self.first_step:
@@ -253,7 +236,7 @@ class Trainer:
         self.scheduler.step()
         self.train_state.step = step
         self.train_state.tokens_seen += self.plan.global_batch_tokens
-        self.record.add_step(loss_sum)
+        self.record.add_step(loss_sum, loss_terms)
         self.profiler.step_end(step)
         return step_lr
 

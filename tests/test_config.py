@@ -1,5 +1,6 @@
 """Config loading: precedence, types, impossible values, --help and the TOML round trip."""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -127,7 +128,7 @@ def test_every_preset_loads_and_every_field_is_documented():
         assert C.total_steps(cfg.training, 32) > 0
     for section, cls in C._section_types().items():
         docs = C._field_docs(cls)
-        for f in C.dataclasses.fields(cls):
+        for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{section}.{f.name} has no docstring"
 
 

@@ -31,16 +31,23 @@ class LogRecord:
         self.data_wait_s = self.checkpoint_blocked_s = 0.0
         self.steps_since_log = 0
         self.interval_loss = torch.zeros((), device=device)  # summed over the steps since the last record
+        self.interval_terms: dict[str, torch.Tensor] = {}  # the loss's terms, when it has several
 
-    def add_step(self, loss_sum: torch.Tensor) -> None:
+    def add_step(self, loss_sum: torch.Tensor, loss_terms: dict[str, torch.Tensor] | None = None) -> None:
+        """One step's loss, and its terms by name (logged apart only when there are several)."""
+        import torch
+
         self.steps_since_log += 1
         self.interval_loss += loss_sum  # on the device: no sync until the next record
+        for name, value in (loss_terms or {}).items():
+            self.interval_terms.setdefault(name, torch.zeros((), device=self.device)).add_(value)
 
     def restart(self, now: float | None = None) -> None:
         """A new interval from `now` (after a record, or after a rewind threw the interval away)."""
         self.last_log_time = time.perf_counter() if now is None else now
         self.data_wait_s, self.steps_since_log = 0.0, 0
         self.interval_loss.zero_()
+        self.interval_terms.clear()
 
     def exclude(self, seconds: float) -> None:
         """Keep `seconds` (a save, an evaluation) out of the throughput figure."""
@@ -55,17 +62,23 @@ class LogRecord:
     def take(self, step: int, lr: float, grad_norm: torch.Tensor, tokens_seen: int, skipped_steps: int,
              val_loss: float | None) -> dict:
         """The record of the interval ending at `step`, and a new interval. A collective."""
+        import torch
         import torch.distributed as dist
 
         from mobilellm_train.metrics import peak_memory_gib
 
-        dist.all_reduce(self.interval_loss)
+        # One all-reduce for the loss and its terms.
+        names = sorted(self.interval_terms) if len(self.interval_terms) > 1 else []
+        sums = torch.stack([self.interval_loss.float(), *(self.interval_terms[n].float() for n in names)])
+        dist.all_reduce(sums)
+        means = [value / self.world_size / self.steps_since_log for value in sums.tolist()]
         now = time.perf_counter()
         interval = now - self.last_log_time
         tokens_per_second = self.steps_since_log * self.global_batch_tokens / self.world_size / interval
         record = {
             "step": step,
-            "loss": self.interval_loss.item() / self.world_size / self.steps_since_log,
+            "loss": means[0],
+            **dict(zip(names, means[1:])),
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_second": tokens_per_second,
