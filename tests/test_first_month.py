@@ -196,3 +196,183 @@ def test_a_huge_document_is_cut_at_line_ends_into_documents(tmp_path, tokenizer,
     assert all(p.endswith("\n") and len(p.encode()) <= 2048 for p in parts) and "".join(parts) == book.read_text()
     encode(tokenizer, [book], tmp_path / "whole", "--max-document-bytes", "0")
     assert len(documents(tmp_path / "whole")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The config a checkpoint records (the resume's log of it: test_user_paths).
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_from_before_the_config_record_resumes(tmp_path, one_rank_group):
+    """A checkpoint whose train state has no `config` (written before it was recorded) resumes;
+    the run keeps its own config for the checkpoints it writes, and says what the loaded one held."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    from mobilellm_train import checkpoint as ckpt
+    from mobilellm_train.config import CheckpointConfig
+    from mobilellm_train.model import MobileLLM, ModelArgs
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    model = MobileLLM(args)
+    model.init_weights(seed=1)
+    fingerprint = ckpt.model_args_fingerprint(args)
+
+    class OlderTrainState(Stateful):
+        def state_dict(self):
+            return {"step": 7, "tokens_seen": 700, "dp_world_size": 1, "model_args": fingerprint}
+
+        def load_state_dict(self, state_dict):
+            raise AssertionError("not loaded here")
+
+    cfg = CheckpointConfig(async_mode="disabled")
+    old = ckpt.Checkpointer(cfg, str(tmp_path), {"model": ckpt.ModelState(model), "train_state": OlderTrainState()}, 0)
+    old.save(7)
+    old.close()
+    assert "train_state.config" not in ckpt.read_metadata(old.path(7)).state_dict_metadata
+
+    state = ckpt.TrainState(model_args=fingerprint, config="[training]\nsteps = 20\n")
+    new = ckpt.Checkpointer(cfg, str(tmp_path), {"model": ckpt.ModelState(model), "train_state": state}, 0)
+    assert new.maybe_resume(state)
+    assert (state.step, state.tokens_seen, state.config) == (7, 700, "[training]\nsteps = 20\n")
+    assert dataclasses.asdict(new.resumed_train_state)["config"] == ""
+    new.save(8)
+    new.close()
+    assert ckpt.read_train_state(new.path(8)).config == "[training]\nsteps = 20\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Continued pretraining from a model of another tokenizer is refused before training.
+
+
+@pytest.fixture
+def model_and_other_data(tmp_path):
+    """A step folder of a 300-id model holding its tokenizer, and token data (ids < 300) prepared
+    with another 300-piece tokenizer."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from conftest import init_model
+    from mobilellm_train.data.shards import write_token_dataset
+    from test_generate import ARGS, save_step_folder
+    from test_user_paths import train_sp
+
+    own = train_sp(tmp_path / "own", 300)
+    other = train_sp(tmp_path / "other", 300, lines=["zebra yak xylophone wombat vole"] * 80)
+    step = save_step_folder(init_model(replace(ARGS, vocab_size=300, max_seq_len=64)), tmp_path / "step-5", own)
+    docs = [np.arange(3, 120) % 290 + 3 for _ in range(40)]
+    write_token_dataset(str(tmp_path / "theirs"), docs, vocab_size=300, tokens_per_shard=10_000, tokenizer_path=other)
+    return step, own, str(tmp_path / "theirs"), other
+
+
+def test_initial_load_from_a_model_of_another_tokenizer_is_refused(tmp_path, model_and_other_data):
+    from conftest import run_trainer
+
+    step, own, data, other = model_and_other_data
+    run = tmp_path / "run"
+    out = run_trainer(["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+                       "--model.ffn_dim", "128", "--model.max_seq_len", "64", "--training.seq_len", "32",
+                       "--training.local_batch_size", "2", "--training.steps", "2", "--data.num_workers", "0",
+                       "--metrics.enable_tensorboard", "false", "--data.path", data, "--job.dump_folder", str(run),
+                       "--checkpoint.initial_load_path", step], expect_rc=1)
+    line = [ln for ln in out.splitlines() if "CheckpointError" in ln]
+    assert len(line) == 1 and "Traceback" not in out, out[-3000:]
+    assert f"checkpoint.initial_load_path {step} was trained with the tokenizer {step}/tokenizer.model, and this " \
+           f"run's data was made with another, {data}/tokenizer.model (their sha256 differ)" in line[0]
+    assert "--checkpoint.initial_load_other_tokenizer true" in line[0] and "step 1" not in out
+    assert not run.exists()  # the refused start left nothing behind
+
+
+def test_initial_tokenizer_check_passes_the_same_tokenizer_and_warns_when_asked_for_another(
+        tmp_path, model_and_other_data, caplog):
+    from mobilellm_train.config import CheckpointConfig
+    from mobilellm_train.errors import CheckpointMismatchError
+    from mobilellm_train.start_checks import check_initial_tokenizer
+
+    step, own, data, other = model_and_other_data
+    cfg = CheckpointConfig(initial_load_path=step)
+    check_initial_tokenizer(cfg, str(tmp_path / "run"), own, rank=0)  # its own tokenizer: fine
+    with pytest.raises(CheckpointMismatchError, match="their sha256 differ"):
+        check_initial_tokenizer(cfg, str(tmp_path / "run"), other, rank=0)
+    cfg.initial_load_other_tokenizer = True
+    with caplog.at_level(logging.WARNING):
+        check_initial_tokenizer(cfg, str(tmp_path / "run"), other, rank=0)
+    assert f"checkpoint.initial_load_other_tokenizer: starting from the weights of {step}, trained with the " \
+           f"tokenizer {step}/tokenizer.model, on data of another tokenizer, {other}" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A command-line data.sources replaces a TOML data.path; the launcher's one-line error.
+
+
+def test_command_line_sources_replace_the_toml_path_and_typos_get_a_suggestion(tmp_path):
+    import numpy as np
+
+    from conftest import ROOT
+    from mobilellm_train.config import load_config
+    from mobilellm_train.data.shards import write_token_dataset
+
+    docs = [np.arange(3, 60) for _ in range(20)]
+    write_token_dataset(str(tmp_path / "mine"), docs, vocab_size=64, tokens_per_shard=1000)
+    write_token_dataset(str(tmp_path / "mine" / "val"), docs[:4], vocab_size=64, tokens_per_shard=1000)
+    write_token_dataset(str(tmp_path / "web"), docs, vocab_size=64, tokens_per_shard=1000)
+    toml = os.path.join(ROOT, "train_configs", "own_data.toml")  # data.path = "data/prepared", val_interval set
+    run = ["--job.dump_folder", str(tmp_path / "run")]
+    cfg = load_config(["--config", toml, "--data.sources", str(tmp_path / "mine")] + run)
+    assert (cfg.data.path, cfg.data.sources, cfg.data.val_path) == ("", str(tmp_path / "mine"),
+                                                                   str(tmp_path / "mine" / "val"))
+    with pytest.raises(ConfigError, match=r"data.val_interval needs data.val_path.*of several, name one with "
+                                          r"--data.val_path, or set --data.val_interval 0"):
+        load_config(["--config", toml, "--data.sources", f"{tmp_path / 'mine'}:0.5,{tmp_path / 'web'}:0.5"] + run)
+    cfg = load_config(["--config", toml, "--data.sources", f"{tmp_path / 'mine'},{tmp_path / 'web'}",
+                       "--data.val_path", str(tmp_path / "mine" / "val")] + run)
+    assert cfg.data.path == "" and cfg.data.val_path == str(tmp_path / "mine" / "val")
+    # A TOML naming sources, and data.path on the command line: the path is what trains.
+    sources_toml = tmp_path / "sources.toml"
+    sources_toml.write_text(f'[data]\nsources = "{tmp_path / "web"}"\n')
+    cfg = load_config(["--config", str(sources_toml), "--data.path", str(tmp_path / "mine")] + run)
+    assert (cfg.data.path, cfg.data.sources) == (str(tmp_path / "mine"), "")
+
+    for given, meant in (("--training.lr", "optimizer.lr"), ("--optimizer.lrr", "optimizer.lr"),
+                         ("--trainng.steps", "training.steps"), ("--model.vocab", "model.vocab_size")):
+        with pytest.raises(ConfigError, match=rf"; did you mean {re.escape(meant)}\?"):
+            load_config([given, "1"] + run)
+    sources_toml.write_text("[optimiser]\nlr = 1e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'optimiser'; did you mean optimizer\.lr\?"):
+        load_config(["--config", str(sources_toml)] + run)
+
+
+@pytest.mark.slow
+def test_a_multi_rank_start_refused_by_every_rank_prints_the_error_once_last(tmp_path, tokenizer):
+    """launch/run_train.sh on 2 ranks, the user's command of issue 32: own_data.toml with the data
+    given as --data.sources, a folder whose encode was interrupted. Every rank refuses it; the
+    launcher prints the line once, last, with no torchrun failure block."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_launch import script_env
+
+    raw = write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in random_texts(50, seed=8)])
+    data = tmp_path / "data"
+    encode(tokenizer, [raw], data, "--val-fraction", "0.2")
+    os.remove(data / "manifest.json")  # as an interrupted encode leaves it
+    r = subprocess.run(["bash", "launch/run_train.sh", "--config", "train_configs/own_data.toml", "--data.sources",
+                        str(data), "--job.dump_folder", str(tmp_path / "run")], cwd=ROOT,
+                       env=script_env(tmp_path, NGPU=2, PYTHON=sys.executable), capture_output=True, text=True,
+                       timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    expected = f"config error: data.sources: {data} is an unfinished mobilellm-prepare output"
+    assert r.returncode == 2 and lines[-1].startswith(expected), r.stderr[-3000:]
+    assert sum(ln.startswith("config error:") for ln in lines) == 1  # rank 0's own copy is prefixed [rank0]:
+    assert "ChildFailedError" not in r.stderr and "Root Cause" not in r.stderr and "Traceback" not in r.stderr

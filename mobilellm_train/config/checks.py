@@ -121,7 +121,9 @@ def check_data(d: DataConfig, vocab_size: int) -> None:
     check(d.val_interval >= 0 and d.val_sequences > 0, "data.val_interval must be >= 0 and data.val_sequences > 0")
     check(not d.val_path or os.path.isdir(d.val_path), f"data.val_path: {d.val_path} is not a folder")
     check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path, a prepared folder of held-out data"
-          + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else ""))
+          + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else
+             " (with data.sources, a single folder's <folder>/val is taken; of several, name one with --data.val_path, "
+             "or set --data.val_interval 0)" if d.sources else ""))
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")

@@ -77,15 +77,24 @@ def check_tokenizer_fits(tokenizer_path: str, tokenizer_vocab_size: int, model_v
         )
 
 
-def check_same_tokenizer(checkpoint: str, tokenizer_path: str) -> None:
-    """An explicit tokenizer must be the one a checkpoint holds, when it holds one (compared by
-    sha256, as the trainer compares a run's tokenizer with its data's)."""
+def other_tokenizer(checkpoint: str, tokenizer_path: str) -> str:
+    """The tokenizer.model `checkpoint` holds when it is not `tokenizer_path` (compared by sha256,
+    as the trainer compares a run's tokenizer with its data's); "" when they are the same or
+    either is missing. The one comparison evaluation, export and continued pretraining make."""
     from mobilellm_train.data.shards import file_sha256
 
     own = os.path.join(checkpoint, TOKENIZER_FILE)
     if not tokenizer_path or not os.path.isfile(own) or not os.path.isfile(tokenizer_path):
-        return
+        return ""
     if os.path.samefile(own, tokenizer_path) or file_sha256(own) == file_sha256(tokenizer_path):
+        return ""
+    return own
+
+
+def check_same_tokenizer(checkpoint: str, tokenizer_path: str) -> None:
+    """An explicit tokenizer must be the one a checkpoint holds, when it holds one."""
+    own = other_tokenizer(checkpoint, tokenizer_path)
+    if not own:
         return
     raise TokenizerMismatchError(
         f"--tokenizer {tokenizer_path} is not the tokenizer {own} that the model was trained with "
