@@ -40,7 +40,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the output projection with the input embedding, as MobileLLM does."""
     vocab_size: int = 0
-    """Vocabulary size; 0 takes the flavor's (32000). Must cover every token id in the data."""
+    """Vocabulary size; 0 takes the data's (a prepared folder's manifest, data.tokenizer_path of
+    JSONL data, the demo's) or a resumed checkpoint's, else the flavor's (32000). Must cover every
+    token id in the data."""
     max_seq_len: int = 0
     """Longest sequence the RoPE tables cover; 0 takes the flavor's (2048)."""
     dim: int = 0
