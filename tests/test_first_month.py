@@ -376,3 +376,54 @@ def test_a_multi_rank_start_refused_by_every_rank_prints_the_error_once_last(tmp
     assert r.returncode == 2 and lines[-1].startswith(expected), r.stderr[-3000:]
     assert sum(ln.startswith("config error:") for ln in lines) == 1  # rank 0's own copy is prefixed [rank0]:
     assert "ChildFailedError" not in r.stderr and "Root Cause" not in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The HF export's files, weights included, get the user's umask.
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_hf_export_files_get_the_users_umask(tmp_path, umask):
+    pytest.importorskip("safetensors")
+    import stat
+
+    from conftest import init_model
+    from mobilellm_train.export import write_hf_folder
+    from test_generate import ARGS
+
+    old = os.umask(umask)
+    try:
+        out = write_hf_folder(ARGS, init_model(ARGS).state_dict(), str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) for name in os.listdir(out)}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. mobilellm-eval: a run folder named first; the CPU's perplexity batch.
+
+
+def test_eval_names_a_run_folder_before_anything_about_its_contents(tmp_path, capsys, caplog):
+    import numpy as np
+    import torch
+
+    from mobilellm_train.data.shards import write_token_dataset
+    from mobilellm_train.evaluation import cli
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-20").mkdir(parents=True)
+    (run / "checkpoints" / "step-20" / ".metadata").write_bytes(b"")
+    write_token_dataset(str(tmp_path / "tokens"), [np.arange(3, 90)] * 4, vocab_size=100, tokens_per_shard=1000)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit):
+        cli.main(["--checkpoint", str(run), "--tasks", "tokens", "--token-data", str(tmp_path / "tokens")])
+    newest = run / "checkpoints" / "step-20"
+    assert capsys.readouterr().err.strip() == (f"eval error: --checkpoint {run} is a training run folder, not a "
+                                               f"checkpoint; its newest complete checkpoint is {newest}: pass "
+                                               f"--checkpoint {newest}")
+    assert "tokenizer" not in caplog.text
+    args = cli.build_parser().parse_args(["--checkpoint", "x"])
+    assert cli.ppl_batch_size(args, torch.device("cpu")) == 32 and cli.ppl_batch_size(args, torch.device("cuda")) == 4
+    args.ppl_batch_size = 8
+    assert cli.ppl_batch_size(args, torch.device("cpu")) == 8

@@ -136,21 +136,35 @@ def load_model(
     layer_sharing applies to HF folders only (see hf.load_hf_checkpoint); a DCP checkpoint
     records its own, and `verify` checks its files against the checksums recorded at save.
     """
+    check_checkpoint_folder(checkpoint)
     if is_complete(checkpoint):
         return load_model_from_checkpoint(checkpoint, device=device, verify=verify)
-    if is_hf_folder(checkpoint):
-        args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
-        with torch.device("meta"):
-            model = MobileLLM(args)
-        model.to_empty(device=device)
-        model.init_weights()  # the RoPE tables; every weight is overwritten next
-        model.load_state_dict(state)
-        return model.eval()
+    args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
+    with torch.device("meta"):
+        model = MobileLLM(args)
+    model.to_empty(device=device)
+    model.init_weights()  # the RoPE tables; every weight is overwritten next
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def refuse_run_folder(checkpoint: str) -> None:
+    """A training run folder given as a checkpoint: a FileNotFoundError naming its newest step.
+    mobilellm-eval checks this first, before anything it would say about the folder's contents
+    (that it holds no tokenizer, say)."""
+    if not (is_complete(checkpoint) or is_hf_folder(checkpoint)) and os.path.isdir(checkpoint):
+        newest = newest_step_folder(checkpoint)
+        if newest:
+            raise FileNotFoundError(run_folder_message(checkpoint, newest))
+
+
+def check_checkpoint_folder(checkpoint: str) -> None:
+    """A DCP step folder or a Hugging Face folder, else a FileNotFoundError saying what it is."""
+    if is_complete(checkpoint) or is_hf_folder(checkpoint):
+        return
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
-    newest = newest_step_folder(checkpoint)
-    if newest:
-        raise FileNotFoundError(run_folder_message(checkpoint, newest))
+    refuse_run_folder(checkpoint)
     raise FileNotFoundError(
         f"--checkpoint {checkpoint}: neither a complete DCP step folder (no .metadata) nor a "
         "Hugging Face folder (no config.json)"
