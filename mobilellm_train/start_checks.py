@@ -152,18 +152,18 @@ def check_initial_tokenizer(cfg: C.CheckpointConfig, dump_folder: str, tokenizer
         return
     own = os.path.join(path, "tokenizer.model")
     if not (os.path.isfile(own) and tokenizer_path and os.path.isfile(tokenizer_path)):
+        missing = "it holds no tokenizer.model" if not os.path.isfile(own) else "this run's data names no tokenizer"
         if rank == 0:
-            logger.warning("checkpoint.initial_load_path %s: %s, so it cannot be checked that its weights were trained "
-                           "with the tokenizer of this run's data", path,
-                           "holds no tokenizer.model" if not os.path.isfile(own) else "this run's data names no tokenizer")
+            logger.warning("checkpoint.initial_load_path %s: %s, so it cannot be checked that its weights were "
+                           "trained with the tokenizer of this run's data", path, missing)
         return
     if not other_tokenizer(path, tokenizer_path):
         return
     if cfg.initial_load_other_tokenizer:
         if rank == 0:
-            logger.warning("checkpoint.initial_load_other_tokenizer: starting from the weights of %s, trained with the "
-                           "tokenizer %s, on data of another tokenizer, %s: the same token ids mean other text to them, "
-                           "and this run's checkpoints hold the data's tokenizer", path, own, tokenizer_path)
+            logger.warning("checkpoint.initial_load_other_tokenizer: starting from the weights of %s, trained with "
+                           "the tokenizer %s, on data of another tokenizer, %s: the same token ids mean other text "
+                           "to them, and this run's checkpoints hold the data's tokenizer", path, own, tokenizer_path)
         return
     raise CheckpointMismatchError(
         f"checkpoint.initial_load_path {path} was trained with the tokenizer {own}, and this run's data was made with "

@@ -76,7 +76,8 @@ def test_encode_into_a_finished_dataset_of_other_inputs_is_refused(tmp_path, tok
         summary = prepare.run(["verify", str(out)])
     assert summary[str(out)]["unlisted"] == ["notes.txt", "shard-00042.bin"]
     assert summary[str(out / "val")]["unlisted"] == []
-    assert "2 files (68 B) that manifest.json does not list" in caplog.text and "notes.txt, shard-00042.bin" in caplog.text
+    assert "2 files (68 B) that manifest.json does not list" in caplog.text
+    assert "notes.txt, shard-00042.bin" in caplog.text
 
     # --overwrite: the old dataset's files go first (the orphan shard too), a file of another name stays.
     caplog.clear()
@@ -134,6 +135,8 @@ def test_interrupted_encode_says_rerunning_resumes_and_training_names_it_unfinis
         assert f"is an unfinished mobilellm-prepare output: preparing it was interrupted (2 of {total} shards " \
                "finished, no manifest.json yet)" in str(e.value)
         assert "mobilellm-prepare encode --input" in str(e.value) and f"--out {out}" in str(e.value)
+    with pytest.raises(DataError, match="is an unfinished mobilellm-prepare output"):
+        prepare.run(["verify", str(out)])
 
     monkeypatch.setattr(pipeline, "run_unit", real_run_unit)
     caplog.clear()

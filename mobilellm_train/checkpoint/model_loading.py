@@ -102,7 +102,8 @@ def model_args_fingerprint(args: ModelArgs) -> str:
 def read_train_state(path: str) -> TrainState:
     """The train state a checkpoint holds, read alone (no process group needed). A field of this
     version that an older checkpoint lacks keeps its default rather than failing the load."""
-    stored = {fqn.split(".", 1)[1] for fqn in read_metadata(path).state_dict_metadata if fqn.startswith("train_state.")}
+    keys = read_metadata(path).state_dict_metadata
+    stored = {fqn.split(".", 1)[1] for fqn in keys if fqn.startswith("train_state.")}
     values = {k: v for k, v in TrainState().state_dict().items() if k in stored}
     checked_load({"train_state": values}, path)  # DCP fills the dict in place
     return TrainState(**values)

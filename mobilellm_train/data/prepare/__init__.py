@@ -37,10 +37,11 @@ Bad records (malformed JSON or UTF-8, a missing field, a value of the wrong type
 cell, a token id outside the vocabulary) stop the run naming the file and line (or Parquet row);
 ``--skip-bad N`` skips up to N of them over the whole run instead, each logged, counts in the
 manifest. Empty files are skipped with a warning; empty folders, unreadable Parquet files and
-unknown file types stop the run while planning, before any encoding. A full disk stops any command in words (what it was writing,
-where, the space left, what to do), with the temporary files deleted and the finished shards kept
-for the rerun. The tokenizer trains on at most ``--sample-bytes`` of text, taken from every input
-in proportion to its size, streamed (sample.py).
+unknown file types stop the run while planning, before any encoding. A full disk stops any
+command in words (what it was writing, where, the space left, what to do), with the temporary
+files deleted and the finished shards kept for the rerun. The tokenizer trains on at most
+``--sample-bytes`` of text, taken from every input in proportion to its size, streamed
+(sample.py).
 
 The package, one file per part:
 

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
     q.add_argument("--max-document-bytes", type=parse_size, default=parse_bytes("4M"),
                    help="cut longer documents (a whole file with --text-split file, say) into documents of at most "
-                        "this size at line ends: SentencePiece needs about 50x a document's size in memory "
+                        "this size at line ends: SentencePiece needs about 45x a document's size in memory "
                         "(default 4M; 0 never cuts)")
 
     q = sub.add_parser("convert", help="convert the original token-id JSONL layout into token shards")

@@ -22,11 +22,13 @@ def unit_record_path(out: str, index: int) -> str:
 def unfinished_message(folder: str) -> str:
     """"" unless `folder` (or, for its val/, the folder above) is a mobilellm-prepare output whose
     run has not finished: then what it is and the command that finishes it. Reads only JSON."""
-    if os.path.basename(os.path.normpath(folder)) == VAL_DIR and not os.path.isdir(os.path.join(folder, PROGRESS_DIR)):
-        parent = os.path.dirname(os.path.normpath(folder))
+    folder = os.path.normpath(folder)
+    if os.path.basename(folder) == VAL_DIR and not os.path.isdir(os.path.join(folder, PROGRESS_DIR)):
+        parent = os.path.dirname(folder)
         return unfinished_message(parent) if os.path.isdir(os.path.join(parent, PROGRESS_DIR)) else ""
     progress = os.path.join(folder, PROGRESS_DIR)
-    if os.path.isfile(os.path.join(folder, "manifest.json")) or not os.path.isfile(os.path.join(progress, SETTINGS_FILE)):
+    finished = os.path.isfile(os.path.join(folder, "manifest.json"))
+    if finished or not os.path.isfile(os.path.join(progress, SETTINGS_FILE)):
         return ""
     done = sum(1 for n in os.listdir(progress) if re.fullmatch(r"unit-\d+\.json", n))
     try:

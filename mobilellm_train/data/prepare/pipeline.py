@@ -225,8 +225,9 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
         raise
     if full_disk:
         remove_tmp_files(out)
+        done = _units_on_disk(out)
         raise DataError(full_disk_message(
-            out, full_disk, f"run the same command again: the {_units_on_disk(out)} of {len(units)} shards finished so far "
+            out, full_disk, f"run the same command again: the {done} of {len(units)} shards finished so far "
             f"are kept, and it goes on with the rest"))
     seconds = time.perf_counter() - begin
     if skipped > settings["skip_bad"]:  # all counted in finished units of earlier runs

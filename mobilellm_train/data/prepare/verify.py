@@ -10,15 +10,19 @@ import logging
 import os
 
 from mobilellm_train.data.budget import coverage_summary
-from mobilellm_train.data.prepare.layout import VAL_DIR
+from mobilellm_train.data.prepare.layout import VAL_DIR, unfinished_message
 from mobilellm_train.data.prepare.out_folder import unlisted_files
 from mobilellm_train.data.prepare.space import format_bytes
 from mobilellm_train.data.shards import MANIFEST_FILE, is_dataset, read_manifest, verify_dataset
+from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
 
 
 def cmd_verify(args) -> dict:
+    unfinished = unfinished_message(args.folder)
+    if unfinished:
+        raise DataError(unfinished)
     summary = {}
     for folder in (args.folder, os.path.join(args.folder, VAL_DIR)):
         if folder != args.folder and not is_dataset(folder):
