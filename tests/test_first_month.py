@@ -385,7 +385,7 @@ def test_a_multi_rank_start_refused_by_every_rank_prints_the_error_once_last(tmp
 # 7. The HF export's files, weights included, get the user's umask.
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
 def test_hf_export_files_get_the_users_umask(tmp_path, umask):
     pytest.importorskip("safetensors")
     import stat
