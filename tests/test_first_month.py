@@ -278,6 +278,7 @@ def model_and_other_data(tmp_path):
     return step, own, str(tmp_path / "theirs"), other
 
 
+@pytest.mark.slow
 def test_initial_load_from_a_model_of_another_tokenizer_is_refused(tmp_path, model_and_other_data):
     from conftest import run_trainer
 
