@@ -1,6 +1,6 @@
-"""The set-up a run is built from: the process group, logging, the run folder's config.toml,
-the data and the wrapped model. `train.Trainer` calls these in order; bench.py and
-checkpoint_bench.py build their model with the same `build_model`.
+"""The set-up a run is built from: the process group, logging, the data, the wrapped model and
+the checkpointer (the run folder's config.toml is run_config.py's). `train.Trainer` calls these
+in order; bench.py and checkpoint_bench.py build their model with the same `build_model`.
 
 torch and the modules built on it are imported inside the functions that use them, so that
 `mobilellm-train --help` answers at once.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterable
@@ -100,66 +99,6 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def write_effective_config(cfg: C.Config, dump_folder: str) -> str | None:
-    """Write <dump_folder>/config.toml, the config of the latest start that got as far as
-    training (a refused start writes nothing). A different earlier one is kept as
-    config.previous.toml, one file rather than a pile. Returns the earlier text, if any."""
-    os.makedirs(dump_folder, exist_ok=True)
-    path = os.path.join(dump_folder, "config.toml")
-    text = C.to_toml(cfg)
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if old == text:
-            return old
-        os.replace(path, os.path.join(dump_folder, "config.previous.toml"))
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return old
-
-
-def log_config_change(old_text: str, cfg: C.Config, world_size: int, step: int) -> None:
-    """Say what changed since the last start; for a resumed run, a changed budget in steps and
-    tokens and what the recomputed lr schedule does at this step."""
-    from mobilellm_train.optim import lr_multiplier
-
-    try:
-        old = C.parse_effective_config(old_text)
-    except Exception as e:  # an unreadable old file must not stop the run
-        logger.warning("could not read the previous config.toml (%s)", e)
-        return
-    changed = [
-        f"{section}.{key} {C._toml_value(before)} -> {C._toml_value(after)}"
-        for section in C._section_types()
-        for (key, before), after in zip(dataclasses.asdict(getattr(old, section)).items(),
-                                        dataclasses.asdict(getattr(cfg, section)).values())
-        if before != after
-    ]
-    if changed:
-        logger.info("config changed since the last start (the earlier one is config.previous.toml): %s",
-                    "; ".join(changed))
-    if step == 0:
-        return
-    budget = {}
-    for name, c in (("old", old), ("new", cfg)):
-        batch_tokens = C.global_batch_size(c.training, world_size) * c.training.seq_len
-        steps = C.total_steps(c.training, world_size)
-        lr = C.peak_lr(c.optimizer, batch_tokens) * lr_multiplier(step, cfg=c.lr_scheduler, total_steps=steps)
-        budget[name] = (steps, steps * batch_tokens, lr)
-    (old_steps, old_tokens, old_lr), (new_steps, new_tokens, new_lr) = budget["old"], budget["new"]
-    if (old_steps, old_tokens) != (new_steps, new_tokens):
-        logger.warning(
-            "training budget changed on resume: %d steps (%.4g tokens) -> %d steps (%.4g tokens); the lr "
-            "schedule spans the new budget, so the lr of step %d is %.4g (it would have been %.4g)",
-            old_steps, old_tokens, new_steps, new_tokens, step + 1, new_lr, old_lr,
-        )
-    elif not math.isclose(old_lr, new_lr, rel_tol=1e-9):
-        logger.warning("the lr settings changed on resume: the lr of step %d is %.4g (it would have been %.4g)",
-                       step + 1, new_lr, old_lr)
-
-
 def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, str]:
     """(token folder, tokenizer): data.path (or data.sources), else the demo corpus built once by
     rank 0."""
@@ -224,12 +163,15 @@ def build_checkpointer(
     rank: int,
     world_size: int,
     tokenizer_path: str,
+    config_text: str = "",
 ):
     """(the checkpointer of every Stateful part of the run, the run's TrainState). The checkpoint
-    holds exactly these states; nothing else is needed to resume."""
+    holds exactly these states; nothing else is needed to resume. `config_text`, the run's
+    effective config as TOML, is recorded in each checkpoint's train state (run_config.py)."""
     from mobilellm_train import checkpoint as ckpt
 
-    train_state = ckpt.TrainState(dp_world_size=world_size, model_args=ckpt.model_args_fingerprint(model_args))
+    train_state = ckpt.TrainState(dp_world_size=world_size, model_args=ckpt.model_args_fingerprint(model_args),
+                                  config=config_text)
     jsonl_position = isinstance(data_state, ckpt.PerRankState)
     states = {
         "model": ckpt.ModelState(model),

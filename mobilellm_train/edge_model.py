@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import sys
 import tempfile
@@ -64,17 +65,31 @@ def load_custom_ops() -> None:
 
 
 # What lowering and loading print that says nothing about the user's model: torchao's optional
-# GPU kernels it cannot load on a CPU build, pytree's deprecation note at torchao's import,
-# cpuinfo's probing of ARM-only files, and the custom ops' per-call remark when run eagerly.
+# GPU kernels it cannot load on a CPU build (and its log record that Triton is missing), pytree's
+# deprecation note at torchao's import, cpuinfo's probing of ARM-only files, the custom ops' per-
+# call remark when run eagerly, and the log records of finding and loading the custom ops'
+# library and of copying each constant shared by two delegates (INFO records of the root logger,
+# printed once a command configures logging).
 _NOISE = (
     "cpuinfo_utils.cpp",
     "kernel_runtime_context.h",
     "is an Enum subclass and is now natively supported",
+    "Detected no triton",
+    "Looking for libcustom_ops_aot_lib",
+    "Loading custom ops library",
+    "Copying constant nodes",
 )
 
 
 def _is_noise(line: str) -> bool:
     return any(marker in line for marker in _NOISE) or ("Failed to load" in line and "torchao" in line)
+
+
+class _NoiseFilter(logging.Filter):
+    """Drops the libraries' log records that are noise (_NOISE), whichever logger made them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_noise(record.getMessage())
 
 
 @contextlib.contextmanager
@@ -87,7 +102,7 @@ def maybe_quiet_native_noise():
     except OSError:  # no fd 2 to redirect: nothing would be printed anyway
         yield
         return
-    with tempfile.TemporaryFile() as capture, warnings.catch_warnings():
+    with tempfile.TemporaryFile() as capture, warnings.catch_warnings(), _quiet_log_records():
         # ExecuTorch's op registrations call torch._check_is_size, which torch 2.13 deprecates.
         warnings.filterwarnings("ignore", message=".*_check_is_size will be removed", category=FutureWarning)
         # torch.export's pytree note on ExecuTorch's specs, and the emitter's remark that mutated
@@ -106,6 +121,22 @@ def maybe_quiet_native_noise():
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _quiet_log_records():
+    """_NoiseFilter on the log handlers while the block runs: on the handlers, not on a logger,
+    as records of any logger propagate to them (the root's, which a command's logging.basicConfig
+    sets up, and the last-resort one)."""
+    handlers = [h for h in (*logging.getLogger().handlers, logging.lastResort) if h is not None]
+    noise = _NoiseFilter()
+    for handler in handlers:
+        handler.addFilter(noise)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(noise)
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

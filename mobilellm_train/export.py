@@ -192,6 +192,9 @@ def write_hf_folder(
 
             # transformers checks this metadata entry to know the tensors are PyTorch's.
             save_file(hf_state, weights_path, metadata={"format": "pt"})
+            # safetensors creates its file private (0600); it gets the user's umask like the others,
+            # so that colleagues on shared storage can read the weights as they read config.json.
+            os.chmod(weights_path, 0o666 & ~_umask())
         else:
             torch.save(hf_state, weights_path)
         if tokenizer_path:
@@ -201,6 +204,13 @@ def write_hf_folder(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _move_into_place(tmp_dir: str, out_dir: str, overwrite: bool) -> None:

@@ -1,7 +1,8 @@
 """Start-up decisions and checks of a training run that read the data and the disk, not only the
-config: the model's vocabulary taken from the data (and a contradiction refused), the free
-space of the checkpoint folder against the size of a checkpoint, and what a start added to the
-run folder, removed again when the start is refused. `train.Trainer` calls these; each is
+config: the model's vocabulary taken from the data (and a contradiction refused), the tokenizer of
+the weights a new run starts from against its data's, the free space of the checkpoint folder
+against the size of a checkpoint, and what a start added to the run folder, removed again when
+the start is refused. `train.Trainer` calls these; each is
 usable on its own (tests call them in-process).
 """
 
@@ -13,7 +14,7 @@ import os
 import shutil
 
 from mobilellm_train import config as C
-from mobilellm_train.errors import CheckpointError, ConfigError
+from mobilellm_train.errors import CheckpointError, CheckpointMismatchError, ConfigError
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -70,20 +71,26 @@ def data_vocabulary(data: C.DataConfig) -> DataVocab | None:
     return None
 
 
+def resumed_step_folder(cfg: C.CheckpointConfig, dump_folder: str) -> str:
+    """The step folder of this run that this start will resume, "" when it resumes none."""
+    from mobilellm_train.checkpoint import list_checkpoints
+
+    if not cfg.enable or cfg.load_step == 0:
+        return ""
+    folder = os.path.join(dump_folder, cfg.folder)
+    complete, _ = list_checkpoints(folder)
+    step = cfg.load_step if cfg.load_step in complete else (complete[-1] if complete else None)
+    return "" if step is None else os.path.join(folder, f"step-{step}")
+
+
 def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | None:
     """The vocabulary of the checkpoint this start will resume (or of checkpoint.initial_load_path
     when it resumes none), if any: a resumed model keeps the shape it was saved with, whatever the
     data records (a run begun before the vocabulary was taken from the data kept the preset's)."""
-    from mobilellm_train.checkpoint import is_complete, list_checkpoints, read_metadata
+    from mobilellm_train.checkpoint import is_complete, read_metadata
 
-    path = ""
-    if cfg.enable and cfg.load_step != 0:
-        folder = os.path.join(dump_folder, cfg.folder)
-        complete, _ = list_checkpoints(folder)
-        step = cfg.load_step if cfg.load_step in complete else (complete[-1] if complete else None)
-        path = "" if step is None else os.path.join(folder, f"step-{step}")
     # A new run from other weights (checkpoint.initial_load_path) takes their shape too.
-    path = path or cfg.initial_load_path
+    path = resumed_step_folder(cfg, dump_folder) or cfg.initial_load_path
     try:
         if path and is_complete(path):
             # The embedding's shape in DCP's index: no tensor is read and, inside a process
@@ -131,6 +138,39 @@ def apply_data_vocab_size(cfg: C.Config, dump_folder: str) -> None:
     if note:
         logger.info("%s", note)
     cfg.model.vocab_size = vocab
+
+
+def check_initial_tokenizer(cfg: C.CheckpointConfig, dump_folder: str, tokenizer_path: str, rank: int) -> None:
+    """checkpoint.initial_load_path, when this start loads it (it resumes no checkpoint of its
+    own): the tokenizer.model it holds must be the tokenizer of this run's data, `tokenizer_path`
+    (by sha256: the comparison evaluation and export make). Else CheckpointMismatchError, unless
+    checkpoint.initial_load_other_tokenizer asks for it, which is warned about."""
+    from mobilellm_train.evaluation.loading import other_tokenizer
+
+    path = cfg.initial_load_path
+    if not path or resumed_step_folder(cfg, dump_folder):
+        return
+    own = os.path.join(path, "tokenizer.model")
+    if not (os.path.isfile(own) and tokenizer_path and os.path.isfile(tokenizer_path)):
+        missing = "it holds no tokenizer.model" if not os.path.isfile(own) else "this run's data names no tokenizer"
+        if rank == 0:
+            logger.warning("checkpoint.initial_load_path %s: %s, so it cannot be checked that its weights were "
+                           "trained with the tokenizer of this run's data", path, missing)
+        return
+    if not other_tokenizer(path, tokenizer_path):
+        return
+    if cfg.initial_load_other_tokenizer:
+        if rank == 0:
+            logger.warning("checkpoint.initial_load_other_tokenizer: starting from the weights of %s, trained with "
+                           "the tokenizer %s, on data of another tokenizer, %s: the same token ids mean other text "
+                           "to them, and this run's checkpoints hold the data's tokenizer", path, own, tokenizer_path)
+        return
+    raise CheckpointMismatchError(
+        f"checkpoint.initial_load_path {path} was trained with the tokenizer {own}, and this run's data was made with "
+        f"another, {tokenizer_path} (their sha256 differ): the same token ids mean other text to the two. Prepare the "
+        f"data with the model's tokenizer (mobilellm-prepare encode --tokenizer {own} ...), or set "
+        "--checkpoint.initial_load_other_tokenizer true to start from these weights on purpose"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,18 +24,22 @@ from mobilellm_train.build import (
     build_model,
     build_train_data,
     init_distributed,
-    log_config_change,
     plan_batches,
     resolve_data,
     setup_logging,
-    write_effective_config,
 )
 from mobilellm_train.errors import NonFiniteError
 from mobilellm_train.loop.garbage import GarbageCollection
 from mobilellm_train.loop.nonfinite import NonFiniteSteps
 from mobilellm_train.loop.validation import Validation, _validation_loss, validation_loss  # noqa: F401
+from mobilellm_train.run_config import report_config_change, write_effective_config
 from mobilellm_train.run_parts import RunParts
-from mobilellm_train.start_checks import apply_data_vocab_size, check_checkpoint_space, describe_run
+from mobilellm_train.start_checks import (
+    apply_data_vocab_size,
+    check_checkpoint_space,
+    check_initial_tokenizer,
+    describe_run,
+)
 from mobilellm_train.step import clip_grad_norm_, step_on_device, train_step  # noqa: F401
 
 # torch and the modules built on it are imported inside the functions that use them, so that
@@ -133,9 +137,10 @@ class Trainer:
         self.zero_shot = ZeroShotEval(cfg.eval, self.tokenizer_path, self.plan.total_steps)
 
     def set_up_checkpointer(self) -> None:
+        check_initial_tokenizer(self.cfg.checkpoint, self.dump_folder, self.tokenizer_path, self.rank)
         self.checkpointer, self.train_state = build_checkpointer(
             self.cfg.checkpoint, self.dump_folder, self.model, self.optimizer, self.scheduler, self.data_state,
-            self.model_args, self.rank, self.world_size, self.tokenizer_path,
+            self.model_args, self.rank, self.world_size, self.tokenizer_path, C.to_toml(self.cfg),
         )
         self.parts.checkpointer = self.checkpointer
 
@@ -156,8 +161,7 @@ class Trainer:
         if self.rank == 0:
             # Only now, past every refusal: config.toml describes the checkpoints beside it.
             previous = write_effective_config(self.cfg, self.dump_folder)
-            if previous is not None:
-                log_config_change(previous, self.cfg, self.world_size, state.step)
+            report_config_change(self.checkpointer.resumed_train_state, previous, self.cfg, self.world_size, state.step)
         self.parts.training_started = True  # from here on, an error keeps what the run folder holds
         return True
 
@@ -306,10 +310,13 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mobilellm_train.launch import report_one_line_error
+
     try:
         cfg = C.load_config(argv)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        report_one_line_error(f"config error: {e}")
         raise SystemExit(2) from None
     # Under torchrun, an unexpected exception's traceback lands in the failure summary.
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -322,18 +329,21 @@ def run(cfg: C.Config) -> None:
     from mobilellm_train.checkpoint import CheckpointError
     from mobilellm_train.data.jsonl import DataError
     from mobilellm_train.evaluation.tasks import TaskDataError
+    from mobilellm_train.launch import report_one_line_error
     from mobilellm_train.resilience import RunFolderError
 
     try:
         train(cfg)
     except (C.ConfigError, DataError, CheckpointError, NonFiniteError, TaskDataError, RunFolderError) as e:
         # Exit non-zero: torchrun then stops the other ranks instead of leaving them waiting.
+        # The kinds of CheckpointError (access, mismatch) are told apart by their words.
+        name = "CheckpointError" if isinstance(e, CheckpointError) else type(e).__name__
+        line = f"{name}: {own_message(e)}"
         if isinstance(e, RunFolderError):  # raised before logging is set up
-            print(f"RunFolderError: {e}", file=sys.stderr)
+            print(line, file=sys.stderr)
         else:
-            # The kinds of CheckpointError (access, mismatch) are told apart by their words.
-            name = "CheckpointError" if isinstance(e, CheckpointError) else type(e).__name__
-            logger.error("%s: %s", name, own_message(e))
+            logger.error("%s", line)
+        report_one_line_error(line)  # under a launcher: it prints this line once, for all ranks
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         # Ctrl-C before training started (the loop turns it into a clean stop): nothing to save.

@@ -12,7 +12,9 @@ the libraries' noise.
 Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
 """
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,7 +28,7 @@ pytest.importorskip("torchao", reason="needs torchao: pip install -e '.[edge]'")
 
 from conftest import init_model, subprocess_env, train_tiny_tokenizer  # noqa: E402
 from test_generate import save_step_folder  # noqa: E402
-from mobilellm_train import edge  # noqa: E402
+from mobilellm_train import edge, edge_model  # noqa: E402
 from mobilellm_train.generate import generate  # noqa: E402
 from mobilellm_train.model import ModelArgs, count_params  # noqa: E402
 
@@ -71,7 +73,14 @@ def programs(tmp_path_factory, trained):
     folder = tmp_path_factory.mktemp("pte")
     ls_model = init_model(replace(ARGS, layer_sharing=True), seed=5)
     paths = {}
-    # What the exports print, at the file-descriptor level (the libraries write from C++ too).
+    # What the exports print, at the file-descriptor level (the libraries write from C++ too), and
+    # the log records a command that sets up logging at INFO (mobilellm-export) would print.
+    records = io.StringIO()
+    handler = logging.StreamHandler(records)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     sys.stderr.flush()
     saved = os.dup(2)
     with open(folder / "stderr.txt", "w+") as captured:
@@ -86,9 +95,11 @@ def programs(tmp_path_factory, trained):
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            root.removeHandler(handler)
+            root.setLevel(level)
         captured.seek(0)
         stderr = captured.read()
-    return {"paths": paths, "ls_model": ls_model, "stderr": stderr}
+    return {"paths": paths, "ls_model": ls_model, "stderr": stderr + records.getvalue()}
 
 
 def last_logits(forward, tokens, pieces):
@@ -277,8 +288,34 @@ def test_no_split_runs_outside_the_delegate(programs):
 def test_export_prints_no_library_noise(programs):
     """What torchao, cpuinfo and the custom ops print when loaded or run is kept from the user."""
     noise = programs["stderr"]
-    for marker in ("cpuinfo", "Failed to load", "torchao", "kernel_runtime_context", "LeafSpec", "Enum subclass"):
+    for marker in ("cpuinfo", "Failed to load", "torchao", "kernel_runtime_context", "LeafSpec", "Enum subclass",
+                   "triton", "libcustom_ops_aot_lib", "custom ops library", "Copying constant nodes"):
         assert marker not in noise, noise[-3000:]
+
+
+def test_the_libraries_log_records_of_noise_are_dropped_and_others_kept():
+    """The records torchao and ExecuTorch log while importing and lowering (issue 32), as a command
+    that set up logging at INFO would print them: dropped inside maybe_quiet_native_noise only."""
+    records = io.StringIO()
+    handler = logging.StreamHandler(records)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with edge.maybe_quiet_native_noise():
+            logging.getLogger("torchao.kernel.intmm").warning(
+                "Warning: Detected no triton, on systems without Triton certain kernels will not work")
+            logging.info("Looking for libcustom_ops_aot_lib.so in /site-packages/executorch/extension/llm/custom_ops")
+            logging.info("Loading custom ops library: /x/libcustom_ops_aot_lib.so")
+            logging.info("Copying constant nodes p_layers_0_w and creating p_layers_0_w_copy_0")
+            logging.getLogger("mobilellm_train").warning("a warning of ours")
+        logging.info("Copying constant nodes outside the block")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert records.getvalue() == "a warning of ours\nCopying constant nodes outside the block\n"
+    assert not any(isinstance(f, edge_model._NoiseFilter) for h in root.handlers for f in h.filters)
 
 
 def _tokenizer(tmp_path):

@@ -147,7 +147,7 @@ def test_many_small_inputs_are_packed_into_units_of_about_unit_bytes(tmp_path, t
     encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "16K", "--val-fraction", "0.1")
     n = len(read_manifest(str(out)).shards)
     assert 0.75 * total / unit <= n <= 1.35 * total / unit + 1  # not one shard per file
-    assert len(os.listdir(out / ".progress")) == n + 1  # a record per unit, and the settings
+    assert len(os.listdir(out / ".progress")) == n + 2  # a record per unit, the settings and the command
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
@@ -156,14 +156,16 @@ def test_many_small_inputs_are_packed_into_units_of_about_unit_bytes(tmp_path, t
     assert 0 < len(val) < len(expected) / 5 and sorted(train + val) == sorted(expected)
     assert [d for d in expected if d in train] == train  # input order kept
 
-    # The same inputs and settings plan the same units: a rerun has nothing to do; a file that
-    # grew redoes its unit and the later ones (they shift), not the ones before it.
+    # The same inputs and settings plan the same units: a rerun has nothing to do. In a run that
+    # was interrupted, a file that grew redoes its unit and the later ones (they shift), not the
+    # ones before it (a finished dataset is refused instead: test_first_month).
     mtimes = {s.name: os.path.getmtime(out / f"{s.name}.bin") for s in read_manifest(str(out)).shards}
     with caplog.at_level("INFO"):
         encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "16K", "--val-fraction", "0.1")
     assert "nothing to do" in caplog.text
     texts[200].append("one more document")
     write_jsonl(paths[200], texts[200])
+    os.remove(out / "manifest.json")  # as if the run had been stopped before its end
     caplog.clear()
     with caplog.at_level("INFO"):
         encode(tokenizer, [tmp_path / "in"], out, "--unit-bytes", "16K", "--val-fraction", "0.1")
@@ -247,9 +249,9 @@ def test_full_disk_writing_manifest_settings_or_tokenizer_model(tmp_path, tokeni
     encode(tokenizer, [raw], out, "--val-fraction", "0.5")
     assert read_manifest(str(out)).num_documents + read_manifest(str(out / "val")).num_documents == 50
 
-    from mobilellm_train.data.prepare import pipeline, tokenizer as tok_module
+    from mobilellm_train.data.prepare import out_folder, tokenizer as tok_module
 
-    monkeypatch.setattr(pipeline, "write_json_atomic", enospc)
+    monkeypatch.setattr(out_folder, "write_json_atomic", enospc)
     with pytest.raises(DataError, match=r"settings\.json: no space left .* writing the run's settings"):
         encode(tokenizer, [raw], tmp_path / "out2")
     monkeypatch.setattr(tok_module, "write_file_atomic", full_for("t.model"))

@@ -5,6 +5,7 @@ Each failure path is triggered and its message checked."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -136,13 +137,26 @@ def test_refused_start_keeps_config_and_budget_change_is_logged(corpus, tmp_path
     assert (run / "config.toml").read_text() == written
     assert sorted(os.listdir(run)) == sorted(["config.toml", "checkpoints", "metrics.jsonl", "run.lock"])
 
-    out = run_trainer(base_args(corpus, run, steps=20))
-    assert "config changed since the last start" in out and "training.steps 10 -> 20" in out
-    assert "training budget changed on resume: 10 steps (1280 tokens) -> 20 steps (2560 tokens)" in out
-    assert "the lr of step 11 is" in out
-    assert "steps = 20" in (run / "config.toml").read_text()
-    assert (run / "config.previous.toml").read_text() == written
-    assert [n for n in os.listdir(run) if n.startswith("config")].__len__() == 2
+    # The user's step (issue 32): edit <run>/config.toml and resume from it. The comparison is with
+    # the config the checkpoint records, not with that (edited) file; values are the effective ones
+    # (global_batch_size 0 meant 4 on one rank: no change), and the lr warning names its causes.
+    edited = (written.replace("\nsteps = 10\n", "\nsteps = 20\n").replace("\nlr = 0.003\n", "\nlr = 0.001\n")
+              .replace("\nglobal_batch_size = 0\n", "\nglobal_batch_size = 4\n"))
+    assert edited.count("\nsteps = 20\n") == 1 and "\nlr = 0.001\n" in edited and "global_batch_size = 4" in edited
+    (run / "config.toml").write_text(edited)
+    out = run_trainer(["--config", str(run / "config.toml")])
+    changes = re.search(r"config changed since the checkpoint of step 10 was trained with \(the config it "
+                        r"records\): (.*)", out).group(1)
+    assert changes == "training.steps 10 -> 20; optimizer.lr 0.003 -> 0.001", changes
+    assert "training budget changed on resume: 10 steps (1280 tokens) -> 20 steps (2560 tokens); the lr schedule " \
+           "spans the new budget" in out
+    assert re.search(r"the lr of step 11 is [\d.e-]+ \(it would have been [\d.e-]+\), from the change of "
+                     r"optimizer\.lr, the budget", out)
+    assert (run / "config.toml").read_text() == edited and not (run / "config.previous.toml").exists()
+    # The resumed run's checkpoints record the config they were trained with.
+    from mobilellm_train.checkpoint import read_train_state
+
+    assert "lr = 0.001" in read_train_state(str(run / "checkpoints" / "step-20")).config
 
 
 @pytest.mark.slow

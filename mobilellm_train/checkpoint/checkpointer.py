@@ -36,7 +36,7 @@ from mobilellm_train.checkpoint.folders import (
     step_path,
 )
 from mobilellm_train.checkpoint.integrity import ChecksummedWriter, verify_on_all_ranks
-from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights
+from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights, read_train_state
 from mobilellm_train.checkpoint.resume import load_with_fallback, resumable_states, resume_candidates
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
@@ -136,6 +136,7 @@ class Checkpointer:
         self.pending_step = 0
         self.writer: ChecksummedWriter | None = None  # the writer of the save in flight
         self.protected_step: int | None = None  # a step being loaded: retention must keep it
+        self.resumed_train_state: TrainState | None = None  # as the step last loaded stored it
 
     def path(self, step: int) -> str:
         return step_path(self.folder, step)
@@ -204,12 +205,16 @@ class Checkpointer:
             self.verify(step)
         expected_world = train_state.dp_world_size
         # Read the train state alone first, so a mismatch is reported in words, not as a
-        # shape error from deep inside DCP.
-        saved = TrainState()
-        checked_load({"train_state": saved}, path)
+        # shape error from deep inside DCP; it is not read again with the rest (an older
+        # checkpoint lacks fields this version stores), but restored from this reading.
+        saved = read_train_state(path)
         states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank)
-        checked_load(states, path)
+        checked_load({k: v for k, v in states.items() if k != "train_state"}, path)
+        if "train_state" in states:
+            # The config stays this run's: the next save records what its steps are trained with.
+            states["train_state"].load_state_dict({k: v for k, v in saved.state_dict().items() if k != "config"})
         train_state.dp_world_size = expected_world
+        self.resumed_train_state = saved
         logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
 
     def load_model_only(self, path: str) -> None:

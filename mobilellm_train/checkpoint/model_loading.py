@@ -99,13 +99,21 @@ def model_args_fingerprint(args: ModelArgs) -> str:
     return json.dumps(dataclasses.asdict(args), sort_keys=True)
 
 
+def read_train_state(path: str) -> TrainState:
+    """The train state a checkpoint holds, read alone (no process group needed). A field of this
+    version that an older checkpoint lacks keeps its default rather than failing the load."""
+    keys = read_metadata(path).state_dict_metadata
+    stored = {fqn.split(".", 1)[1] for fqn in keys if fqn.startswith("train_state.")}
+    values = {k: v for k, v in TrainState().state_dict().items() if k in stored}
+    checked_load({"train_state": values}, path)  # DCP fills the dict in place
+    return TrainState(**values)
+
+
 def read_model_args(path: str) -> ModelArgs:
     """The ModelArgs a checkpoint was written with; needs no process group."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata)")
-    saved = TrainState()
-    checked_load({"train_state": saved}, path)
-    return ModelArgs(**json.loads(saved.model_args))
+    return ModelArgs(**json.loads(read_train_state(path).model_args))
 
 
 def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", verify: bool = True) -> MobileLLM:

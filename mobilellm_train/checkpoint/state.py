@@ -39,6 +39,9 @@ class TrainState(Stateful):
     dp_world_size: int = 1
     model_args: str = ""
     """The model's fields as JSON (one value, so DCP stores it as one item)."""
+    config: str = ""
+    """The run's effective config as TOML (config.to_toml) when the step was trained: what a
+    resume compares its own config with (run_config.py). Empty in checkpoints that predate it."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

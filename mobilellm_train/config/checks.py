@@ -96,6 +96,7 @@ def check_optimizer_and_schedule(cfg: Config) -> None:
 
 
 def check_data(d: DataConfig, vocab_size: int) -> None:
+    from mobilellm_train.data.prepare.layout import unfinished_message
     from mobilellm_train.data.sources import parse_sources
 
     check(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
@@ -104,6 +105,7 @@ def check_data(d: DataConfig, vocab_size: int) -> None:
     if d.path and not os.path.isdir(d.path):
         raise ConfigError(f"data.path: {d.path} is a file, not a folder of token data. "
                           + raw_text_hint(d.path, d.tokenizer_path))
+    folders = [("data.path", d.path)] if d.path else []
     if d.sources:
         try:
             sources = parse_sources(d.sources)
@@ -111,10 +113,17 @@ def check_data(d: DataConfig, vocab_size: int) -> None:
             raise ConfigError(f"data.sources: {e}") from None
         for source, _ in sources:
             check(os.path.isdir(source), f"data.sources: {source} is not a folder")
+        folders += [("data.sources", source) for source, _ in sources]
+    # A folder mobilellm-prepare has not finished, before anything mistakes it for other data.
+    for key, folder in folders + ([("data.val_path", d.val_path)] if d.val_path else []):
+        unfinished = unfinished_message(folder) if os.path.isdir(folder) else ""
+        check(not unfinished, f"{key}: {unfinished}")
     check(d.val_interval >= 0 and d.val_sequences > 0, "data.val_interval must be >= 0 and data.val_sequences > 0")
     check(not d.val_path or os.path.isdir(d.val_path), f"data.val_path: {d.val_path} is not a folder")
     check(not d.val_interval or d.val_path, "data.val_interval needs data.val_path, a prepared folder of held-out data"
-          + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else ""))
+          + (f" ({d.path}/val, where mobilellm-prepare encode --val-fraction puts it, does not exist)" if d.path else
+             " (with data.sources, a single folder's <folder>/val is taken; of several, name one with --data.val_path, "
+             "or set --data.val_interval 0)" if d.sources else ""))
     check(not d.doc_mask or d.sources or d.path, "data.doc_mask needs prepared data (data.path or data.sources)")
     check(not d.tokenizer_path or os.path.isfile(d.tokenizer_path),
           f"data.tokenizer_path: {d.tokenizer_path} is not a file")

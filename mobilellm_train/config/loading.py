@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -103,12 +104,28 @@ def _set(cfg: Config, dotted: str, value, source: str) -> None:
     section, _, key = dotted.partition(".")
     sections = _section_types()
     if section not in sections:
-        raise ConfigError(f"{source}: unknown section '{section}' (sections: {', '.join(sections)})")
+        raise ConfigError(f"{source}: unknown section '{section}'{_did_you_mean(dotted)} (sections: "
+                          f"{', '.join(sections)})")
     section_cls = sections[section]
     hints = typing.get_type_hints(section_cls)
     if key not in hints:
-        raise ConfigError(f"{source}: unknown key '{dotted}' (keys of [{section}]: {', '.join(hints)})")
+        raise ConfigError(f"{source}: unknown key '{dotted}'{_did_you_mean(dotted)} (keys of [{section}]: "
+                          f"{', '.join(hints)})")
     setattr(getattr(cfg, section), key, _coerce(dotted, value, hints[key]))
+
+
+def _did_you_mean(dotted: str) -> str:
+    """'; did you mean optimizer.lr?' for a misspelt section or key, or a key in the wrong section
+    ("" when nothing is close)."""
+    section, _, key = dotted.partition(".")
+    keys = {name: list(typing.get_type_hints(cls)) for name, cls in _section_types().items()}
+    if section in keys:
+        close = [f"{section}.{k}" for k in difflib.get_close_matches(key, keys[section], n=2, cutoff=0.6)]
+    else:
+        near = difflib.get_close_matches(section, list(keys), n=1, cutoff=0.6)
+        close = [f"{near[0]}.{key}"] if near and key in keys[near[0]] else []
+    close = close or [f"{name}.{key}" for name in keys if key in keys[name]]  # the right key, elsewhere
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -158,6 +175,12 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
                 _set(cfg, f"{section}.{key}", value, config_path)
     for dotted, value in overrides:
         _set(cfg, dotted, value, f"--{dotted}")
+    given = {dotted for dotted, _ in overrides}
+    # The data named on the command line replaces the TOML's other way of naming it.
+    if "data.sources" in given and "data.path" not in given and cfg.data.sources:
+        cfg.data.path = ""
+    elif "data.path" in given and "data.sources" not in given and cfg.data.path:
+        cfg.data.sources = ""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     fill_in_from_data(cfg)
@@ -166,10 +189,21 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
 
 
 def fill_in_from_data(cfg: Config) -> None:
-    """data.val_path left empty with data.val_interval set: <data.path>/val, mobilellm-prepare's split
-    (model.vocab_size, which a resumed checkpoint also decides, is the trainer's: start_checks)."""
-    d, candidate = cfg.data, os.path.join(cfg.data.path, "val")
-    if d.val_interval and not d.val_path and d.path and os.path.isfile(os.path.join(candidate, "manifest.json")):
+    """data.val_path left empty with data.val_interval set: <data.path>/val (or <folder>/val of a
+    data.sources of one folder), mobilellm-prepare's split (model.vocab_size, which a resumed
+    checkpoint also decides, is the trainer's: start_checks)."""
+    from mobilellm_train.data.sources import parse_sources
+    from mobilellm_train.errors import DataError
+
+    d, base = cfg.data, cfg.data.path
+    if not base and d.sources:
+        try:
+            sources = parse_sources(d.sources)
+        except DataError:
+            sources = []  # the check names it
+        base = sources[0][0] if len(sources) == 1 else ""
+    candidate = os.path.join(base, "val")
+    if d.val_interval and not d.val_path and base and os.path.isfile(os.path.join(candidate, "manifest.json")):
         d.val_path = candidate
 
 

@@ -40,7 +40,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the output projection with the input embedding, as MobileLLM does."""
     vocab_size: int = 0
-    """Vocabulary size; 0 takes the flavor's (32000). Must cover every token id in the data."""
+    """Vocabulary size; 0 takes the data's (a prepared folder's manifest, data.tokenizer_path of
+    JSONL data, the demo's) or a resumed checkpoint's, else the flavor's (32000). Must cover every
+    token id in the data."""
     max_seq_len: int = 0
     """Longest sequence the RoPE tables cover; 0 takes the flavor's (2048)."""
     dim: int = 0
@@ -219,7 +221,11 @@ class CheckpointConfig:
     """Resume from this step's checkpoint; -1 takes the newest complete one, 0 starts fresh."""
     initial_load_path: str = ""
     """A DCP step folder or Hugging Face folder whose model weights start a new run (continued
-    pretraining). Used whenever no checkpoint of the run folder is resumed, even with enable = false."""
+    pretraining). Used whenever no checkpoint of the run folder is resumed, even with enable = false.
+    The tokenizer.model it holds must be the one this run's data was made with."""
+    initial_load_other_tokenizer: bool = False
+    """Start from initial_load_path's weights although they were trained with another tokenizer
+    than this run's data (its token ids then mean other text to them); logged as a warning."""
     verify: bool = True
     """Check every checkpoint file against the checksums recorded at save before loading it."""
 

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mobilellm_train")
 
 PERPLEXITY_TASKS = ("wikitext", "tokens")
+# Perplexity windows per forward by default. On the CPU small batches leave the cores waiting on
+# each other between ops: 32 ran 2.6x the windows/s of 4 (docs/EVALUATION.md).
+PPL_BATCH_GPU, PPL_BATCH_CPU = 4, 32
 TASK_GROUPS = {"commonsense": tuple(TASKS), "all": (*TASKS, "wikitext")}
 
 
@@ -68,6 +71,10 @@ def default_name(checkpoint: str) -> str:
     if is_complete(path) and os.path.basename(os.path.dirname(path)) == "checkpoints":
         return f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}/{os.path.basename(path)}"
     return os.path.basename(path)
+
+
+def ppl_batch_size(args: argparse.Namespace, device: torch.device) -> int:
+    return args.ppl_batch_size or (PPL_BATCH_GPU if device.type == "cuda" else PPL_BATCH_CPU)
 
 
 def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> None:
@@ -173,13 +180,13 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[s
             windows = wikitext_windows(read_wikitext_rows(path), tokenizer, seq_len, add_bos=not args.no_bos)
             if args.max_windows:
                 windows = windows[: args.max_windows]
-            result = evaluate_perplexity(model, windows, args.ppl_batch_size, description="wikitext")
+            result = evaluate_perplexity(model, windows, ppl_batch_size(args, device), description="wikitext")
             record["perplexity"]["wikitext"] = {**vars(result), "perplexity": result.perplexity,
                                                 "mean_nll": result.mean_nll, "seq_len": seq_len, "file": path}
         if "tokens" in tasks:
             documents = token_documents(args.token_data, model.args.vocab_size)
             windows = pack_windows(documents, seq_len + 1, args.max_windows)
-            result = evaluate_perplexity(model, windows, args.ppl_batch_size, description="tokens")
+            result = evaluate_perplexity(model, windows, ppl_batch_size(args, device), description="tokens")
             record["perplexity"]["tokens"] = {**vars(result), "perplexity": result.perplexity,
                                               "mean_nll": result.mean_nll, "seq_len": seq_len, "path": args.token_data}
     record["seconds"] = round(time.perf_counter() - begin, 1)
@@ -203,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=0, help="only the first N perplexity windows (0: all)")
     p.add_argument("--seq-len", type=int, default=0, help="perplexity window (0: the model's max_seq_len, 2048)")
     p.add_argument("--batch-size", type=int, default=32, help="choice sequences per forward")
-    p.add_argument("--ppl-batch-size", type=int, default=4, help="perplexity windows per forward")
+    p.add_argument("--ppl-batch-size", type=int, default=0,
+                   help=f"perplexity windows per forward (0: {PPL_BATCH_GPU} on a GPU, {PPL_BATCH_CPU} on the CPU)")
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from mobilellm_train.checkpoint import CheckpointError
     from mobilellm_train.data.jsonl import DataError
-    from mobilellm_train.evaluation.loading import TokenizerMismatchError
+    from mobilellm_train.evaluation.loading import TokenizerMismatchError, refuse_run_folder
     from mobilellm_train.evaluation.report import average, format_table
     from mobilellm_train.hf import HFCheckpointError
 
@@ -237,8 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         names = [n.strip() for n in args.names.split(",")] if args.names else [default_name(c) for c in args.checkpoint]
         if len(names) != len(args.checkpoint):
             raise UsageError(f"--names has {len(names)} names for {len(args.checkpoint)} checkpoints")
-        if min(args.batch_size, args.ppl_batch_size) < 1 or min(args.limit, args.max_windows, args.seq_len) < 0:
-            raise UsageError("batch sizes must be >= 1 and --limit, --max-windows, --seq-len >= 0")
+        if args.batch_size < 1 or min(args.ppl_batch_size, args.limit, args.max_windows, args.seq_len) < 0:
+            raise UsageError("--batch-size must be >= 1 and --ppl-batch-size, --limit, --max-windows, --seq-len >= 0")
+        for checkpoint in args.checkpoint:  # a run folder is named as one before anything about its contents
+            refuse_run_folder(checkpoint)
         _check_inputs(args, tasks)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         records = {}

@@ -77,15 +77,24 @@ def check_tokenizer_fits(tokenizer_path: str, tokenizer_vocab_size: int, model_v
         )
 
 
-def check_same_tokenizer(checkpoint: str, tokenizer_path: str) -> None:
-    """An explicit tokenizer must be the one a checkpoint holds, when it holds one (compared by
-    sha256, as the trainer compares a run's tokenizer with its data's)."""
+def other_tokenizer(checkpoint: str, tokenizer_path: str) -> str:
+    """The tokenizer.model `checkpoint` holds when it is not `tokenizer_path` (compared by sha256,
+    as the trainer compares a run's tokenizer with its data's); "" when they are the same or
+    either is missing. The one comparison evaluation, export and continued pretraining make."""
     from mobilellm_train.data.shards import file_sha256
 
     own = os.path.join(checkpoint, TOKENIZER_FILE)
     if not tokenizer_path or not os.path.isfile(own) or not os.path.isfile(tokenizer_path):
-        return
+        return ""
     if os.path.samefile(own, tokenizer_path) or file_sha256(own) == file_sha256(tokenizer_path):
+        return ""
+    return own
+
+
+def check_same_tokenizer(checkpoint: str, tokenizer_path: str) -> None:
+    """An explicit tokenizer must be the one a checkpoint holds, when it holds one."""
+    own = other_tokenizer(checkpoint, tokenizer_path)
+    if not own:
         return
     raise TokenizerMismatchError(
         f"--tokenizer {tokenizer_path} is not the tokenizer {own} that the model was trained with "
@@ -127,21 +136,35 @@ def load_model(
     layer_sharing applies to HF folders only (see hf.load_hf_checkpoint); a DCP checkpoint
     records its own, and `verify` checks its files against the checksums recorded at save.
     """
+    check_checkpoint_folder(checkpoint)
     if is_complete(checkpoint):
         return load_model_from_checkpoint(checkpoint, device=device, verify=verify)
-    if is_hf_folder(checkpoint):
-        args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
-        with torch.device("meta"):
-            model = MobileLLM(args)
-        model.to_empty(device=device)
-        model.init_weights()  # the RoPE tables; every weight is overwritten next
-        model.load_state_dict(state)
-        return model.eval()
+    args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
+    with torch.device("meta"):
+        model = MobileLLM(args)
+    model.to_empty(device=device)
+    model.init_weights()  # the RoPE tables; every weight is overwritten next
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def refuse_run_folder(checkpoint: str) -> None:
+    """A training run folder given as a checkpoint: a FileNotFoundError naming its newest step.
+    mobilellm-eval checks this first, before anything it would say about the folder's contents
+    (that it holds no tokenizer, say)."""
+    if not (is_complete(checkpoint) or is_hf_folder(checkpoint)) and os.path.isdir(checkpoint):
+        newest = newest_step_folder(checkpoint)
+        if newest:
+            raise FileNotFoundError(run_folder_message(checkpoint, newest))
+
+
+def check_checkpoint_folder(checkpoint: str) -> None:
+    """A DCP step folder or a Hugging Face folder, else a FileNotFoundError saying what it is."""
+    if is_complete(checkpoint) or is_hf_folder(checkpoint):
+        return
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
-    newest = newest_step_folder(checkpoint)
-    if newest:
-        raise FileNotFoundError(run_folder_message(checkpoint, newest))
+    refuse_run_folder(checkpoint)
     raise FileNotFoundError(
         f"--checkpoint {checkpoint}: neither a complete DCP step folder (no .metadata) nor a "
         "Hugging Face folder (no config.json)"

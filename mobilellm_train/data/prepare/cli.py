@@ -11,6 +11,8 @@ import argparse
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
@@ -33,12 +35,22 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_size(text: str) -> int:
+    """parse_bytes, or 0."""
+    return 0 if text.strip() == "0" else parse_bytes(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobilellm-prepare", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_run_options(q, default_unit: str) -> None:
-        q.add_argument("--out", required=True, help="output dataset folder (created; an unfinished one is resumed)")
+        q.add_argument("--out", required=True,
+                       help="output dataset folder (created; an unfinished one is resumed; a finished one made from "
+                            "other inputs or settings is refused)")
+        q.add_argument("--overwrite", action="store_true",
+                       help="replace a finished (or unfinished) dataset of other inputs or settings in --out: its "
+                            "shards, manifests and bookkeeping are removed first")
         q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="worker processes (default: all cores)")
         q.add_argument("--unit-bytes", type=parse_bytes, default=parse_bytes(default_unit),
@@ -61,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add_text_options(q) -> None:
         q.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns")
         q.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"], default="auto",
-                       help="input format; auto goes by file extension")
-        q.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+                       help="input format; auto goes by file name: .jsonl .json .parquet .txt .text .md and "
+                            ".jsonl.gz .json.gz .txt.gz (a folder's other files are skipped); another reads every "
+                            "file as that format")
+        q.add_argument("--text-field", default="text",
+                       help="JSONL key / Parquet column holding the text; a comma list (text,content) takes the "
+                            "first one each record (or file) has")
         q.add_argument("--text-split", choices=["file", "line", "paragraph"], default="file",
                        help="plain text: one document per file, per line, or per blank-line-separated paragraph")
 
@@ -86,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", required=True, help="SentencePiece .model")
     q.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="begin each document with BOS")
     q.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True, help="end each document with EOS")
+    q.add_argument("--max-document-bytes", type=parse_size, default=parse_bytes("4M"),
+                   help="cut longer documents (a whole file with --text-split file, say) into documents of at most "
+                        "this size at line ends: SentencePiece needs about 45x a document's size in memory "
+                        "(default 4M; 0 never cuts)")
 
     q = sub.add_parser("convert", help="convert the original token-id JSONL layout into token shards")
     q.add_argument("--layout", choices=["nodes", "amber"], required=True,
@@ -111,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> dict:
     """Run one subcommand; returns its summary, raises DataError on bad input."""
     args = build_parser().parse_args(argv)
+    # Recorded in the output folder: the command a message about an unfinished folder names.
+    args.command_line = shlex.join(["mobilellm-prepare", *argv])
     if args.command in ("encode", "convert", "verify") and (args.seq_len < 1 or args.global_batch_size < 1):
         raise DataError("--seq-len and --global-batch-size must be >= 1")
     if args.workers < 1:
@@ -131,10 +153,27 @@ def run(argv: list[str]) -> dict:
         raise DataError(full_disk_message(where, "its output", "run the same command again", "--out")) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run stops, deletes its temporary files and says so."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(sys.argv[1:] if argv is None else argv)
     except DataError as e:
         logger.error("%s", e)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as e:
+        # encode and convert say what they keep; the other commands write only when they finish.
+        name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C (SIGINT)"
+        logger.error("stopped by %s: %s", name, e.args[0] if e.args else "nothing was written; run the same "
+                     "command again")
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

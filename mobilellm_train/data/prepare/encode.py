@@ -41,14 +41,20 @@ def cmd_encode(args) -> dict:
         "bos": args.bos,
         "eos": args.eos,
         "doc_boundary": "line",
+        "max_document_bytes": args.max_document_bytes,
     }
     if args.bos and info["bos_id"] < 0 or args.eos and info["eos_id"] < 0:
         raise DataError(f"{args.tokenizer}: has no BOS/EOS piece; pass --no-bos / --no-eos")
     units = plan_units([(p, k, "train") for p, k in files], args.unit_bytes, args.text_field, args.text_split)
     logger.info("encoding %d files (%s) in %d units with %d workers into %s",
                 len(files), format_bytes(sum(u.input_bytes for u in units)), len(units), args.workers, args.out)
-    return run_prepare(units, settings, args.workers, "encode", {"command": "encode", "inputs": args.input},
-                       (args.seq_len, args.global_batch_size))
+    return run_prepare(units, settings, args.workers, "encode", _extra(args, "encode", args.input),
+                       (args.seq_len, args.global_batch_size), args.overwrite)
+
+
+def _extra(args, command: str, inputs: list[str]) -> dict:
+    """What the manifest records of the command beside its settings."""
+    return {"command": command, "inputs": inputs, "command_line": getattr(args, "command_line", "")}
 
 
 def cmd_convert(args) -> dict:
@@ -85,5 +91,5 @@ def cmd_convert(args) -> dict:
     units = plan_units(files, args.unit_bytes, "", "line")
     logger.info("converting %d files (%s layout, documents end at each %s) in %d units into %s",
                 len(files), args.layout, "line" if boundary == "line" else f"EOS ({eos_id})", len(units), args.out)
-    return run_prepare(units, settings, args.workers, "convert", {"command": "convert", "inputs": [root]},
-                       (args.seq_len, args.global_batch_size))
+    return run_prepare(units, settings, args.workers, "convert", _extra(args, "convert", [root]),
+                       (args.seq_len, args.global_batch_size), args.overwrite)

@@ -1,10 +1,13 @@
 """The inputs of mobilellm-prepare: finding the files, cutting them into units, reading their records.
 
-Inputs (``--input``, files, folders or globs): JSONL with a text field (``--text-field``), Parquet
-with a text column (read with pyarrow in batches), plain text (one document per file, per line or
-per blank-line-separated paragraph: ``--text-split``); ``.gz`` JSONL and text too; for convert,
-JSONL lines of token ids. Empty files, empty folders, unreadable Parquet files and unknown file
-types stop the run while planning (`find_inputs`, `plan_units`), before any encoding.
+Inputs (``--input``, files, folders or globs): JSONL with a text field (``--text-field``, or a comma
+list of fields: the first one a record has), Parquet with a text column (read with pyarrow in
+batches), plain text (one document per file, per line or per blank-line-separated paragraph:
+``--text-split``); ``.jsonl.gz``, ``.json.gz`` and ``.txt.gz`` too; for convert, JSONL lines of
+token ids. A folder's files of other names are skipped (counted in the log; ``--format`` reads
+them all as one format). Empty (0-byte) files are skipped with a warning. Empty folders,
+unreadable Parquet files and unknown file types named on the command line stop the run while
+planning (`find_inputs`, `plan_units`), before any encoding.
 
 A unit is about ``--unit-bytes`` of input: a piece of a large input (a byte range of a JSONL or
 text file, on line boundaries, or a group of Parquet row groups), or several small files (or the
@@ -36,6 +39,8 @@ _EXTENSIONS = {
     ".txt": "text", ".text": "text", ".md": "text", ".txt.gz": "text",
 }
 _UNSUPPORTED = (".zst", ".zstd", ".bz2", ".xz", ".lz4")
+# The names a folder's files are read by (--format auto), for the messages that name them.
+EXTENSIONS_IN_WORDS = ".jsonl, .json, .parquet, .txt, .text, .md, and .jsonl.gz, .json.gz, .txt.gz"
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -105,6 +110,7 @@ def _kind_of(path: str, fmt: str) -> str | None:
 def find_inputs(inputs: list[str], fmt: str) -> list[tuple[str, str]]:
     """(path, kind) of every input file, in a deterministic order; DataError on what cannot be read."""
     found: list[tuple[str, str]] = []
+    empty: list[str] = []
     for spec in inputs:
         if any(c in spec for c in "*?["):
             paths = sorted(glob.glob(spec, recursive=True))
@@ -118,11 +124,12 @@ def find_inputs(inputs: list[str], fmt: str) -> list[tuple[str, str]]:
             usable = [p for p in paths if _kind_of(p, fmt) is not None]
             if not usable:
                 raise DataError(
-                    f"{spec}: folder holds no input files (*.jsonl, *.json, *.parquet, *.txt, *.md, their .gz; "
-                    f"found {len(paths)} other files)"
+                    f"{spec}: folder holds no input files ({EXTENSIONS_IN_WORDS}; found {len(paths)} other "
+                    "files: --format jsonl|text|parquet reads every file as that format)"
                 )
             if len(usable) < len(paths):
-                logger.info("%s: ignoring %d files of other types", spec, len(paths) - len(usable))
+                logger.info("%s: ignoring %d files of other names (read: %s; --format jsonl|text|parquet reads "
+                            "every file as that format)", spec, len(paths) - len(usable), EXTENSIONS_IN_WORDS)
             paths = usable
         elif os.path.exists(spec):
             paths = [spec]
@@ -137,9 +144,36 @@ def find_inputs(inputs: list[str], fmt: str) -> list[tuple[str, str]]:
             if kind is None:
                 raise DataError(f"{path}: unknown file type; name it .jsonl, .parquet or .txt, or pass --format")
             if os.path.getsize(path) == 0:
-                raise DataError(f"{path}: empty file (0 bytes)")
+                empty.append(path)
+                continue
             found.append((path, kind))
+    if empty and not found:
+        raise DataError(f"{empty[0]}: empty file (0 bytes)" + (f", and so are the other {len(empty) - 1} inputs"
+                                                             if len(empty) > 1 else "; nothing to read"))
+    for path in empty[:10]:
+        logger.warning("%s: empty file (0 bytes); skipping it", path)
+    if len(empty) > 10:
+        logger.warning("... and %d more empty files, skipped too", len(empty) - 10)
     return found
+
+
+def text_fields(spec: str) -> list[str]:
+    """--text-field 'text' or 'text,content' -> the fields to look for, in order."""
+    return [f.strip() for f in spec.split(",") if f.strip()] or [spec]
+
+
+def _in_words(fields: list[str]) -> str:
+    return " or ".join(repr(f) for f in fields)
+
+
+def _parquet_column(path: str, schema, text_field: str) -> str:
+    """The first of the --text-field names that is a column of the file; a DataError if none is."""
+    fields = text_fields(text_field)
+    column = next((f for f in fields if f in schema.names), None)
+    if column is None:
+        columns = ", ".join(schema.names[:10])
+        raise DataError(f"{path}: no column {_in_words(fields)} (columns: {columns}); pass --text-field")
+    return column
 
 
 def _parquet_row_groups(path: str, text_field: str) -> list[tuple[int, int]]:
@@ -152,12 +186,10 @@ def _parquet_row_groups(path: str, text_field: str) -> list[tuple[int, int]]:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: unreadable Parquet file ({e})") from None
     schema = meta.schema.to_arrow_schema()
-    if text_field not in schema.names:
-        columns = ", ".join(schema.names[:10])
-        raise DataError(f"{path}: no column {text_field!r} (columns: {columns}); pass --text-field")
-    typ = schema.field(text_field).type
+    column = _parquet_column(path, schema, text_field)
+    typ = schema.field(column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
-        raise DataError(f"{path}: column {text_field!r} has type {typ}, not string")
+        raise DataError(f"{path}: column {column!r} has type {typ}, not string")
     return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
 
 
@@ -246,12 +278,16 @@ class LineCounter:
         return f"{self.path}:{self._first_line + k}"
 
 
-def _piece_lines(piece: Piece) -> Iterator[bytes]:
-    """The lines whose first byte lies in [piece.start, piece.stop) (all, for a whole-file piece)."""
+def _is_gz(piece: Piece) -> bool:
+    return piece.stop < 0 and piece.path.lower().endswith(".gz")
+
+
+def _piece_lines(piece: Piece, raw=None) -> Iterator[bytes]:
+    """The lines whose first byte lies in [piece.start, piece.stop) (all, for a whole-file piece;
+    a .gz piece is decompressed from `raw`, the open file)."""
     if piece.stop < 0:
-        opener = gzip.open if piece.path.lower().endswith(".gz") else open
         try:
-            with opener(piece.path, "rb") as f:
+            with (gzip.GzipFile(fileobj=raw, mode="rb") if raw is not None else open(piece.path, "rb")) as f:
                 yield from f
         except (OSError, EOFError) as e:  # a corrupt or truncated .gz
             raise DataError(f"{piece.path}: cannot be read to the end ({e})") from None
@@ -277,7 +313,8 @@ def _decode(line: bytes) -> str:
         raise BadRecord(f"invalid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)") from None
 
 
-def _json_text(line: bytes, field: str) -> str:
+def _json_text(line: bytes, text_field: str) -> str:
+    """The text of a JSONL record: the first of the --text-field keys (a comma list) it has."""
     if not line.strip():
         raise BadRecord("empty line")
     try:
@@ -286,11 +323,14 @@ def _json_text(line: bytes, field: str) -> str:
         raise BadRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
         raise BadRecord(JSON_TOO_DEEP) from None
+    fields = text_fields(text_field)
     if not isinstance(obj, dict):
-        raise BadRecord(f"expected a JSON object with key {field!r}, got {type(obj).__name__}")
-    if field not in obj:
+        raise BadRecord(f"expected a JSON object with key {_in_words(fields)}, got {type(obj).__name__}")
+    field = next((f for f in fields if f in obj), None)
+    if field is None:
         keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
-        raise BadRecord(f"no key {field!r} (keys: {keys}); pass --text-field")
+        raise BadRecord(f"no key {_in_words(fields)} (keys: {keys}); pass --text-field (a comma list takes the "
+                        "first key a record has)")
     text = obj[field]
     if not isinstance(text, str):
         raise BadRecord(f"{field!r} must be a string, got {type(text).__name__} ({json.dumps(text)[:40]})")
@@ -298,7 +338,22 @@ def _json_text(line: bytes, field: str) -> str:
 
 
 def piece_records(piece: Piece, s: dict) -> Iterator[tuple[str | np.ndarray | BadRecord, object, int]]:
-    """(text or token ids or a BadRecord, a key to name its place, input bytes read) for each record."""
+    """(text or token ids or a BadRecord, a key to name its place, input bytes read) for each record.
+    The bytes are bytes of the file as planned: for a .gz input the compressed bytes read so far,
+    so that progress, measured against the files' sizes, ends at 100%."""
+    if not _is_gz(piece):
+        yield from _records(piece, s, _piece_lines(piece))
+        return
+    with open(piece.path, "rb") as raw:
+        done = 0
+        for value, key, _ in _records(piece, s, _piece_lines(piece, raw)):
+            now = raw.tell()
+            yield value, key, now - done
+            done = now
+
+
+def _records(piece: Piece, s: dict, lines: Iterator[bytes]):
+    """piece_records, reading `lines` (the piece's raw lines) for every kind but Parquet."""
     kind = piece.kind
     if kind == "tokens":
         # The token-id line parser lives beside the torch dataset: imported only when converting.
@@ -308,11 +363,12 @@ def piece_records(piece: Piece, s: dict) -> Iterator[tuple[str | np.ndarray | Ba
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(piece.path)
+        column = _parquet_column(piece.path, pf.schema_arrow, s["text_field"])
         groups = list(range(piece.start, piece.stop))
         row = sum(pf.metadata.row_group(g).num_rows for g in range(piece.start))
         bytes_per_row = piece.input_bytes / max(1, sum(pf.metadata.row_group(g).num_rows for g in groups))
         try:
-            for batch in pf.iter_batches(_PARQUET_BATCH_ROWS, row_groups=groups, columns=[s["text_field"]]):
+            for batch in pf.iter_batches(_PARQUET_BATCH_ROWS, row_groups=groups, columns=[column]):
                 for value in batch.column(0).to_pylist():
                     yield (value if isinstance(value, str) else BadRecord("null text")), row, int(bytes_per_row)
                     row += 1
@@ -320,7 +376,6 @@ def piece_records(piece: Piece, s: dict) -> Iterator[tuple[str | np.ndarray | Ba
             raise DataError(f"{piece.path}: unreadable Parquet data near row {row} ({e})") from None
         return
 
-    lines = _piece_lines(piece)
     if kind == "text" and s["text_split"] == "file":
         data = b"".join(lines)
         try:

@@ -1,13 +1,12 @@
 """The run shared by encode and convert: check the output folder, skip finished units, run the
 rest in worker processes with a progress line, then write the manifests.
 
-A re-run skips the units with a record in ``<out>/.progress/``, so a killed run loses only its
-units in flight, and their temporary files (``*.tmp.<pid>``) are deleted by the next run.
-``manifest.json`` is written last, after every unit, and the trainer reads no folder without one.
-A re-run with other settings (tokenizer, text field, BOS/EOS, ...) into the same folder is refused,
-naming what differs; the units of an input file that changed since (its size, or the units before
-it) are redone, with a warning. ``--skip-bad N`` allows up to N bad records over the whole run,
-each logged; their count goes into the manifest.
+A re-run skips the units with a record in ``<out>/.progress/``, so a killed (or Ctrl-C'd) run
+loses only its units in flight, and their temporary files (``*.tmp.<pid>``) are deleted then or by
+the next run. ``manifest.json`` is written last, after every unit, and the trainer reads no folder
+without one. Which folders a run may write into (never a finished dataset of other inputs or
+settings, unless --overwrite) is out_folder.py's. ``--skip-bad N`` allows up to N bad records over
+the whole run, each logged; their count goes into the manifest.
 """
 
 from __future__ import annotations
@@ -27,12 +26,17 @@ import numpy as np
 from mobilellm_train.data.budget import coverage_summary
 from mobilellm_train.data.prepare.inputs import Unit
 from mobilellm_train.data.prepare.layout import PROGRESS_DIR, VAL_DIR, unit_record_path
+from mobilellm_train.data.prepare.out_folder import (
+    check_out_folder,
+    remove_tmp_files,
+    remove_units_past,
+    write_command,
+)
 from mobilellm_train.data.prepare.space import (
     byte_unit,
     format_bytes,
     full_disk_message,
     maybe_report_full_disk,
-    remove_quietly,
 )
 from mobilellm_train.data.prepare.worker import (
     init_worker,
@@ -55,11 +59,6 @@ from mobilellm_train.data.shards import (
 from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
-
-# What a killed or failed run leaves (shards.write_file_atomic and ShardWriter write <name>.tmp.<pid>).
-_TMP_NAME = re.compile(r"^(shard-\d+\.(bin|idx)|unit-\d+\.json|settings\.json|manifest\.json|tokenizer\.model)"
-                       r"\.tmp\.\d+$")
-
 
 class Progress:
     """A progress line on stderr (bytes, rate, units, ETA); redrawn on a terminal, else every 30 s."""
@@ -106,44 +105,6 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _check_out_folder(out: str, settings: dict) -> None:
-    """Refuse a folder that is not ours or was made with other settings; clear temporary files."""
-    progress = os.path.join(out, PROGRESS_DIR)
-    settings_file = os.path.join(progress, "settings.json")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(settings_file):
-        raise DataError(f"{out}: exists, is not empty and is not a mobilellm-prepare output; choose a new --out")
-    if os.path.isfile(settings_file):
-        with open(settings_file) as f:
-            saved = json.load(f)
-        # Where the output and the tokenizer lie may change, what they are (the sha256) may not; the
-        # skip budget changes no finished shard.
-        keys = sorted((set(saved) | set(settings)) - {"out", "tokenizer", "skip_bad"})
-        diff = {k: (saved.get(k), settings.get(k)) for k in keys if saved.get(k) != settings.get(k)}
-        finished = [n for n in os.listdir(progress) if n.startswith("unit-") and n.endswith(".json")]
-        if diff and not finished:
-            # An earlier run that finished no shard (it failed on its first records, say) pins nothing.
-            logger.info("%s: an earlier run with other settings finished no shard; starting afresh", out)
-        elif diff:
-            what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
-            raise DataError(
-                f"{out}: prepared earlier with other settings ({what}); rerun with the same ones to finish it, "
-                f"or choose a new --out"
-            )
-    _remove_tmp_files(out)
-    with maybe_report_full_disk(settings_file, "the run's settings", "run the same command again"):
-        os.makedirs(progress, exist_ok=True)
-        write_json_atomic(settings_file, settings)
-
-
-def _remove_tmp_files(out: str) -> None:
-    """Delete the temporary files of killed or failed runs (never a finished file)."""
-    for folder in (out, os.path.join(out, VAL_DIR), os.path.join(out, PROGRESS_DIR)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if _TMP_NAME.match(name):
-                    remove_quietly(os.path.join(folder, name))
-
-
 def _finished_record(out: str, unit: Unit) -> dict | None:
     """The record of a unit a previous run finished, if its files are all still there."""
     path = unit_record_path(out, unit.index)
@@ -183,7 +144,7 @@ def _run_units(todo: list[Unit], settings: dict, workers: int, progress: Progres
             progress.close()
         return None
     # The pool forks before the progress thread starts: no thread is copied into the workers.
-    with mp.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(settings, counter)) as pool:
+    with mp.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(settings, counter, True)) as pool:
         progress.start()
         try:
             for rec in pool.imap_unordered(run_unit_in_worker, [(u, settings) for u in todo]):
@@ -198,11 +159,15 @@ def _run_units(todo: list[Unit], settings: dict, workers: int, progress: Progres
 
 
 def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, extra: dict,
-                batch: tuple[int, int] | None = None) -> dict:
+                batch: tuple[int, int] | None = None, overwrite: bool = False) -> dict:
     """Encode every unfinished unit and write the manifests; returns a summary. `batch`
-    (seq_len, global batch size) adds the windows and steps the data covers to the log."""
+    (seq_len, global batch size) adds the windows and steps the data covers to the log;
+    `overwrite` replaces a finished dataset of other inputs or settings (out_folder.py)."""
     out = settings["out"]
-    _check_out_folder(out, settings)
+    check_out_folder(out, settings, units, overwrite)
+    if not is_dataset(out):
+        remove_units_past(out, len(units))
+        write_command(out, extra.get("command_line", ""), len(units))
     total_bytes = sum(u.input_bytes for u in units)
     records: dict[int, dict] = {}
     todo = []
@@ -238,6 +203,9 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
             logger.warning("skipped bad record %s", where)
         if rec["records_skipped"] > len(rec["skip_examples"]):
             logger.warning("... and %d more in that shard", rec["records_skipped"] - len(rec["skip_examples"]))
+        for where, nbytes, parts in rec.get("split_documents", []):
+            logger.warning("%s: a document of %s, cut into %d documents at line ends (--max-document-bytes %s)",
+                           where, format_bytes(nbytes), parts, format_bytes(settings.get("max_document_bytes", 0)))
         skipped += rec["records_skipped"]
         if skipped > settings["skip_bad"]:
             raise DataError(
@@ -248,13 +216,16 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
     begin = time.perf_counter()
     try:
         full_disk = _run_units(todo, settings, workers, progress, counter, finished)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cli.main)
+        remove_tmp_files(out)
+        raise type(e)(f"{out}: {_units_on_disk(out)} of {len(units)} shards are finished and kept; rerunning "
+                      "the same command resumes (it goes on with the rest)") from None
     except BaseException:
-        _remove_tmp_files(out)  # of the units in flight in other workers, stopped
+        remove_tmp_files(out)  # of the units in flight in other workers, stopped
         raise
     if full_disk:
-        _remove_tmp_files(out)
-        # Counted on disk: other workers may have finished a shard after this one failed.
-        done = len([n for n in os.listdir(os.path.join(out, PROGRESS_DIR)) if re.fullmatch(r"unit-\d+\.json", n)])
+        remove_tmp_files(out)
+        done = _units_on_disk(out)
         raise DataError(full_disk_message(
             out, full_disk, f"run the same command again: the {done} of {len(units)} shards finished so far "
             f"are kept, and it goes on with the rest"))
@@ -297,6 +268,11 @@ def run_prepare(units: list[Unit], settings: dict, workers: int, label: str, ext
     if batch is not None:
         logger.info("%s: %s", out, coverage_summary(summary["train"]["num_tokens"], *batch))
     return summary
+
+
+def _units_on_disk(out: str) -> int:
+    """Units finished so far, counted on disk: other workers may have finished one after an error."""
+    return len([n for n in os.listdir(os.path.join(out, PROGRESS_DIR)) if re.fullmatch(r"unit-\d+\.json", n)])
 
 
 def _record_verification(folder: str, resumed: list[int]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 import numpy as np
 
@@ -33,7 +34,13 @@ _MAX_SKIP_EXAMPLES = 20
 _worker: dict = {}
 
 
-def init_worker(settings: dict, counter) -> None:
+def init_worker(settings: dict, counter, in_pool: bool = False) -> None:
+    if in_pool:
+        # Ctrl-C reaches every process of the terminal's group: the main process stops the pool
+        # and reports; a worker's own KeyboardInterrupt would only print a traceback. SIGTERM is
+        # how the pool ends its workers: the handler the main process set (cli.main) is undone.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker.clear()
     _worker["counter"] = counter
     if settings.get("tokenizer"):
@@ -76,6 +83,16 @@ def _run_unit(unit: Unit, s: dict, name: str) -> dict:
     text_bytes = 0
     carry = np.zeros(0, dtype=np.int64)  # eos-split documents continue across lines
     eos_id = s.get("eos_id")
+    split: list[list] = []  # [where, bytes, documents] of each document cut in parts
+    reported = 0  # input bytes counted into the progress line
+
+    def add_progress(nbytes: int) -> None:
+        # Never past the unit's planned bytes: Parquet's per-row bytes are estimates.
+        nonlocal reported
+        nbytes = min(nbytes, unit.input_bytes - reported)
+        if nbytes > 0:
+            _add_progress(nbytes)
+            reported += nbytes
 
     val_folder = os.path.join(out, VAL_DIR)
     with ShardWriter(out, name, s["dtype"]) as train, ShardWriter(val_folder, name, s["dtype"]) as val:
@@ -98,7 +115,7 @@ def _run_unit(unit: Unit, s: dict, name: str) -> dict:
                 continue
             pending_bytes += nbytes
             if pending_bytes >= _PROGRESS_EVERY_BYTES:
-                _add_progress(pending_bytes)
+                add_progress(pending_bytes)
                 pending_bytes = 0
             if isinstance(value, BadRecord):
                 where = f"{record_place(piece, key, lines)}: {value}"
@@ -113,10 +130,14 @@ def _run_unit(unit: Unit, s: dict, name: str) -> dict:
                 if not value:
                     empty += 1
                     continue
-                texts.append(value)
-                text_bytes += len(value)
-                if text_bytes >= _ENCODE_BATCH_BYTES:
-                    encode_pending()
+                parts = split_document(value, s.get("max_document_bytes", 0))
+                if len(parts) > 1:
+                    split.append([record_place(piece, key, lines), len(value.encode("utf-8")), len(parts)])
+                for part in parts:
+                    texts.append(part)
+                    text_bytes += len(part)
+                    if text_bytes >= _ENCODE_BATCH_BYTES:
+                        encode_pending()
             elif s["doc_boundary"] == "line":
                 emit(value)
             else:
@@ -129,7 +150,7 @@ def _run_unit(unit: Unit, s: dict, name: str) -> dict:
                 if starts[-1] < value.size:
                     carry = np.concatenate((carry, value[starts[-1]:]))
         encode_pending()
-        _add_progress(pending_bytes)
+        add_progress(unit.input_bytes)  # the rest: the unit counts exactly its planned bytes
         record = {
             "unit": unit.to_dict(),
             "train": _info_dict(train.finish()),
@@ -137,9 +158,35 @@ def _run_unit(unit: Unit, s: dict, name: str) -> dict:
             "records_skipped": skipped,
             "skip_examples": skip_examples,
             "empty_documents": empty,
+            "split_documents": split,
         }
     write_json_atomic(unit_record_path(out, unit.index), record)
     return record
+
+
+def split_document(text: str, max_bytes: int) -> list[str]:
+    """`text` cut into documents of at most `max_bytes` of UTF-8 (0: never cut), at line ends
+    where it has them, else before a space. SentencePiece's memory grows with the text it encodes
+    at once (docs/DATA.md): one document of tens of MB would take gigabytes."""
+    if not max_bytes or len(text) <= max_bytes // 4:
+        return [text]
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [text]
+    parts, start = [], 0
+    while len(data) - start > max_bytes:
+        stop = start + max_bytes
+        cut = data.rfind(b"\n", start, stop) + 1  # after a line end
+        if cut <= start:
+            cut = data.rfind(b" ", start + 1, stop)  # a space starts the next word's piece
+        if cut <= start:
+            cut = stop
+            while data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+                cut -= 1
+        parts.append(data[start:cut].decode("utf-8"))
+        start = cut
+    parts.append(data[start:].decode("utf-8"))
+    return parts
 
 
 def _unit_records(unit: Unit, s: dict):
