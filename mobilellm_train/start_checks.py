@@ -73,29 +73,35 @@ def data_vocabulary(data: C.DataConfig) -> DataVocab | None:
 def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | None:
     """The vocabulary of the checkpoint this start will resume (or of checkpoint.initial_load_path
     when it resumes none), if any: a resumed model keeps the shape it was saved with, whatever the
-    data records (a run begun before the vocabulary was taken from the data kept the preset's)."""
-    from mobilellm_train.checkpoint import is_complete, list_checkpoints, read_metadata
+    data records (a run begun before the vocabulary was taken from the data kept the preset's).
 
-    path = ""
+    Read, newest first as the resume tries them, from the first step whose index matches its
+    checksum (checkpoint.verify) and is accepted: the resume falls back past a damaged step, and
+    the older step it loads must not meet a model shaped by the damage. No tensor is read and,
+    inside a process group, no collective runs (ranks may not agree on whether this succeeds)."""
+    from mobilellm_train.checkpoint import list_checkpoints, read_metadata, read_verified_index
+    from mobilellm_train.hf import MAX_VOCAB, HFCheckpointError, is_hf_folder, read_hf_config
+
+    read_index = read_verified_index if cfg.verify else read_metadata
+    paths = []
     if cfg.enable and cfg.load_step != 0:
         folder = os.path.join(dump_folder, cfg.folder)
         complete, _ = list_checkpoints(folder)
-        step = cfg.load_step if cfg.load_step in complete else (complete[-1] if complete else None)
-        path = "" if step is None else os.path.join(folder, f"step-{step}")
-    # A new run from other weights (checkpoint.initial_load_path) takes their shape too.
-    path = path or cfg.initial_load_path
-    try:
-        if path and is_complete(path):
-            # The embedding's shape in DCP's index: no tensor is read and, inside a process
-            # group, no collective runs (ranks may not agree on whether this succeeds).
-            return int(read_metadata(path).state_dict_metadata["model.tok_embeddings.weight"].size[0])
-        if path and os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
-            import json
-
-            with open(os.path.join(path, "config.json")) as f:
-                return int(json.load(f)["vocab_size"])
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by its load itself
-        return None
+        paths = [os.path.join(folder, f"step-{step}") for step in
+                 ([cfg.load_step] if cfg.load_step in complete else complete[::-1])]
+    for path in paths or ([cfg.initial_load_path] if cfg.initial_load_path else []):
+        if path == cfg.initial_load_path and is_hf_folder(path):  # a Hugging Face folder: its checked config
+            try:
+                return read_hf_config(path)["vocab_size"]
+            except (HFCheckpointError, KeyError):
+                return None  # its load names the problem
+        try:
+            embedding = read_index(path).state_dict_metadata.get("model.tok_embeddings.weight")
+        except CheckpointError:  # damaged or refused: the resume falls back past it, and so does this
+            continue
+        size = getattr(embedding, "size", None)
+        if size and 1 <= size[0] <= MAX_VOCAB:
+            return int(size[0])
     return None
 
 
