@@ -216,32 +216,42 @@ def check_checkpoint_space(cfg: C.CheckpointConfig, folder: str, model_args, tok
 
 
 class RunFolderRecord:
-    """What a start adds to the run folder before it trains: the folder itself (and any missing
-    parent) when it did not exist, else the entries it adds (run.lock, demo_data/, ...). `undo()`
-    removes exactly that; it is called only by the start that holds the run-folder lock, so no
-    other run is writing there."""
+    """What a start adds to the run folder before it trains: the folder itself and any missing
+    parents when they did not exist, else the entries it adds (run.lock, demo_data/, ...).
+    `undo()` removes exactly what this start added and no more: the new entries of the run folder
+    (the whole folder's content when this start made it), then each folder it made, deepest first,
+    only once it is empty. So a parent made for a sweep (outputs/sweep-7/ for sweep-7/lr1) stays
+    while another run of the sweep has put its folder there. Called only by the start that holds
+    the run-folder lock, so no other run is writing in the run folder itself."""
 
     def __init__(self, dump_folder: str):
-        created, path = None, os.path.abspath(dump_folder)
-        while not os.path.exists(path):
-            created, parent = path, os.path.dirname(path)
+        created, path = [], os.path.abspath(dump_folder)
+        while not os.path.lexists(path):
+            created.append(path)
+            parent = os.path.dirname(path)
             if parent == path:
                 break
             path = parent
-        self.folder = dump_folder
-        self.created_folder = created  # the top-most folder this start makes, or None
-        self.entries = None if created is not None else set(os.listdir(dump_folder))
+        self.folder = os.path.abspath(dump_folder)
+        self.created_folders = created  # deepest (the run folder) first
+        self.entries = set() if created else set(os.listdir(dump_folder))
 
     def undo(self) -> None:
-        if self.created_folder is not None:
-            shutil.rmtree(self.created_folder, ignore_errors=True)
-            return
-        for name in set(os.listdir(self.folder)) - self.entries:
+        try:
+            names = set(os.listdir(self.folder)) - self.entries
+        except OSError:  # never made, or already gone
+            names = set()
+        for name in names:
             path = os.path.join(self.folder, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)  # removes links inside, never their targets
             else:
                 try:
                     os.remove(path)
                 except OSError:
                     pass
+        for folder in self.created_folders:
+            try:
+                os.rmdir(folder)  # only an empty one: what another start put there stays
+            except OSError:
+                return
