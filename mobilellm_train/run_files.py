@@ -22,6 +22,7 @@ from mobilellm_train.errors import RunFolderError
 
 _LINK = ("is a symbolic link: a run never writes or reads its folder's files through a link (it could "
          "point outside the folder); remove it, or start in a new --job.dump_folder")
+_NOT_A_FILE = "is not a regular file; a run keeps only regular files there (remove it)"
 
 
 def _opener(path: str, flags: int) -> int:
@@ -32,11 +33,11 @@ def _opener(path: str, flags: int) -> int:
         if e.errno == errno.ELOOP:
             raise RunFolderError(f"{path} {_LINK}") from None
         if e.errno in (errno.EISDIR, errno.ENXIO):  # a folder, or a FIFO nothing reads
-            raise RunFolderError(f"{path} is not a regular file; a run keeps only regular files there (remove it)") from None
+            raise RunFolderError(f"{path} {_NOT_A_FILE}") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise RunFolderError(f"{path} is not a regular file; a run keeps only regular files there (remove it)")
+        raise RunFolderError(f"{path} {_NOT_A_FILE}")
     os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from blocking the open
     return fd
 

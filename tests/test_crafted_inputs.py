@@ -62,8 +62,8 @@ def saved(dump_folder, steps, extra=None, model_args=None, **cfg):
     model.init_weights(seed=0)
     train_state = C.TrainState(model_args=model_args or C.model_args_fingerprint(ARGS))
     states = {"model": C.ModelState(model), "train_state": train_state, **(extra or {})}
-    ck = C.Checkpointer(CheckpointConfig(async_mode="disabled", keep_latest_k=0, **cfg), str(dump_folder), states, rank=0,
-                        per_rank=frozenset(extra or ()), required_per_rank=frozenset(extra or ()))
+    ck = C.Checkpointer(CheckpointConfig(async_mode="disabled", keep_latest_k=0, **cfg), str(dump_folder), states,
+                        rank=0, per_rank=frozenset(extra or ()), required_per_rank=frozenset(extra or ()))
     for step in steps:
         train_state.step = step
         ck.save(step)
@@ -475,7 +475,8 @@ def test_token_ids_of_a_restored_jsonl_position_are_checked(tmp_path, one_rank_g
     ck.states.update(dataloader=fresh, train_state=resumed)
     with logged() as warnings:
         assert ck.maybe_resume(resumed) and resumed.step == 5
-    assert any(f"{ck.path(20)}: the saved JSONL data position holds the token id '3' (buffer[0])" in w for w in warnings)
+    assert any(f"{ck.path(20)}: the saved JSONL data position holds the token id '3' (buffer[0])" in w
+               for w in warnings)
     assert any("token id 64 (buffer[0]), not an id of this model's vocabulary [0, 64)" in w for w in warnings)
     # An explicit load of such a step stops in words (step 20, set aside as .corrupt above).
     os.rename(ck.path(20) + ".corrupt", ck.path(20))

@@ -115,12 +115,13 @@ def read_model_args(path: str) -> ModelArgs:
         args = model_args_from_json(saved.model_args)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    files = {info.relative_path for info in read_metadata(path).storage_data.values()}
-    stored = sum(os.lstat(os.path.join(path, name)).st_size for name in files if os.path.lexists(os.path.join(path, name)))
+    names = {info.relative_path for info in read_metadata(path).storage_data.values()}
+    files = [os.path.join(path, name) for name in names]
+    stored = sum(os.lstat(file).st_size for file in files if os.path.lexists(file))
     if 2 * count_params(args) > stored:
         raise CheckpointError(
-            f"{path}: the train state's model_args describe {count_params(args):,} parameters, but the step's data files "
-            f"hold {stored:,} bytes; the checkpoint is damaged or was not written by this trainer"
+            f"{path}: the train state's model_args describe {count_params(args):,} parameters, but the step's data "
+            f"files hold {stored:,} bytes; the checkpoint is damaged or was not written by this trainer"
         )
     return args
 

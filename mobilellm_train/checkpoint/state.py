@@ -52,8 +52,8 @@ class TrainState(Stateful):
         naming the key)."""
         kinds = {f.name: {"int": int, "str": str}.get(f.type) for f in dataclasses.fields(self)}
         for key, value in state_dict.items():
-            kind = kinds.get(key)
-            if kind is not None and (type(value) is not kind or kind is int and value < (1 if key == "dp_world_size" else 0)):
+            kind, least = kinds.get(key), 1 if key == "dp_world_size" else 0
+            if kind is not None and (type(value) is not kind or kind is int and value < least):
                 raise CheckpointError(f"the train state's {key} is {value!r:.100}, not a "
                                       f"{'count' if kind is int else 'string'}; the checkpoint is damaged")
             if key == "model_args" and value:
