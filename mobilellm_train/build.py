@@ -105,10 +105,12 @@ def resolve_data(cfg: C.DataConfig, dump_folder: str, rank: int) -> tuple[str, s
     import torch.distributed as dist
 
     from mobilellm_train.data.demo import build_demo_corpus
+    from mobilellm_train.run_files import check_not_link
 
     if cfg.path or cfg.sources:
         return cfg.path, cfg.tokenizer_path
     out_dir = os.path.join(dump_folder, "demo_data")
+    check_not_link(out_dir)  # the corpus is written inside: never through a link
     if rank == 0:
         paths = build_demo_corpus(out_dir, vocab_size=cfg.demo_vocab_size)
     dist.barrier()

@@ -1,4 +1,5 @@
-"""The errors a user can act on, and the messages they share: the bottom of the import graph.
+"""The errors a user can act on, the messages they share, and `parse_json` (JSON whose nesting
+ends in an error of its kind, not a RecursionError): the bottom of the import graph.
 
 Every layer may import this module; it imports nothing of the project and nothing heavy (the
 command-line tools raise these errors before, or without ever, importing torch). So the data
@@ -7,10 +8,35 @@ readers raise `CheckpointError` without importing the checkpointer, and the conf
 and exits 1 (a `ConfigError` before start: exit 2).
 """
 
+import json
 import os
 
 # Python's json parser recurses once per nesting level; thousands of "[" exhaust the stack.
 JSON_TOO_DEEP = "invalid JSON: nested too deeply to parse (a RecursionError)"
+
+
+# Nesting a JSON file of ours may have (configs, manifests, records, per-rank state: at most ~15).
+JSON_MAX_DEPTH = 100
+
+
+def parse_json(data: str | bytes):
+    """json.loads, with nesting too deep to parse raised as a ValueError (JSON_TOO_DEEP) like any
+    other invalid JSON rather than as a RecursionError, which a reader's `except ValueError`
+    would let escape as a traceback; and nesting that parses but goes deeper than JSON_MAX_DEPTH
+    refused the same way, so no later recursion over the value (a repr, a comparison, a copy) can
+    meet it. Every reader of a file from elsewhere parses through this."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(JSON_TOO_DEEP) from None
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:  # iterative: the check itself must not recurse
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise ValueError(f"invalid JSON: nested more than {JSON_MAX_DEPTH} deep")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
 
 
 class ConfigError(ValueError):
@@ -44,7 +70,8 @@ class TaskDataError(ValueError):
 
 
 class RunFolderError(RuntimeError):
-    """Another run holds this run folder."""
+    """Another run holds this run folder, or the folder holds what a run must not write through
+    (a symbolic link where one of its files belongs)."""
 
 
 class NonFiniteError(RuntimeError):

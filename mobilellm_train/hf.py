@@ -16,13 +16,13 @@ Tensor, dict and file plumbing: transformers is an optional dependency and is no
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
 import torch
 from torch import Tensor
 
+from mobilellm_train.errors import parse_json
 from mobilellm_train.model import ModelArgs
 
 logger = logging.getLogger("mobilellm_train")
@@ -312,6 +312,24 @@ def check_config_bounds(cfg: dict, path: str) -> None:
             raise HFCheckpointError(f"{path}: {key} = {value!r}; expected a finite positive number")
 
 
+# config.json and a shard index are a few KB (a 400B model's index: 100 KB).
+_JSON_MAX_BYTES = 64 << 20
+
+
+def _read_json(path: str):
+    """A JSON file of the folder, size checked before reading; HFCheckpointError naming it when it
+    is not valid JSON (too deeply nested included)."""
+    try:
+        if os.path.getsize(path) > _JSON_MAX_BYTES:
+            raise HFCheckpointError(f"{path}: over {_JSON_MAX_BYTES:,} bytes; not a model's JSON file")
+        with open(path, "rb") as f:
+            return parse_json(f.read(_JSON_MAX_BYTES + 1))
+    except (ValueError, OSError) as e:
+        if isinstance(e, HFCheckpointError):
+            raise
+        raise HFCheckpointError(f"{path}: not valid JSON ({str(e)[:300]})") from None
+
+
 def is_hf_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
@@ -322,11 +340,7 @@ def read_hf_config(folder: str) -> dict:
         raise HFCheckpointError(f"{folder}: not a folder")
     if not os.path.isfile(path):
         raise HFCheckpointError(f"{folder}: no {CONFIG_FILE} (not a Hugging Face model folder)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFCheckpointError(f"{path}: not valid JSON ({e})") from None
+    cfg = _read_json(path)
     if not isinstance(cfg, dict):
         raise HFCheckpointError(f"{path}: expected a JSON object")
     model_type = cfg.get("model_type", "llama")
@@ -361,10 +375,9 @@ def _weight_files(folder: str) -> list[str]:
         index_path = os.path.join(folder, index)
         if os.path.isfile(index_path):
             try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = _read_json(index_path)["weight_map"]
                 shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (KeyError, TypeError, AttributeError) as e:
                 raise HFCheckpointError(f"{index_path}: not a shard index with a weight_map ({e!r})") from None
             for shard in shards:
                 _check_shard_name(shard, index_path)
@@ -393,11 +406,28 @@ def read_hf_state_dict(folder: str) -> dict[str, Tensor]:
                 part = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise HFCheckpointError(f"{path}: cannot read torch weights ({e})") from None
+            _check_stored_tensors(part, path)
         duplicated = sorted(set(part) & set(state))
         if duplicated:
             raise HFCheckpointError(f"{path}: tensors also found in another shard: {duplicated[:5]}")
         state.update(part)
     return state
+
+
+def _check_stored_tensors(part, path: str) -> None:
+    """A pickled weight file's tensors must each hold the bytes their shape implies: contiguous,
+    inside their storage. A stride-0 view of a few bytes can claim a shape of many GiB, which the
+    first copy (the fp32 cast) would allocate. Checked before anything is copied."""
+    if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in part.items()):
+        raise HFCheckpointError(f"{path}: not a state dict (names to tensors)")
+    for name, tensor in part.items():
+        end = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+        if not tensor.is_contiguous() or end > tensor.untyped_storage().nbytes():
+            raise HFCheckpointError(
+                f"{path}: {name[:200]} (shape {tuple(tensor.shape)}, strides {tensor.stride()}) is not a contiguous "
+                f"tensor inside its stored bytes ({tensor.untyped_storage().nbytes():,}); a weight file stores each "
+                "tensor whole, so this one is damaged or crafted"
+            )
 
 
 def _pairs_equal(hf_state_dict: dict[str, Tensor], num_hidden_layers: int) -> bool:

@@ -15,7 +15,9 @@ import sys
 
 import torch
 
+from mobilellm_train.errors import parse_json
 from mobilellm_train.model import ModelArgs
+from mobilellm_train.run_files import check_not_link, open_run_file, write_atomic
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -122,50 +124,84 @@ def append_line(f, line: str) -> None:
         raise OSError(e.errno, f"{e.strerror}: appending to {f.name} failed; the record was not written") from None
 
 
+def _record_step(line: bytes):
+    """The step of a JSONL log record, None for a line that is not a whole record of a step."""
+    try:
+        record = parse_json(line)
+    except ValueError:  # a partial line: the write it belonged to never finished
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int and line.endswith(b"\n") else None
+
+
 def drop_records_after(path: str, step: int) -> int:
     """Remove the records of steps after `step` from a JSONL log (and a line cut off by a crash),
     so that a run resumed from the checkpoint of `step` logs each later step once. The file is
-    rewritten beside itself and swapped in, so a crash here leaves the old file whole.
-    Returns how many lines were dropped."""
-    if not os.path.exists(path):
-        return 0
+    rewritten beside itself and swapped in, so a crash here leaves the old file whole; neither is
+    ever opened through a link (run_files). Returns how many lines were dropped."""
     kept, dropped = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record_step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
-                record_step = None  # a partial line: the write it belonged to never finished
-            if record_step is not None and record_step <= step and line.endswith(b"\n"):
-                kept.append(line)
-            else:
-                dropped += 1
+    try:
+        with open_run_file(path, "rb") as f:
+            for line in f:
+                record_step = _record_step(line)
+                if record_step is not None and record_step <= step:
+                    kept.append(line)
+                else:
+                    dropped += 1
+    except FileNotFoundError:
+        return 0
     if dropped:
-        with open(path + ".tmp", "wb") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, b"".join(kept))
     return dropped
+
+
+# Bounds on what a resumed run takes from metrics.jsonl: a total past a century of training, or a
+# step slower than a day, is a damaged or edited record.
+MAX_ELAPSED_S = 100 * 365 * 86400.0
+MAX_STEP_TIME_S = 86400.0
+
+
+def _seconds(record: dict, key: str, limit: float) -> float | None:
+    value = record.get(key, 0.0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= limit:
+        return None  # NaN and infinities fail the comparison too
+    return float(value)
 
 
 def elapsed_at(path: str, step: int) -> float:
     """The run's training seconds up to `step`, from the records of a JSONL log that holds no
     later step (after drop_records_after): the last record's elapsed_s plus, for the steps
     between it and `step`, its step time. 0.0 without a record. A resumed run adds its own
-    seconds to this, so elapsed_s is a run total that never goes backwards."""
-    last = None
-    if os.path.exists(path):
-        with open(path, "rb") as f:
+    seconds to this, so elapsed_s is a run total that never goes backwards. A record whose values
+    are not finite or out of range (damaged, or edited) is passed over with a warning."""
+    last, ignored = None, []
+    try:
+        with open_run_file(path, "rb") as f:
             for line in f:
                 try:
-                    record = json.loads(line)
+                    record = parse_json(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and isinstance(record.get("elapsed_s"), (int, float)):
-                    last = record
+                if not isinstance(record, dict) or record.get("elapsed_s") is None:
+                    continue
+                elapsed, step_time = _seconds(record, "elapsed_s", MAX_ELAPSED_S), _seconds(
+                    record, "step_time_s", MAX_STEP_TIME_S)
+                record_step = record.get("step")
+                if elapsed is None or step_time is None or type(record_step) is not int or not 0 <= record_step <= step:
+                    ignored.append(record_step if type(record_step) is int else "?")
+                    continue
+                last = (record_step, elapsed, step_time)
+    except FileNotFoundError:
+        return 0.0
+    if ignored:
+        logger.warning("%s: %d record(s) (steps %s) hold an elapsed_s, step_time_s or step that is not finite or out "
+                       "of range; the elapsed time ignores them", path, len(ignored), ", ".join(map(str, ignored[:5])))
     if last is None:
         return 0.0
-    between = max(0, step - int(last.get("step", step))) * float(last.get("step_time_s") or 0.0)
-    return float(last["elapsed_s"]) + between
+    record_step, elapsed, step_time = last
+    return elapsed + (step - record_step) * step_time
 
 
 class MetricsLogger:
@@ -190,7 +226,7 @@ class MetricsLogger:
             self._drop_after(resume_step)
             self.elapsed_before = elapsed_at(os.path.join(dump_folder, "metrics.jsonl"), resume_step)
         # Append: a resumed run continues the same file.
-        self.jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a", buffering=1)
+        self.jsonl = open_run_file(os.path.join(dump_folder, "metrics.jsonl"), "a", buffering=1)
         self._open_tensorboard(resume_step)
 
     def _open_tensorboard(self, resume_step: int | None) -> None:
@@ -199,6 +235,7 @@ class MetricsLogger:
 
             # purge_step hides the events of this step and later that an earlier writer left.
             purge_step = None if resume_step is None else resume_step + 1
+            check_not_link(os.path.join(self.dump_folder, "tb"))
             self.tb = SummaryWriter(os.path.join(self.dump_folder, "tb"), purge_step=purge_step)
 
     def _drop_after(self, step: int) -> None:
@@ -219,7 +256,7 @@ class MetricsLogger:
             self.tb.close()
             self.tb = None
         self._drop_after(step)
-        self.jsonl = open(os.path.join(self.dump_folder, "metrics.jsonl"), "a", buffering=1)
+        self.jsonl = open_run_file(os.path.join(self.dump_folder, "metrics.jsonl"), "a", buffering=1)
         self._open_tensorboard(step)
 
     def log(self, record: dict) -> None:
@@ -247,7 +284,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.eval_jsonl is None:
-            self.eval_jsonl = open(os.path.join(self.dump_folder, "eval.jsonl"), "a", buffering=1)
+            self.eval_jsonl = open_run_file(os.path.join(self.dump_folder, "eval.jsonl"), "a", buffering=1)
         append_line(self.eval_jsonl, json.dumps({"step": step, **scalars}) + "\n")
         if self.tb is not None:
             for key, value in scalars.items():

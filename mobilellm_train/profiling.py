@@ -21,6 +21,7 @@ import pickle
 import torch
 
 from mobilellm_train.config import ProfilingConfig
+from mobilellm_train.run_files import check_not_link, fresh_temporary, write_atomic
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -43,6 +44,8 @@ class StepProfiler:
         self.step_range = None
         self.recording_memory = False
         self.last_seen_step = 0
+        if cfg.enable or cfg.memory_snapshot:
+            check_not_link(self.folder)  # traces and snapshots are written inside
         if cfg.memory_snapshot and not self.on_gpu:
             logger.warning("profiling.memory_snapshot needs CUDA; no snapshot on %s", device.type)
         if cfg.memory_snapshot and self.on_gpu:
@@ -63,9 +66,7 @@ class StepProfiler:
             return None
         path = os.path.join(self.folder, f"memory_snapshot.rank{self.rank}.{tag}.pickle")
         snapshot = torch.cuda.memory._snapshot()
-        with open(path + ".tmp", "wb") as f:
-            pickle.dump(snapshot, f)  # written for memory_viz; this project never loads one
-        os.replace(path + ".tmp", path)
+        write_atomic(path, pickle.dumps(snapshot))  # for memory_viz; this project never loads one
         logger.warning("memory snapshot written to %s (open it at https://pytorch.org/memory_viz)", path)
         return path
 
@@ -96,7 +97,10 @@ class StepProfiler:
     def _stop_profiler(self, step: int) -> None:
         self.profiler.stop()
         path = os.path.join(self.folder, f"rank{self.rank}.steps{self.cfg.start_step}-{step}.pt.trace.json")
-        self.profiler.export_chrome_trace(path)
+        with fresh_temporary(path) as f:  # torch writes the file it is given: never a link
+            pass
+        self.profiler.export_chrome_trace(f.name)
+        os.replace(f.name, path)
         self.profiler = None
         logger.info("profiler trace written to %s (open it at https://ui.perfetto.dev)", path)
 

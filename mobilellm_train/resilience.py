@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from mobilellm_train.config import CommConfig
-from mobilellm_train.errors import RunFolderError
+from mobilellm_train.errors import ConfigError, RunFolderError
+from mobilellm_train.run_files import check_not_link, open_lock_file
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -38,7 +40,10 @@ def set_flight_recorder_env(cfg: CommConfig, dump_folder: str) -> None:
     if cfg.trace_buf_size <= 0:
         return
     trace_dir = os.path.join(os.path.abspath(dump_folder), "comm_traces")
+    check_not_link(trace_dir)  # NCCL writes its dumps inside, and follows links there
     os.makedirs(trace_dir, exist_ok=True)
+    for name in os.listdir(trace_dir):
+        check_not_link(os.path.join(trace_dir, name))
     os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(cfg.trace_buf_size))
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(trace_dir, "rank_"))
@@ -255,7 +260,7 @@ class RunFolderLock:
         if held is not None:
             # Opening it again and closing that descriptor would drop this process's own lock.
             raise in_use(f"this process, pid {os.getpid()}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(path)  # never through a link: it is truncated and written below
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -290,17 +295,71 @@ class RunFolderLock:
 FRESH_STOP_FILE_ENV = "MOBILELLM_FRESH_STOP_FILE"
 
 
-def clear_stale_stop_file(stop_file: str) -> None:
-    """A stop file that exists when a run starts was meant for an earlier run (which has stopped);
-    left in place it would stop every rerun after one step. Called by rank 0 before training.
+# What a stop file may hold: nothing (what `touch` and launch/train.slurm make) or this word.
+STOP_FILE_WORD = b"stop"
+_STOP_FILE_MAX_BYTES = 64
 
-    Except where the launch script already removed it before starting the ranks and says so in
-    MOBILELLM_FRESH_STOP_FILE: then the file is its stop request for this run (a time limit near
-    while a slow start was still under way), and deleting it would lose that stop."""
-    if not stop_file or not os.path.exists(stop_file):
-        return
-    if os.environ.get(FRESH_STOP_FILE_ENV) == stop_file:
-        logger.info("stop file %s was created for this run: stopping at the first stop check", stop_file)
-        return
-    os.remove(stop_file)
-    logger.warning("removed stop file %s left from an earlier run", stop_file)
+
+class StaleStopFile:
+    """A stop file that exists when a run starts, left by an earlier run (which has stopped): left
+    in place it would stop every rerun after one step, so rank 0 removes it, but only once the
+    start is past every refusal (`remove`, called before the first step), and only if it is still
+    the same file then. A refused start deletes nothing.
+
+    Only a stop file is ever removed: a regular file of this user, not a link, empty or holding
+    the word `stop`. Anything else at job.stop_file (a config naming an existing file of the user's
+    by mistake, or a link) is a ConfigError naming it, raised at construction, never deleted.
+
+    Except where the launch script already removed the file before starting the ranks and says so
+    in MOBILELLM_FRESH_STOP_FILE: then it is the script's stop request for this run (a time limit
+    near while a slow start was still under way), and deleting it would lose that stop."""
+
+    def __init__(self, stop_file: str):
+        self.path, self.seen = stop_file, None
+        if not stop_file or not os.path.lexists(stop_file):
+            return
+        if os.environ.get(FRESH_STOP_FILE_ENV) == stop_file:
+            logger.info("stop file %s was created for this run: stopping at the first stop check", stop_file)
+            return
+        self.seen = _stop_file_identity(stop_file)
+
+    def remove(self) -> None:
+        if self.seen is None:
+            return
+        try:
+            now = _stop_file_identity(self.path)
+        except (ConfigError, OSError):  # gone or replaced meanwhile: not the file seen at start
+            return
+        if now == self.seen:
+            os.remove(self.path)
+            logger.warning("removed stop file %s left from an earlier run", self.path)
+
+
+def _stop_file_identity(path: str) -> tuple[int, int, int, int]:
+    """(device, inode, mtime, size) of the stop file at `path`; ConfigError when what is there is
+    not a stop file."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"job.stop_file {path} exists and is not a stop file ({why}), so it was not deleted. A stop file is "
+            "an empty file (as `touch` makes it) or one holding the word stop, of your own; name another "
+            "--job.stop_file, or remove that file yourself if it is a stale stop request"
+        )
+
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise refuse("a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse("not a regular file")
+    if st.st_uid != os.getuid():
+        raise refuse(f"owned by uid {st.st_uid}, not by you")
+    if st.st_size > _STOP_FILE_MAX_BYTES:
+        raise refuse(f"{st.st_size} bytes")
+    if st.st_size:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, _STOP_FILE_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        if text.strip().lower() != STOP_FILE_WORD:
+            raise refuse(f"it holds {text[:20]!r}")
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size

@@ -35,19 +35,18 @@ def write_effective_config(cfg: C.Config, dump_folder: str) -> str | None:
     """Write <dump_folder>/config.toml, the config of the latest start that got as far as
     training (a refused start writes nothing). A different earlier one is kept as
     config.previous.toml, one file rather than a pile. Returns the earlier text, if any."""
+    from mobilellm_train.run_files import read_run_file, write_atomic
+
     os.makedirs(dump_folder, exist_ok=True)
     path = os.path.join(dump_folder, "config.toml")
     text = C.to_toml(cfg)
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
+    old = read_run_file(path)  # never through a link (run_files)
+    if old is not None:
+        old = old.decode(errors="replace")
         if old == text:
             return old
         os.replace(path, os.path.join(dump_folder, "config.previous.toml"))
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, text.encode())
     return old
 
 

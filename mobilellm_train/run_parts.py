@@ -37,11 +37,15 @@ class RunParts:
     def hold_run_folder(self, dump_folder: str, checkpoint: CheckpointConfig) -> None:
         """Take the run-folder lock (rank 0), noting first what this start adds to the folder:
         once the lock is held, this start alone may remove that again if it is refused. The lock
-        covers the checkpoint folder too: an absolute one may be another run's."""
+        covers the checkpoint folder too: an absolute one may be another run's. A relative one
+        must not lead out of the run folder through a link (run_files)."""
         from mobilellm_train.resilience import RunFolderLock
+        from mobilellm_train.run_files import check_no_links_below
         from mobilellm_train.start_checks import RunFolderRecord
 
         checkpoint_folder = os.path.join(dump_folder, checkpoint.folder) if checkpoint.enable else ""
+        if checkpoint_folder:  # before its lock file is written there
+            check_no_links_below(dump_folder, checkpoint_folder)
         lock = RunFolderLock(dump_folder, checkpoint_folder)
         record = RunFolderRecord(dump_folder)
         lock.acquire()

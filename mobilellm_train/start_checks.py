@@ -86,23 +86,35 @@ def resumed_step_folder(cfg: C.CheckpointConfig, dump_folder: str) -> str:
 def checkpoint_vocab_size(cfg: C.CheckpointConfig, dump_folder: str) -> int | None:
     """The vocabulary of the checkpoint this start will resume (or of checkpoint.initial_load_path
     when it resumes none), if any: a resumed model keeps the shape it was saved with, whatever the
-    data records (a run begun before the vocabulary was taken from the data kept the preset's)."""
-    from mobilellm_train.checkpoint import is_complete, read_metadata
+    data records (a run begun before the vocabulary was taken from the data kept the preset's).
 
-    # A new run from other weights (checkpoint.initial_load_path) takes their shape too.
-    path = resumed_step_folder(cfg, dump_folder) or cfg.initial_load_path
-    try:
-        if path and is_complete(path):
-            # The embedding's shape in DCP's index: no tensor is read and, inside a process
-            # group, no collective runs (ranks may not agree on whether this succeeds).
-            return int(read_metadata(path).state_dict_metadata["model.tok_embeddings.weight"].size[0])
-        if path and os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
-            import json
+    Read, newest first as the resume tries them, from the first step whose index matches its
+    checksum (checkpoint.verify) and is accepted: the resume falls back past a damaged step, and
+    the older step it loads must not meet a model shaped by the damage. No tensor is read and,
+    inside a process group, no collective runs (ranks may not agree on whether this succeeds)."""
+    from mobilellm_train.checkpoint import list_checkpoints, read_metadata, read_verified_index
+    from mobilellm_train.hf import MAX_VOCAB, HFCheckpointError, is_hf_folder, read_hf_config
 
-            with open(os.path.join(path, "config.json")) as f:
-                return int(json.load(f)["vocab_size"])
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by its load itself
-        return None
+    read_index = read_verified_index if cfg.verify else read_metadata
+    paths = []
+    if cfg.enable and cfg.load_step != 0:
+        folder = os.path.join(dump_folder, cfg.folder)
+        complete, _ = list_checkpoints(folder)
+        paths = [os.path.join(folder, f"step-{step}") for step in
+                 ([cfg.load_step] if cfg.load_step in complete else complete[::-1])]
+    for path in paths or ([cfg.initial_load_path] if cfg.initial_load_path else []):
+        if path == cfg.initial_load_path and is_hf_folder(path):  # a Hugging Face folder: its checked config
+            try:
+                return read_hf_config(path)["vocab_size"]
+            except (HFCheckpointError, KeyError):
+                return None  # its load names the problem
+        try:
+            embedding = read_index(path).state_dict_metadata.get("model.tok_embeddings.weight")
+        except CheckpointError:  # damaged or refused: the resume falls back past it, and so does this
+            continue
+        size = getattr(embedding, "size", None)
+        if size and 1 <= size[0] <= MAX_VOCAB:
+            return int(size[0])
     return None
 
 
@@ -250,32 +262,42 @@ def check_checkpoint_space(cfg: C.CheckpointConfig, folder: str, model_args, tok
 
 
 class RunFolderRecord:
-    """What a start adds to the run folder before it trains: the folder itself (and any missing
-    parent) when it did not exist, else the entries it adds (run.lock, demo_data/, ...). `undo()`
-    removes exactly that; it is called only by the start that holds the run-folder lock, so no
-    other run is writing there."""
+    """What a start adds to the run folder before it trains: the folder itself and any missing
+    parents when they did not exist, else the entries it adds (run.lock, demo_data/, ...).
+    `undo()` removes exactly what this start added and no more: the new entries of the run folder
+    (the whole folder's content when this start made it), then each folder it made, deepest first,
+    only once it is empty. So a parent made for a sweep (outputs/sweep-7/ for sweep-7/lr1) stays
+    while another run of the sweep has put its folder there. Called only by the start that holds
+    the run-folder lock, so no other run is writing in the run folder itself."""
 
     def __init__(self, dump_folder: str):
-        created, path = None, os.path.abspath(dump_folder)
-        while not os.path.exists(path):
-            created, parent = path, os.path.dirname(path)
+        created, path = [], os.path.abspath(dump_folder)
+        while not os.path.lexists(path):
+            created.append(path)
+            parent = os.path.dirname(path)
             if parent == path:
                 break
             path = parent
-        self.folder = dump_folder
-        self.created_folder = created  # the top-most folder this start makes, or None
-        self.entries = None if created is not None else set(os.listdir(dump_folder))
+        self.folder = os.path.abspath(dump_folder)
+        self.created_folders = created  # deepest (the run folder) first
+        self.entries = set() if created else set(os.listdir(dump_folder))
 
     def undo(self) -> None:
-        if self.created_folder is not None:
-            shutil.rmtree(self.created_folder, ignore_errors=True)
-            return
-        for name in set(os.listdir(self.folder)) - self.entries:
+        try:
+            names = set(os.listdir(self.folder)) - self.entries
+        except OSError:  # never made, or already gone
+            names = set()
+        for name in names:
             path = os.path.join(self.folder, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)  # removes links inside, never their targets
             else:
                 try:
                     os.remove(path)
                 except OSError:
                     pass
+        for folder in self.created_folders:
+            try:
+                os.rmdir(folder)  # only an empty one: what another start put there stays
+            except OSError:
+                return

@@ -64,7 +64,7 @@ class Trainer:
 
     def join_run(self) -> None:
         """The run-folder lock, the process group, logging."""
-        from mobilellm_train.resilience import clear_stale_stop_file, exit_with_parent
+        from mobilellm_train.resilience import StaleStopFile, exit_with_parent
 
         cfg = self.cfg
         exit_with_parent()  # under torchrun: a rank never trains on after its launcher died
@@ -74,8 +74,8 @@ class Trainer:
             self.parts.hold_run_folder(self.dump_folder, cfg.checkpoint)
         self.rank, self.world_size, self.device = init_distributed(cfg.comm, cfg.job.dump_folder)
         setup_logging(self.rank)
-        if self.rank == 0:
-            clear_stale_stop_file(cfg.job.stop_file)
+        # Checked now (rank 0), removed only once the start is past every refusal (resume()).
+        self.stale_stop_file = StaleStopFile(cfg.job.stop_file if self.rank == 0 else "")
         logger.info("%s: %d rank(s) on %s, run folder %s", describe_run(cfg), self.world_size, self.device.type,
                     self.dump_folder)
 
@@ -162,6 +162,7 @@ class Trainer:
             # Only now, past every refusal: config.toml describes the checkpoints beside it.
             previous = write_effective_config(self.cfg, self.dump_folder)
             report_config_change(self.checkpointer.resumed_train_state, previous, self.cfg, self.world_size, state.step)
+            self.stale_stop_file.remove()
         self.parts.training_started = True  # from here on, an error keeps what the run folder holds
         return True
 

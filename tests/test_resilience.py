@@ -197,15 +197,15 @@ def test_checkpoint_bench_reports_blocking_time(tmp_path):
 def test_a_stop_file_the_launch_script_made_for_this_run_is_kept(tmp_path, monkeypatch):
     # train.slurm removes its stop file before starting the ranks; one present when rank 0 starts
     # is its time-limit stop, made while a slow start was under way.
-    from mobilellm_train.resilience import clear_stale_stop_file
+    from mobilellm_train.resilience import StaleStopFile
 
     stop_file = tmp_path / ".mobilellm-stop-7"
     stop_file.touch()
     monkeypatch.setenv("MOBILELLM_FRESH_STOP_FILE", str(stop_file))
-    clear_stale_stop_file(str(stop_file))
+    StaleStopFile(str(stop_file)).remove()
     assert stop_file.exists()
     monkeypatch.setenv("MOBILELLM_FRESH_STOP_FILE", str(tmp_path / "another"))
-    clear_stale_stop_file(str(stop_file))
+    StaleStopFile(str(stop_file)).remove()
     assert not stop_file.exists()
 
 

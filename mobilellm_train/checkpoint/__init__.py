@@ -39,6 +39,7 @@ from mobilellm_train.checkpoint.integrity import (
     METADATA_MANIFEST,
     ChecksummedWriter,
     file_crc32,
+    read_verified_index,
     verify_checkpoint,
 )
 from mobilellm_train.checkpoint.model_loading import (
@@ -74,6 +75,7 @@ __all__ = [
     "OptimizerState", "PerRankState", "RNGState", "SafeFileSystemReader", "SafeLoadPlanner", "SchedulerState",
     "TrainState", "checked_load", "decode_state", "describe_save_failure", "encode_state", "file_crc32",
     "has_unfused_projections", "is_complete", "list_checkpoints", "load_model_from_checkpoint",
-    "model_args_fingerprint", "read_metadata", "read_model_args", "read_train_state", "scan_checkpoints",
+    "model_args_fingerprint", "read_metadata", "read_model_args", "read_train_state", "read_verified_index",
+    "scan_checkpoints",
     "verify_checkpoint",
 ]

@@ -25,11 +25,12 @@ import zlib
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 
 from mobilellm_train.checkpoint.folders import permission_error
 from mobilellm_train.checkpoint.safe_load import read_metadata
 from mobilellm_train.data.shards import TOKENIZER_FILE
-from mobilellm_train.errors import JSON_TOO_DEEP, CheckpointAccessError, CheckpointError
+from mobilellm_train.errors import CheckpointAccessError, CheckpointError, parse_json
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -154,7 +155,7 @@ def _read_manifest(manifest: str) -> dict[str, dict]:
                                   f"{_MANIFEST_MAX_BYTES:,} bytes)")
         fd = os.open(manifest, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
-            entries = json.loads(f.read(_MANIFEST_MAX_BYTES + 1))["files"]
+            entries = parse_json(f.read(_MANIFEST_MAX_BYTES + 1))["files"]
         if not isinstance(entries, dict):
             raise TypeError(f"'files' is a {type(entries).__name__}")
         expected = {}
@@ -170,8 +171,6 @@ def _read_manifest(manifest: str) -> dict[str, dict]:
         raise
     except PermissionError:
         raise permission_error(manifest) from None
-    except RecursionError:
-        raise CheckpointError(f"{manifest} is damaged ({JSON_TOO_DEEP})") from None
     except Exception as e:  # crafted JSON raises nearly anything
         raise CheckpointError(f"{manifest} is damaged ({type(e).__name__}: {str(e)[:300]})") from None
 
@@ -238,6 +237,20 @@ def verify_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> int:
     if TOKENIZER_FILE not in read:  # optional: a tool given --tokenizer reads none from the step
         expected.pop(TOKENIZER_FILE, None)
     return sum(_check_file(os.path.join(path, name), expected[name]) for name in sorted(expected)[rank::world_size])
+
+
+def read_verified_index(path: str) -> Metadata:
+    """A step's `.metadata`, read only once it matches its checksum in __metadata_manifest.json:
+    for what is read from a step before it is loaded (the model's vocabulary), so that damage there
+    falls back like damage the load meets. A step of the earlier layout (no such manifest) is read
+    unchecked, as verify_checkpoint does."""
+    manifest = os.path.join(path, METADATA_MANIFEST)
+    if os.path.lexists(manifest):
+        want = _read_manifest(manifest).get(".metadata")
+        if want is None:
+            raise CheckpointError(f"{manifest} has no checksum of .metadata")
+        _check_file(os.path.join(path, ".metadata"), want)
+    return read_metadata(path)
 
 
 def verify_on_all_ranks(path: str, rank: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ from mobilellm_train.checkpoint.safe_load import (
     SafeLoadPlanner,
     read_metadata,
 )
-from mobilellm_train.checkpoint.state import ModelState, TrainState
+from mobilellm_train.checkpoint.state import ModelState, TrainState, model_args_from_json
 from mobilellm_train.errors import CheckpointError, CheckpointMismatchError
 from mobilellm_train.hf import (
     HFCheckpointError,
@@ -38,7 +39,7 @@ from mobilellm_train.hf import (
     load_hf_into_model,
     unfuse_projections,
 )
-from mobilellm_train.model import MobileLLM, ModelArgs
+from mobilellm_train.model import MobileLLM, ModelArgs, count_params
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -82,8 +83,8 @@ def checked_load(states: dict, path: str) -> None:
                 dcp.load(states, storage_reader=reader, planner=planner, no_dist=True)
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         ours = find_checkpoint_error(e)
-        if ours is not None:
-            raise type(ours)(str(ours)) from None
+        if ours is not None:  # a refused value or state: named with the step it was read from
+            raise type(ours)(str(ours) if path in str(ours) else f"{path}: {ours}") from None
         denied = find_checkpoint_error(e, PermissionError)
         if denied is not None:
             raise permission_error(denied.filename or path) from None
@@ -110,10 +111,28 @@ def read_train_state(path: str) -> TrainState:
 
 
 def read_model_args(path: str) -> ModelArgs:
-    """The ModelArgs a checkpoint was written with; needs no process group."""
+    """The ModelArgs a checkpoint was written with (checked: state.model_args_from_json); needs no
+    process group. The model they describe must fit in the bytes the step folder holds, at 2 bytes
+    a parameter at least: the model is allocated before any weight is read, so a few crafted bytes
+    must not ask for terabytes."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata)")
-    return ModelArgs(**json.loads(read_train_state(path).model_args))
+    saved = read_train_state(path)
+    if not saved.model_args:
+        raise CheckpointError(f"{path}: the train state records no model shape (model_args)")
+    try:
+        args = model_args_from_json(saved.model_args)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    names = {info.relative_path for info in read_metadata(path).storage_data.values()}
+    files = [os.path.join(path, name) for name in names]
+    stored = sum(os.lstat(file).st_size for file in files if os.path.lexists(file))
+    if 2 * count_params(args) > stored:
+        raise CheckpointError(
+            f"{path}: the train state's model_args describe {count_params(args):,} parameters, but the step's data "
+            f"files hold {stored:,} bytes; the checkpoint is damaged or was not written by this trainer"
+        )
+    return args
 
 
 def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", verify: bool = True) -> MobileLLM:

@@ -117,6 +117,7 @@ def resumable_states(path: str, saved: TrainState, expected: TrainState, states:
     """The states to load from the checkpoint at `path`, whose train state is `saved`, into a run
     whose train state is `expected`: all of them, or without the per-rank ones on another number of
     ranks. A checkpoint of another model, or per-rank state that cannot move, is refused in words."""
+    # The saved train state's model_args were checked as it loaded (TrainState.load_state_dict).
     ours, theirs = json.loads(expected.model_args), json.loads(saved.model_args or "{}")
     # max_seq_len only sizes the RoPE tables, so a checkpoint may continue at another length.
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "max_seq_len" and theirs.get(k) != v}

@@ -2,9 +2,11 @@
 
 DCP's own reader unpickles `.metadata` and every non-tensor value unrestricted, so a crafted
 checkpoint could run anything on load. Here `.metadata` (`read_metadata`) is size-checked, its
-opcodes scanned without building anything (nesting depth; changes only to fresh instances, never
-to a class or a constant), unpickled by an unpickler that accepts only DCP's metadata classes,
-and rebuilt field by field as fresh DCP objects; stored values go through
+opcodes scanned without building anything (nesting depth, entries per container, string keys;
+NEWOBJ only of DCP's classes; changes only to fresh instances, never to a class, a constant or an
+enum member), unpickled by an unpickler that accepts only DCP's metadata classes (enums as a
+lookup by value), and rebuilt field by field as fresh DCP objects, sizes and offsets checked
+against their tensors and storage transforms refused; stored values go through
 `torch.load(weights_only=True)` (`SafeLoadPlanner`). Kept apart from the rest of checkpointing
 because this is the security boundary: what may be unpickled is decided here and nowhere else.
 """
@@ -12,9 +14,11 @@ because this is the security boundary: what may be unpickled is decided here and
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import hashlib
 import io
+import math
 import os
 import pathlib
 import pickle
@@ -40,8 +44,9 @@ from mobilellm_train.errors import CheckpointError
 
 # Everything DCP's `.metadata` pickle refers to (torch 2.11 and 2.13 write the same classes);
 # anything else, a function above all, is refused before it is looked up.
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
+    (_METADATA_MODULE, name) for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
     )
@@ -51,43 +56,57 @@ _METADATA_GLOBALS = {
     ("torch.serialization", "_get_layout"),  # looks a layout up by name in torch's namespace
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
     ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
-    ("builtins", "set"), ("builtins", "frozenset"),
 }
+# The classes DCP builds with NEWOBJ (then BUILD): its dataclasses. Nothing else is made that way;
+# in particular an enum is only ever looked up by value (NEWOBJ on an enum class returns the
+# shared member, and the BUILD after it would rewrite that member for the whole process).
+_NEW_CLASSES = {f"{_METADATA_MODULE} {name}" for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "StorageMeta", "MetadataIndex",
+)} | {"torch.distributed.checkpoint.filesystem _StorageInfo"}
+_INDEX_CLASS = f"{_METADATA_MODULE} MetadataIndex"
+_ORDERED_DICT = "collections OrderedDict"
 
 
 # Bounds on `.metadata`: a real index grows with tensors x ranks (measured 2026-12-03: 17 KB for
 # the tests' 2-layer model with AdamW on one rank; 8.1 MB for 900 sharded tensors on 64 ranks) and
 # nests 11 deep in both. Deep nesting crashes the interpreter in C code that recurses (hashing,
-# comparing, freeing), so it is refused before anything is built.
+# comparing, freeing), so it is refused before anything is built. Its largest container,
+# storage_data, holds one entry per stored chunk: tensors x ranks, 57,600 in that 64-rank index.
 METADATA_MAX_BYTES = 1 << 30
 METADATA_MAX_DEPTH = 64
+METADATA_MAX_ENTRIES = 1 << 22  # per list, dict, set or tuple
+# A stored tensor's elements (offsets are checked to lie inside it): 1.5B parameters is 2^31.
+METADATA_MAX_ELEMENTS = 1 << 40
 
 _MARK = object()
 
 
 class _Node:
     """What the scan knows of one object the unpickler would build: how deep it nests, where it
-    came from ("atom", "global", "new": a NEWOBJ instance, "made": a call's result, "container")
-    and whether it is already inside another object (then it may no longer change)."""
+    came from ("atom": a constant or a value looked up or made, never changed; "str"; "global";
+    "new": a NEWOBJ instance; "list", "dict", "set": fresh containers), its name (a string's value,
+    a global's "module name", the class of a "new" one), its entries, and whether it is already
+    inside another object (then it may no longer change)."""
 
-    __slots__ = ("depth", "kind", "sealed")
+    __slots__ = ("depth", "kind", "name", "entries", "sealed")
 
-    def __init__(self, depth: int, kind: str):
-        self.depth, self.kind, self.sealed = depth, kind, False
+    def __init__(self, depth: int, kind: str, name: str = "", entries: int = 0):
+        self.depth, self.kind, self.name, self.entries, self.sealed = depth, kind, name, entries, False
 
 
-_ATOM = _Node(0, "atom")  # scalars: never changed, so one node serves them all
-_GLOBAL = _Node(0, "global")
+_ATOM = _Node(0, "atom")  # scalars other than strings: never changed, so one node serves them all
 
 # Opcode name -> what the scan does with it (one dict lookup per opcode, not a chain of tests).
 _ACTIONS = {name: "atom" for name in (
     "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
-    "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "BINUNICODE8",
-    "SHORT_BINUNICODE", "BINBYTES", "BINBYTES8", "SHORT_BINBYTES", "BYTEARRAY8",
+    "BINFLOAT", "BINBYTES", "BINBYTES8", "SHORT_BINBYTES", "BYTEARRAY8",
+)} | {name: "str" for name in (
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "BINUNICODE8", "SHORT_BINUNICODE",
 )} | {name: "memo" for name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")} | {
     name: "get" for name in ("GET", "BINGET", "LONG_BINGET")} | {
     name: "skip" for name in ("PROTO", "FRAME")} | {
-    name: "empty" for name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")} | {
+    "EMPTY_LIST": "empty", "EMPTY_DICT": "empty", "EMPTY_SET": "empty",
     "TUPLE1": "tuple", "TUPLE2": "tuple", "TUPLE3": "tuple", "TUPLE": "marked tuple", "FROZENSET": "marked tuple",
     "LIST": "marked container", "DICT": "marked container", "EMPTY_TUPLE": "empty tuple",
     "APPEND": "add", "SETITEM": "add", "APPENDS": "marked add", "SETITEMS": "marked add", "ADDITEMS": "marked add",
@@ -95,9 +114,26 @@ _ACTIONS = {name: "atom" for name in (
     "GLOBAL": "global", "STACK_GLOBAL": "global", "REDUCE": "call", "NEWOBJ": "call", "NEWOBJ_EX": "call",
     "STOP": "stop",
 }  # anything else (PERSID, EXT*, INST, OBJ, buffers): nothing DCP writes, refused
+_CONTAINER_OF = {"EMPTY_LIST": "list", "LIST": "list", "EMPTY_DICT": "dict", "DICT": "dict", "EMPTY_SET": "set"}
+_ADDS_TO = {"APPEND": "list", "APPENDS": "list", "SETITEM": "dict", "SETITEMS": "dict", "ADDITEMS": "set",
+            "DICT": "dict", "FROZENSET": "set"}
 
 
-def _contain(items: list, kind: str, max_depth: int) -> _Node:
+def _check_keys(opcode: str, items: list) -> None:
+    """Dict keys and set members are what DCP writes: strings, or MetadataIndex instances as the
+    keys of storage_data (whose hash the unpickler cannot be made to compute, see _IndexKey). Any
+    other key could be one of many of equal hash, which a dict inserts in quadratic time."""
+    kind = _ADDS_TO.get(opcode)
+    if kind not in ("dict", "set"):
+        return
+    keys = items[::2] if kind == "dict" else items
+    for key in keys:
+        if key.kind != "str" and not (key.kind == "new" and key.name == _INDEX_CLASS):
+            raise pickle.UnpicklingError(f"{opcode} with a key or member that is not a string (DCP writes none)")
+
+
+def _contain(items: list, kind: str, max_depth: int, name: str = "") -> _Node:
+    """The node of an object made of `items` (sealed by it); a dict's entries are its pairs."""
     depth = 0
     for item in items:
         if item is _MARK:
@@ -107,17 +143,25 @@ def _contain(items: list, kind: str, max_depth: int) -> _Node:
             depth = item.depth
     if depth >= max_depth:
         raise pickle.UnpicklingError(f"objects nested more than {max_depth} deep")
-    return _Node(depth + 1, kind)
+    entries = len(items) // 2 if kind == "dict" else len(items)
+    if entries > METADATA_MAX_ENTRIES:
+        raise pickle.UnpicklingError(f"a container of more than {METADATA_MAX_ENTRIES:,} entries")
+    return _Node(depth + 1, kind, name, entries)
 
 
-def _mutate(target, items: list, max_depth: int) -> None:
-    """APPEND, SETITEM, ADDITEMS, BUILD: allowed only on an object nothing holds yet, so no later
-    change can deepen an object already counted, and no object can come to contain itself."""
-    if not isinstance(target, _Node) or target.sealed or target.kind in ("atom", "global"):
+def _mutate(target, items: list, max_depth: int, kind: str) -> None:
+    """APPEND, SETITEM, ADDITEMS (to a fresh container of `kind`), BUILD (to a fresh NEWOBJ
+    instance): allowed only on an object nothing holds yet, so no later change can deepen an
+    object already counted, and no object can come to contain itself."""
+    if not isinstance(target, _Node) or target.sealed or target.kind != kind:
         raise pickle.UnpicklingError("the pickle changes an object after using it, or changes a class or a constant")
     if target in items:  # _Node compares by identity
         raise pickle.UnpicklingError("the pickle makes an object contain itself")
-    target.depth = max(target.depth, _contain(items, "", max_depth).depth)
+    added = _contain(items, kind, max_depth)
+    target.depth = max(target.depth, added.depth)
+    target.entries += added.entries
+    if target.entries > METADATA_MAX_ENTRIES:
+        raise pickle.UnpicklingError(f"a container of more than {METADATA_MAX_ENTRIES:,} entries")
 
 
 def _pop_mark(stack: list) -> list:
@@ -139,15 +183,46 @@ def _pop(stack: list, n: int) -> list:
     return items
 
 
+def _global(opcode: str, arg, stack: list) -> _Node:
+    if opcode == "GLOBAL":
+        return _Node(0, "global", arg)
+    module, name = _pop(stack, 2)
+    if module.kind != "str" or name.kind != "str":
+        raise pickle.UnpicklingError("STACK_GLOBAL of a name that is not a string")
+    return _Node(0, "global", f"{module.name} {name.name}")
+
+
+def _call(opcode: str, parts: list, max_depth: int) -> _Node:
+    """REDUCE, NEWOBJ, NEWOBJ_EX of a global: NEWOBJ only of DCP's classes; a REDUCE's result is
+    a value looked up or made (a torch.Size, a layout, an enum member) that nothing may change
+    after, except an empty OrderedDict, which its SETITEMS then fill."""
+    callee = parts[0]
+    if callee.kind != "global":
+        raise pickle.UnpicklingError(f"{opcode} of something not looked up by name")
+    if opcode != "REDUCE":
+        if callee.name not in _NEW_CLASSES:
+            raise pickle.UnpicklingError(f"{opcode} of {callee.name!r}: only DCP's metadata classes are built that "
+                                         "way (an enum or a constant never)")
+        return _contain(parts[1:], "new", max_depth, callee.name)
+    if callee.name == _ORDERED_DICT:
+        if parts[1].kind != "empty tuple":
+            raise pickle.UnpicklingError("an OrderedDict made from arguments (DCP's are filled by SETITEMS)")
+        return _contain(parts[1:], "dict", max_depth)
+    return _contain(parts[1:], "atom", max_depth)
+
+
 def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
     """Check, without building anything, that `data` is a pickle of plain nesting at most
-    `max_depth` deep that calls only what it looks up by name (checked by find_class) and that
-    changes only fresh instances: never a class, a constant, or an object it has already used.
-    Raises pickle.UnpicklingError."""
+    `max_depth` deep, containers of at most METADATA_MAX_ENTRIES entries keyed by strings (or
+    MetadataIndex), that calls only what it looks up by name (checked by find_class), builds
+    with NEWOBJ only DCP's classes, and changes only fresh instances and containers: never a
+    class, a constant, an enum member or an object it has already used. Raises
+    pickle.UnpicklingError."""
     stack: list = []
     memo: dict = {}
     for opcode, arg, _ in pickletools.genops(data):
-        action = _ACTIONS.get(opcode.name)
+        name = opcode.name
+        action = _ACTIONS.get(name)
         if action == "memo":
             if not stack or stack[-1] is _MARK:
                 raise pickle.UnpicklingError("memoizing nothing")
@@ -160,38 +235,36 @@ def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
             stack.append(memo[arg])
         elif action == "atom":
             stack.append(_ATOM)
+        elif action == "str":
+            stack.append(_Node(0, "str", arg if type(arg) is str else ""))
         elif action == "mark":
             stack.append(_MARK)
         elif action == "skip":
             continue
         elif action == "empty":
-            stack.append(_Node(1, "container"))
+            stack.append(_Node(1, _CONTAINER_OF[name]))
         elif action == "empty tuple":
-            stack.append(_Node(1, "atom"))
+            stack.append(_Node(1, "empty tuple"))
         elif action == "tuple":
-            stack.append(_contain(_pop(stack, int(opcode.name[-1])), "atom", max_depth))
-        elif action == "marked tuple":
-            stack.append(_contain(_pop_mark(stack), "atom", max_depth))
-        elif action == "marked container":
-            stack.append(_contain(_pop_mark(stack), "container", max_depth))
+            stack.append(_contain(_pop(stack, int(name[-1])), "atom", max_depth))
+        elif action in ("marked tuple", "marked container"):
+            items = _pop_mark(stack)
+            _check_keys(name, items)
+            stack.append(_contain(items, _CONTAINER_OF.get(name, "atom"), max_depth))
         elif action in ("add", "marked add"):
-            items = _pop(stack, 2 if opcode.name == "SETITEM" else 1) if action == "add" else _pop_mark(stack)
-            _mutate(stack[-1] if stack else None, items, max_depth)
+            items = _pop(stack, 2 if name == "SETITEM" else 1) if action == "add" else _pop_mark(stack)
+            _check_keys(name, items)
+            _mutate(stack[-1] if stack else None, items, max_depth, _ADDS_TO[name])
         elif action == "build":
             state = _pop(stack, 1)
             target = stack[-1] if stack else None
             if not isinstance(target, _Node) or target.kind != "new":
                 raise pickle.UnpicklingError("BUILD of something other than a new instance (a class, a constant)")
-            _mutate(target, state, max_depth)
+            _mutate(target, state, max_depth, "new")
         elif action == "global":
-            if opcode.name == "STACK_GLOBAL":
-                _pop(stack, 2)
-            stack.append(_GLOBAL)
+            stack.append(_global(name, arg, stack))
         elif action == "call":
-            parts = _pop(stack, 3 if opcode.name == "NEWOBJ_EX" else 2)
-            if parts[0] is not _GLOBAL:
-                raise pickle.UnpicklingError(f"{opcode.name} of something not looked up by name")
-            stack.append(_contain(parts[1:], "made" if opcode.name == "REDUCE" else "new", max_depth))
+            stack.append(_call(name, _pop(stack, 3 if name == "NEWOBJ_EX" else 2), max_depth))
         elif action == "pop":
             _pop(stack, 1) if stack and stack[-1] is not _MARK else _pop_mark(stack)
         elif action == "pop mark":
@@ -202,7 +275,7 @@ def scan_pickle(data: bytes, max_depth: int = METADATA_MAX_DEPTH) -> None:
         elif action == "stop":
             break
         else:
-            raise pickle.UnpicklingError(f"opcode {opcode.name} is not used by checkpoint indexes")
+            raise pickle.UnpicklingError(f"opcode {name} is not used by checkpoint indexes")
     else:
         raise pickle.UnpicklingError("no STOP opcode")
     if len(stack) != 1 or stack[0] is _MARK:
@@ -306,21 +379,61 @@ def _chunks(x, where: str) -> list:
 
 
 def _storage_metadata(x, where: str):
+    """An item of state_dict_metadata: bytes, or a tensor of at most METADATA_MAX_ELEMENTS whose
+    chunks lie inside it."""
     if type(x) is BytesStorageMetadata:
         return _instance(x, BytesStorageMetadata, where, {})
-    return _instance(x, TensorStorageMetadata, where, {"properties": _properties, "size": _size, "chunks": _chunks})
+    md = _instance(x, TensorStorageMetadata, where, {"properties": _properties, "size": _size, "chunks": _chunks})
+    if any(n < 0 for n in md.size) or math.prod(md.size) > METADATA_MAX_ELEMENTS:
+        raise ValueError(f"{where} is a tensor of size {tuple(md.size)}: more than {METADATA_MAX_ELEMENTS:,} elements "
+                         "or a negative size")
+    for i, chunk in enumerate(md.chunks):
+        if len(chunk.offsets) != len(md.size) or len(chunk.sizes) != len(md.size) or any(
+                o < 0 or n < 0 or o + n > s for o, n, s in zip(chunk.offsets, chunk.sizes, md.size)):
+            raise ValueError(f"{where}.chunks[{i}] (offsets {tuple(chunk.offsets)}, sizes {tuple(chunk.sizes)}) is "
+                             f"not inside the tensor of size {tuple(md.size)}")
+    return md
 
 
-def _index(x, where: str) -> MetadataIndex:
-    fields = _fields(x, MetadataIndex, where)
-    return MetadataIndex(_str(fields.get("fqn"), f"{where}.fqn"), _optional(_size)(fields.get("offset"), where),
-                         _optional(_int)(fields.get("index"), where))
+class _IndexKey:
+    """What the unpickler builds in place of a MetadataIndex (the keys of storage_data): a plain
+    object hashed by identity. MetadataIndex hashes its offsets, and offsets of equal hash can be
+    crafted, which would make unpickling storage_data quadratic; rebuild_metadata makes the real
+    MetadataIndex once its offsets are checked to lie inside their tensor, where too few offsets
+    exist for many to share a hash."""
+
+
+def _index(x, where: str, items: dict) -> MetadataIndex:
+    """A storage_data key as a MetadataIndex, naming an item of `items` (state_dict_metadata),
+    with the offset of a point inside that tensor (none for bytes)."""
+    if type(x) is not _IndexKey:
+        raise ValueError(f"{where} is a {type(x).__name__}, not a MetadataIndex")
+    fields = vars(x)
+    unknown = set(fields) - {"fqn", "offset", "index"}
+    if unknown:
+        raise ValueError(f"{where} (MetadataIndex) has undeclared fields {sorted(map(repr, unknown))[:5]}")
+    fqn = _str(fields.get("fqn"), f"{where}.fqn")
+    offset = _optional(_size)(fields.get("offset"), f"{where}.offset")
+    item = items.get(fqn)
+    if item is None:
+        raise ValueError(f"{where} names {fqn[:200]!r}, which state_dict_metadata does not list")
+    size = getattr(item, "size", None)
+    if (offset is None) != (size is None) or size is not None and (
+            len(offset) != len(size) or any(not 0 <= o <= max(n - 1, 0) for o, n in zip(offset, size))):
+        raise ValueError(f"{where}: the offset {offset if offset is None else tuple(offset)} of {fqn[:200]!r} is not a "
+                         f"point of {'its tensor of size ' + str(tuple(size)) if size is not None else 'a bytes item'}")
+    return MetadataIndex(fqn, offset, _optional(_int)(fields.get("index"), f"{where}.index"))
 
 
 def _storage_info(x, where: str) -> _StorageInfo:
     info = _instance(x, _StorageInfo, where, {"relative_path": _str, "offset": _int, "length": _int})
     if info.offset < 0 or info.length < 0:
         raise ValueError(f"{where} has a negative offset or length")
+    # Storage transforms (compression, ...) are DCP extensions the trainer never writes; a
+    # decompressor on crafted input can expand a small slice to many GiB before anything checks it.
+    if getattr(info, "transform_descriptors", None):
+        raise ValueError(f"{where} asks for the storage transforms {list(info.transform_descriptors)[:5]!r}, which "
+                         "this trainer never writes")
     return info
 
 
@@ -333,17 +446,31 @@ def _mapping(x, where: str, key, value) -> dict:
 def rebuild_metadata(loaded) -> Metadata:
     """A fresh Metadata holding exactly what the unpickled `loaded` declares; ValueError if it
     holds anything else."""
+    items = _mapping(_fields(loaded, Metadata, "the index").get("state_dict_metadata"), "the index.state_dict_metadata",
+                     _str, _storage_metadata)
     return _instance(loaded, Metadata, "the index", {
-        "state_dict_metadata": lambda x, w: _mapping(x, w, _str, _storage_metadata),
-        "storage_data": lambda x, w: _mapping(x, w, _index, _storage_info),
+        "state_dict_metadata": lambda x, w: items,
+        # Keys checked one by one before any is hashed (see _IndexKey).
+        "storage_data": lambda x, w: _mapping(x, w, lambda k, kw: _index(k, kw, items), _storage_info),
         "storage_meta": _optional(lambda x, w: _instance(x, StorageMeta, w, {})),
     })
 
 
+def _lookup_by_value(enum_class: type[enum.Enum]):
+    """An enum class as the unpickler may use it: a function that looks a member up by value.
+    NEWOBJ of a function fails, so no pickle can reach the class or a member to change it."""
+    def lookup(value):
+        return enum_class(value)
+    return lookup
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == (_METADATA_MODULE, "MetadataIndex"):
+            return _IndexKey
         if (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            return _lookup_by_value(found) if isinstance(found, type) and issubclass(found, enum.Enum) else found
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")

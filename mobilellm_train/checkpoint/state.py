@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import numbers
 import random
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mobilellm_train.errors import CheckpointError
+from mobilellm_train.errors import CheckpointError, parse_json
+from mobilellm_train.hf import MAX_DIM, MAX_LAYERS, MAX_POSITIONS, MAX_ROPE_ELEMENTS, MAX_VOCAB
+from mobilellm_train.model import ModelArgs
 
 
 @dataclass
@@ -47,8 +50,64 @@ class TrainState(Stateful):
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Each value checked before it is kept: a damaged or crafted train state must not hand the
+        run a step that is a string, no ranks, or a model shape nothing can build (CheckpointError
+        naming the key)."""
+        kinds = {f.name: {"int": int, "str": str}.get(f.type) for f in dataclasses.fields(self)}
         for key, value in state_dict.items():
+            kind, least = kinds.get(key), 1 if key == "dp_world_size" else 0
+            if kind is not None and (type(value) is not kind or kind is int and value < least):
+                raise CheckpointError(f"the train state's {key} is {value!r:.100}, not a "
+                                      f"{'count' if kind is int else 'string'}; the checkpoint is damaged")
+            if key == "model_args" and value:
+                model_args_from_json(value)
             setattr(self, key, value)
+
+
+# The shape a checkpoint records is held to the ceilings of a Hugging Face config.json (hf.py):
+# export, eval and generate build the model from it before any weight is read.
+_MODEL_ARGS_LIMITS = {"dim": MAX_DIM, "n_layers": MAX_LAYERS, "n_heads": MAX_DIM, "n_kv_heads": MAX_DIM,
+                      "ffn_dim": MAX_DIM, "vocab_size": MAX_VOCAB, "max_seq_len": MAX_POSITIONS}
+
+
+def model_args_from_json(text: str) -> ModelArgs:
+    """The ModelArgs of a train state's model_args (JSON), every key known, of its field's type,
+    sizes from 1 to their ceiling, floats finite and positive; CheckpointError naming the key."""
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"the train state's model_args {why}; the checkpoint is damaged or was not written "
+                               "by this trainer")
+
+    try:
+        fields = parse_json(text)
+    except ValueError as e:
+        raise refuse(f"is not JSON ({str(e)[:200]})") from None
+    if not isinstance(fields, dict):
+        raise refuse(f"is a JSON {type(fields).__name__}, not an object")
+    kinds = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
+    for key, value in fields.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise refuse(f"has the key {key[:100]!r}, which is not a field of the model")
+        if kind == "bool":
+            ok = type(value) is bool
+        elif kind == "float":
+            ok = type(value) in (int, float) and 0 < value < math.inf
+        elif kind == "int":
+            ok = type(value) is int and 1 <= value <= _MODEL_ARGS_LIMITS.get(key, 1 << 31)
+        else:  # a field of another kind: a plain JSON scalar, checked by ModelArgs itself
+            ok = isinstance(value, (str, int, float)) and len(str(value)) <= 1000
+        if not ok:
+            limit = (f"an integer from 1 to {_MODEL_ARGS_LIMITS.get(key, 1 << 31)}" if kind == "int" else
+                     "a finite positive number" if kind == "float" else "true or false")
+            raise refuse(f"{key} = {value!r:.100}; expected {limit} (the ceilings of a Hugging Face config.json)")
+    try:
+        args = ModelArgs(**fields)
+    except (ValueError, TypeError) as e:
+        raise refuse(f"describe no model ({str(e)[:200]})") from None
+    if args.max_seq_len * args.head_dim > MAX_ROPE_ELEMENTS:
+        raise refuse(f"max_seq_len {args.max_seq_len} x head_dim {args.head_dim} exceeds {MAX_ROPE_ELEMENTS} "
+                     "(rotary tables of over 1 GiB)")
+    return args
 
 
 def _tied(model: nn.Module) -> bool:
@@ -140,7 +199,7 @@ def _encode(x):
 
 def decode_state(text: str):
     """The inverse of encode_state."""
-    return _decode(json.loads(text))
+    return _decode(parse_json(text))  # nesting bounded: _decode recurses
 
 
 def _decode(x):

@@ -164,15 +164,19 @@ def load_config(argv: list[str] | None = None, world_size: int | None = None) ->
         try:
             with open(config_path, "rb") as f:
                 toml = tomllib.load(f)
+            for section, table in toml.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{config_path}: '{section}' must be a [section] table, not a bare key")
+                for key, value in table.items():
+                    _set(cfg, f"{section}.{key}", value, config_path)
         except FileNotFoundError:
             raise ConfigError(f"--config: no such file: {config_path}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: invalid TOML: {e}") from None
-        for section, table in toml.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{config_path}: '{section}' must be a [section] table, not a bare key")
-            for key, value in table.items():
-                _set(cfg, f"{section}.{key}", value, config_path)
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise ConfigError(f"{config_path}: invalid TOML: nested too deeply to parse") from None
+        except OSError as e:  # a folder, no permission
+            raise ConfigError(f"--config: cannot read {config_path} ({e.strerror or e})") from None
     for dotted, value in overrides:
         _set(cfg, dotted, value, f"--{dotted}")
     given = {dotted for dotted, _ in overrides}
@@ -260,9 +264,14 @@ def to_toml(cfg: Config) -> str:
 
 def parse_effective_config(text: str) -> Config:
     """A run folder's config.toml (as `to_toml` writes it) read back without validation: its
-    paths may have moved since, and keys this version does not know are skipped."""
+    paths may have moved since, and keys this version does not know are skipped. Text that is not
+    TOML (too deeply nested included) raises ValueError."""
     cfg = Config()
-    for section, table in tomllib.loads(text).items():
+    try:
+        tables = tomllib.loads(text)
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ValueError("invalid TOML: nested too deeply to parse") from None
+    for section, table in tables.items():
         if not isinstance(table, dict):
             continue
         for key, value in table.items():

@@ -25,7 +25,8 @@ class JobConfig:
     stop_file: str = ""
     """If this file appears, all ranks save a checkpoint at the next stop check and exit cleanly
     (launch/train.slurm creates it before the time limit). One present at start, left by an
-    earlier run, is deleted. Empty: no such file is watched."""
+    earlier run, is deleted once the start is past its checks; anything there that is not a stop
+    file (empty or holding `stop`, yours, not a link) stops the start. Empty: none is watched."""
     stop_check_freq: int = 10
     """Ranks agree on a stop request (signal or stop file) every N steps, with a small CPU
     all-reduce that all ranks wait for; a request takes effect at the next multiple of N."""

@@ -24,6 +24,9 @@ import time
 
 import sentencepiece as spm
 
+from mobilellm_train.errors import parse_json
+from mobilellm_train.run_files import check_not_link, open_run_file, read_run_file
+
 logger = logging.getLogger(__name__)
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -107,10 +110,19 @@ def _train_tokenizer(docs: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def _write_atomic(path: str, data: bytes, out_dir: str) -> None:
+    """Write `path` whole, never through a link: no folder between out_dir and it may be one (a
+    run's demo_data/ may come with a run folder from elsewhere), and the data goes to a temporary
+    created exclusively, then renamed over `path` (which replaces a link there, not its target)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    while folder.startswith(out_dir + os.sep):
+        check_not_link(folder)
+        folder = os.path.dirname(folder)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    with open_run_file(tmp, "xb") as f:
         f.write(data)
     os.replace(tmp, path)
 
@@ -130,12 +142,15 @@ def build_demo_corpus(
     val_file = os.path.join(out_dir, "val", "1", "part-00000.jsonl")
     done_path = os.path.join(out_dir, "DONE.json")
 
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            done = json.load(f)
+    if os.path.lexists(done_path):
+        try:
+            done = parse_json(read_run_file(done_path) or b"")
+        except ValueError:  # damaged: rebuilt below
+            done = None
+        done = done if isinstance(done, dict) else {}
         same_params = done.get("vocab_size") == vocab_size and done.get("max_text_bytes") == max_text_bytes
         if same_params and all(os.path.exists(p) for p in (model_path, train_file, val_file)):
-            logger.info("demo corpus already built in %s (%s train tokens)", out_dir, done["tokens"]["train"])
+            logger.info("demo corpus already built in %s", out_dir)
             return data_path, model_path
         # A rebuild that dies halfway must not leave a DONE.json vouching for mixed files.
         os.remove(done_path)
@@ -151,14 +166,14 @@ def build_demo_corpus(
         )
     text_bytes = sum(len(d.encode("utf-8")) for d in docs)
     model_proto = _train_tokenizer(docs, vocab_size)
-    _write_atomic(model_path, model_proto)
+    _write_atomic(model_path, model_proto, out_dir)
 
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     encoded = [[_BOS_ID, *ids, _EOS_ID] for ids in sp.encode(docs)]
     num_val = max(1, round(len(encoded) * _VAL_FRACTION))
     train_docs, val_docs = encoded[:-num_val], encoded[-num_val:]
-    _write_atomic(train_file, _jsonl_bytes(train_docs))
-    _write_atomic(val_file, _jsonl_bytes(val_docs))
+    _write_atomic(train_file, _jsonl_bytes(train_docs), out_dir)
+    _write_atomic(val_file, _jsonl_bytes(val_docs), out_dir)
 
     seconds = time.perf_counter() - start
     done = {
@@ -170,7 +185,7 @@ def build_demo_corpus(
         "python": sys.version.split()[0],
         "build_seconds": round(seconds, 2),
     }
-    _write_atomic(done_path, (json.dumps(done, indent=2) + "\n").encode("utf-8"))
+    _write_atomic(done_path, (json.dumps(done, indent=2) + "\n").encode("utf-8"), out_dir)
     logger.info(
         "demo corpus built in %.1f s: %d text bytes, %d+%d documents, %d+%d tokens (train+val), vocab %d",
         seconds,

@@ -287,6 +287,7 @@ class JsonlTokenDataset(IterableDataset, Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a position from state_dict(); it takes effect at the next iter()."""
+        check_reader_state(state_dict, self.vocab_size)
         sd = state_dict
         if sd["dp_world_size"] != self.dp_world_size:
             raise DataError(
@@ -430,6 +431,34 @@ class JsonlTokenDataset(IterableDataset, Stateful):
         return bad_lines_skipped
 
 
+# The reader's position, as state_dict() writes it: each a count of one reader's stream.
+_STATE_COUNTS = ("epoch", "file_index", "byte_offset", "line_number", "bad_lines_skipped", "dp_world_size", "dp_rank")
+
+
+def check_reader_state(sd, vocab_size: int, who: str = "") -> None:
+    """A saved reader position (state_dict()) as it is restored: its counts non-negative integers
+    and every token id of its buffer (read before the checkpoint, fed to the model after it) inside
+    the vocabulary, which an id beyond would fail in the embedding on every resume. A
+    CheckpointError otherwise: the state is damaged, so an automatic resume falls back past it."""
+    where = f"the saved JSONL data position{who}"
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} is a {type(sd).__name__}, not a reader state; the checkpoint is damaged")
+    for key in _STATE_COUNTS:
+        value = sd.get(key)
+        if type(value) is not int or value < 0:
+            raise CheckpointError(f"{where}: {key} is {value!r:.80}, not a count; the checkpoint is damaged")
+    buffer = sd.get("buffer")
+    if not isinstance(buffer, list):
+        raise CheckpointError(f"{where}: its token buffer is a {type(buffer).__name__}, not a list; the checkpoint "
+                              "is damaged")
+    bad = next((i for i, x in enumerate(buffer) if type(x) is not int or not 0 <= x < vocab_size), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{where} holds the token id {buffer[bad]!r:.40} (buffer[{bad}]), not an id of this model's vocabulary "
+            f"[0, {vocab_size}): the checkpoint is damaged, or was written for other data"
+        )
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """worker_init_fn of every training loader: a worker ignores SIGTERM, SIGINT and SIGUSR1, and
     is killed when its parent dies.
@@ -486,6 +515,15 @@ class JsonlLoader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         snapshot = state_dict.get("_snapshot")
         saved = 0 if snapshot is None else snapshot.get("_main_snapshot", {}).get("_num_workers")
+        # Each reader's position is checked here, as the checkpoint loads (a worker restores its
+        # own only once it starts): a damaged one is refused in words, or passed over at auto-resume.
+        workers = {} if snapshot is None else snapshot.get("_worker_snapshots") or {}
+        states = {"": state_dict.get("dataset_state")} if snapshot is None else {
+            f" (loader worker {name.removeprefix('worker_')})": (w or {}).get("dataset_state")
+            for name, w in workers.items()}
+        for who, state in states.items():
+            if state is not None:  # a worker that had read nothing yet starts its share afresh
+                check_reader_state(state, self.dataset.vocab_size, who)
         if saved != self.num_workers:
             raise CheckpointError(
                 f"this run's data position (JSONL layout) was saved with --data.num_workers {saved}, and this "

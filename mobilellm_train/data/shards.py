@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobilellm_train.errors import DataError
+from mobilellm_train.errors import DataError, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +285,8 @@ def read_manifest(folder: str) -> Manifest:
         raise DataError(f"{path}: no manifest, so {folder} is not a prepared dataset.{hint}")
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = parse_json(f.read().decode("utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON, or nested too deeply to parse
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: not a {FORMAT_NAME} manifest (no \"format\": \"{FORMAT_NAME}\")")
@@ -448,10 +448,10 @@ def unverified_shards(manifest: Manifest, signatures: dict[str, list[int]]) -> t
     everything = list(range(len(manifest.shards)))
     try:
         with open(path, "rb") as f:
-            record = json.loads(f.read().decode("utf-8"))
+            record = parse_json(f.read().decode("utf-8"))
     except FileNotFoundError:
         return everything, f"no {VERIFIED_FILE} (the data was never verified in full)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, or nested too deeply
         return everything, f"{path} is unreadable ({e})"
     if not isinstance(record, dict) or record.get("format") != VERIFIED_FORMAT or not isinstance(
             record.get("files"), dict):

@@ -53,7 +53,6 @@ from mobilellm_train.data.shards import (
     record_verification,
     verify_shards,
     write_file_atomic,
-    write_json_atomic,
     write_manifest,
 )
 from mobilellm_train.errors import DataError
