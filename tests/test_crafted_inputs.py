@@ -167,7 +167,8 @@ def test_a_start_refused_for_its_stop_file_says_so_in_one_line_and_leaves_everyt
 # --- 3: a run folder's files are never opened through links --------------------------------------
 
 def test_run_folder_files_are_never_written_or_read_through_links(tmp_path):
-    from mobilellm_train.build import resolve_data, write_effective_config
+    from mobilellm_train.build import resolve_data
+    from mobilellm_train.run_config import write_effective_config
     from mobilellm_train.config import Config
     from mobilellm_train.metrics import MetricsLogger
     from mobilellm_train.resilience import RunFolderLock

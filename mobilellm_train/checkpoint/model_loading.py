@@ -101,13 +101,19 @@ def model_args_fingerprint(args: ModelArgs) -> str:
 
 
 def read_train_state(path: str) -> TrainState:
-    """The train state a checkpoint holds, read alone (no process group needed). A field of this
-    version that an older checkpoint lacks keeps its default rather than failing the load."""
+    """The train state a checkpoint holds, read alone (no process group needed) and checked as
+    TrainState.load_state_dict checks it. A field of this version that an older checkpoint lacks
+    keeps its default rather than failing the load."""
     keys = read_metadata(path).state_dict_metadata
     stored = {fqn.split(".", 1)[1] for fqn in keys if fqn.startswith("train_state.")}
     values = {k: v for k, v in TrainState().state_dict().items() if k in stored}
     checked_load({"train_state": values}, path)  # DCP fills the dict in place
-    return TrainState(**values)
+    state = TrainState()
+    try:
+        state.load_state_dict(values)  # each value checked
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return state
 
 
 def read_model_args(path: str) -> ModelArgs:
