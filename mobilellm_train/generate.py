@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.pte):
         p.error("give exactly one of --checkpoint FOLDER and --pte PROGRAM")
+    if args.pte and args.weights != "model":
+        p.error("--weights chooses a step folder's weights; a --pte program holds the ones it was exported with")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     import torch  # only now: the command line is known to be usable
 
