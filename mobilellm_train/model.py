@@ -327,9 +327,10 @@ class MobileLLM(nn.Module):
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size], or with `labels` [B, T] the mean
         cross-entropy over the labels that are not -100 (an fp32 scalar).
 
-        `loss_terms`, a dict, receives each term of the returned loss by name, detached ("ce" for
-        the cross-entropy, "z_loss" when `z_loss` is set), so that the trainer can log them apart.
-        The z-loss is a training regulariser: in eval mode (validation) the loss is the cross-entropy.
+        `loss_terms`, a mapping (the step's LossTerms: FSDP2 would hand forward a copy of a dict),
+        receives each term of the returned loss by name, detached ("ce" for the cross-entropy,
+        "z_loss" when `z_loss` is set), so that the trainer can log them apart. The z-loss is a
+        training regulariser: in eval mode (validation) the loss is the cross-entropy alone.
 
         The loss is computed here, not by the caller, because under FSDP2 the (tied) output weight
         is gathered only inside this forward; and in chunks of `loss_chunk_tokens` tokens, so the
