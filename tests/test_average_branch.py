@@ -109,6 +109,23 @@ def test_average_is_the_mean_verifies_exports_and_refuses_what_does_not_fit(tmp_
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
 
+    # The tools and a new run read it like a step; it has no EMA to read.
+    from conftest import make_corpus
+    from mobilellm_train.evaluation.cli import main as eval_main
+    from mobilellm_train.generate import main as generate_main
+
+    generate_main(["--checkpoint", str(out), "--prompt", "the dog", "--max-new-tokens", "4", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("=== prompt 1 ===")
+    corpus = make_corpus(tmp_path / "tokens", n_docs=20)
+    eval_main(["--checkpoint", str(out), "--tasks", "tokens", "--token-data", corpus, "--seq-len", "16", "--device", "cpu"])
+    assert "average: tokens perplexity" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", str(out), "--weights", "ema", "--tasks", "tokens", "--token-data", corpus])
+    assert "holds no weight EMA" in capsys.readouterr().err
+    new_model, _, new_state, new_states = run_parts(seed=9)
+    assert load_initial_state(new_states, branch_cfg(out, optimizer=False), 0, new_state) == {"model"}
+    assert all(torch.equal(v, mean[k]) for k, v in new_model.state_dict().items())
+
     # A run cannot resume it: a weights-only step met in a checkpoint folder is refused in words.
     shutil.copytree(out, run / "checkpoints" / "step-40")
     _, _, resumer_state, resumer_states = run_parts(seed=5)
