@@ -160,8 +160,9 @@ def test_one_rank_resume_equals_uninterrupted_ema_off_unchanged_and_a_branch(tmp
     assert [a[s]["loss"] for s in range(1, 11)] == [b[s]["loss"] for s in range(1, 11)]
     assert [a[s]["val_loss_ema"] for s in (4, 8, 10)] == [b[s]["val_loss_ema"] for s in (4, 8, 10)]
     assert_same_weights(straight, split, 10)
-    # The EMA is an average of weights, not a copy: its validation loss differs from the model's.
+    # The EMA is an average of the trained weights (not a copy, nor the initialisation left behind).
     assert all(a[s]["val_loss_ema"] != a[s]["val_loss"] for s in (4, 8, 10))
+    assert a[10]["val_loss_ema"] < a[1]["loss"] - 0.3
     assert a[10]["ce"] + a[10]["z_loss"] == pytest.approx(a[10]["loss"], rel=1e-6) and a[10]["z_loss"] > 0
 
     run_trainer(base_args(shards, off, steps=10, **{**common, "training.ema_decay": 0}))
