@@ -147,6 +147,7 @@ def build_model(
     model.to_empty(device=device)
     model.init_weights(seed=training.seed)
     model.loss_chunk_tokens = training.loss_chunk_tokens
+    model.z_loss = training.z_loss
     # The per-chunk softmax arithmetic fuses into a few kernels when compiled.
     model.compile_loss = compile_cfg.enable and on_gpu
     model.flex_doc_mask = training.doc_mask_attention == "flex" and on_gpu
@@ -166,10 +167,13 @@ def build_checkpointer(
     world_size: int,
     tokenizer_path: str,
     config_text: str = "",
+    ema: Stateful | None = None,
 ):
     """(the checkpointer of every Stateful part of the run, the run's TrainState). The checkpoint
     holds exactly these states; nothing else is needed to resume. `config_text`, the run's
-    effective config as TOML, is recorded in each checkpoint's train state (run_config.py)."""
+    effective config as TOML, is recorded in each checkpoint's train state (run_config.py). The
+    weight EMA (loop/ema.py), when on, is optional: a checkpoint written without it starts it from
+    the weights."""
     from mobilellm_train import checkpoint as ckpt
 
     train_state = ckpt.TrainState(dp_world_size=world_size, model_args=ckpt.model_args_fingerprint(model_args),
@@ -183,11 +187,14 @@ def build_checkpointer(
         "train_state": train_state,
         "rng": ckpt.PerRankState(rank, ckpt.RNGState()),
     }
+    if ema is not None and ema.enabled:
+        states["ema"] = ema
     checkpointer = ckpt.Checkpointer(
         cfg, dump_folder, states, rank, tokenizer_path=tokenizer_path,
         # The JSONL reader's position belongs to one rank and cannot move to another rank count.
         per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
         required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
+        optional=frozenset({"ema"}),
     )
     return checkpointer, train_state
 

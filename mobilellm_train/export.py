@@ -3,7 +3,7 @@
     mobilellm-export --checkpoint outputs/mobilellm_125M/checkpoints/step-480000 --out exported/125M
     python -m mobilellm_train.export --checkpoint STEP_FOLDER --out FOLDER \
         [--dtype float32|bfloat16] [--format safetensors|torch] [--tokenizer tokenizer.model | --no-tokenizer]
-        [--overwrite]
+        [--weights model|ema] [--overwrite]
 
 The folder holds config.json (a Llama config with tied embeddings, hf.hf_llama_config), the
 weights (model.safetensors, or pytorch_model.bin with --format torch), generation_config.json and
@@ -238,10 +238,12 @@ def export_checkpoint(
     overwrite: bool = False,
     verify: bool = True,
     with_tokenizer: bool = True,
+    weights: str = "model",
 ) -> str:
     """Export a DCP step folder (see the module docstring); returns the written folder.
 
-    `with_tokenizer=False` writes the model alone, whatever tokenizer the step folder holds.
+    `with_tokenizer=False` writes the model alone, whatever tokenizer the step folder holds;
+    `weights="ema"` exports the step's weight EMA instead of its weights.
     """
     from mobilellm_train.checkpoint import TOKENIZER_FILE, load_model_from_checkpoint
     from mobilellm_train.evaluation.loading import TokenizerMismatchError, check_same_tokenizer
@@ -268,7 +270,7 @@ def export_checkpoint(
         if not os.path.isfile(tokenizer_path):
             raise ExportError(f"--tokenizer {tokenizer_path}: no such file")
         tokenizer_files(tokenizer_path, ModelArgs(vocab_size=1 << 31))
-    model = load_model_from_checkpoint(checkpoint, verify=verify)
+    model = load_model_from_checkpoint(checkpoint, verify=verify, weights=weights)
     return write_hf_folder(
         model.args, model.state_dict(), out_dir, dtype, weight_format, tokenizer_path, overwrite
     )
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the files against the checksums recorded at save")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="the step's weights (default) or its weight EMA (training.ema_decay)")
     edge_options = parser.add_argument_group("--format executorch")
     edge_options.add_argument("--max-context", type=int, default=512,
                               help="tokens the program's KV cache holds, prompt and generation together (default 512)")
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = export_checkpoint(
             args.checkpoint, args.out, args.dtype, args.weight_format, args.tokenizer, args.overwrite, args.verify,
-            args.with_tokenizer,
+            args.with_tokenizer, args.weights,
         )
     except (ExportError, CheckpointError) as e:
         print(f"export error: {e}", file=sys.stderr)
@@ -353,7 +357,7 @@ def _main_executorch(args: argparse.Namespace) -> None:
             logger.warning("%s holds no %s and --tokenizer is not given: writing the program without a tokenizer",
                            args.checkpoint, TOKENIZER_FILE)
         edge.check_destination(args.out, bool(tokenizer), args.overwrite)  # before the slow load
-        model = load_model(args.checkpoint, verify=args.verify)
+        model = load_model(args.checkpoint, verify=args.verify, weights=args.weights)
         if tokenizer:
             import sentencepiece as spm
 

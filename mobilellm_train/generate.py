@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="a step folder's weights (default) or its weight EMA (training.ema_decay)")
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.pte):
         p.error("give exactly one of --checkpoint FOLDER and --pte PROGRAM")
+    if args.pte and args.weights != "model":
+        p.error("--weights chooses a step folder's weights; a --pte program holds the ones it was exported with")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     import torch  # only now: the command line is known to be usable
 
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
-        model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
+        model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify,
+                           weights=args.weights)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mobilellm_train.losses import chunked_cross_entropy
+from mobilellm_train.losses import chunked_cross_entropy, unchunked_cross_entropy
 
 
 @dataclass
@@ -295,6 +295,7 @@ class MobileLLM(nn.Module):
         # How forward(tokens, labels) computes the loss; training settings, not architecture.
         self.loss_chunk_tokens = 4096
         self.compile_loss = False
+        self.z_loss = 0.0  # z-loss coefficient (training.z_loss); in training mode only
         # How documents are masked apart when forward gets position_ids: True, FlexAttention with
         # a block mask (fused, sparse; the trainer's choice on GPU); False, SDPA with a boolean
         # [B, 1, T, T] mask, which only SDPA's math kernel takes (~T^2 scores per head kept).
@@ -326,8 +327,10 @@ class MobileLLM(nn.Module):
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size], or with `labels` [B, T] the mean
         cross-entropy over the labels that are not -100 (an fp32 scalar).
 
-        `loss_terms`, a dict, receives each term of the returned loss by name, detached ("ce" for
-        the cross-entropy), so that the trainer can log them apart.
+        `loss_terms`, a mapping (the step's LossTerms: FSDP2 would hand forward a copy of a dict),
+        receives each term of the returned loss by name, detached ("ce" for the cross-entropy,
+        "z_loss" when `z_loss` is set), so that the trainer can log them apart. The z-loss is a
+        training regulariser: in eval mode (validation) the loss is the cross-entropy alone.
 
         The loss is computed here, not by the caller, because under FSDP2 the (tied) output weight
         is gathered only inside this forward; and in chunks of `loss_chunk_tokens` tokens, so the
@@ -355,15 +358,14 @@ class MobileLLM(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)
+        z_loss = self.z_loss if self.training else 0.0
         if self.loss_chunk_tokens == 0:
-            loss = F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten())
+            loss = unchunked_cross_entropy(self.output(h).flatten(0, 1), labels.flatten(), z_loss, terms=loss_terms)
         else:
             loss = chunked_cross_entropy(
                 h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
-                compile_chunk=self.compile_loss,
+                compile_chunk=self.compile_loss, z_loss=z_loss, terms=loss_terms,
             )
-        if loss_terms is not None:
-            loss_terms["ce"] = loss.detach()
         return loss
 
     @torch.no_grad()

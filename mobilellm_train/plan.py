@@ -7,8 +7,9 @@
 It reads the config exactly as `mobilellm-train` does (`config.load_config`, the same
 `--section.key value` overrides) and adds up, per GPU and without a GPU:
 
-- the sharded training state: fp32 parameters, fp32 gradients and AdamW's two fp32 moments, each
-  split over the ranks of one FSDP shard group (all ranks, or one replica group under HSDP);
+- the sharded training state: fp32 parameters, fp32 gradients and AdamW's two fp32 moments (and
+  the fp32 weight EMA when training.ema_decay is set), each split over the ranks of one FSDP shard
+  group (all ranks, or one replica group under HSDP);
 - gathered parameters in the compute dtype: the root (embedding, tied output, final norm), and
   every block when `reshard_after_forward` is off, else the current and the prefetched block,
   plus one block's all-gather buffer;
@@ -239,6 +240,8 @@ def estimate(
     state = add("parameters (fp32 shard)", 4 * shard_params, f"{params:,} / {shard} ranks x 4 B")
     state += add("gradients (fp32 shard)", 4 * shard_params, "same shape as the parameter shard")
     state += add("AdamW moments (fp32 shard)", 8 * shard_params, "exp_avg and exp_avg_sq")
+    if training.ema_decay:
+        state += add("weight EMA (fp32 shard)", 4 * shard_params, "training.ema_decay: the average, sharded like the parameters")
 
     gathered_blocks = a.n_layers if not parallelism.reshard_after_forward else min(a.n_layers, 2)
     gathered = add(

@@ -21,6 +21,7 @@ logger = logging.getLogger("mobilellm_train")
 GIB = 2**30
 # A checkpoint holds the fp32 weights and AdamW's two fp32 moments: 12 bytes per parameter.
 CHECKPOINT_BYTES_PER_PARAM = 12
+EMA_BYTES_PER_PARAM = 4  # the fp32 weight EMA (training.ema_decay), when on
 
 
 def describe_run(cfg: C.Config) -> str:
@@ -189,11 +190,12 @@ def check_initial_tokenizer(cfg: C.CheckpointConfig, dump_folder: str, tokenizer
 # Free space for the checkpoints to come
 
 
-def checkpoint_bytes(num_params: int, tokenizer_path: str = "") -> int:
-    """The size of one checkpoint: weights and AdamW moments in fp32, the tokenizer copy, and a
-    MiB for the small state (schedule, data position, RNG, manifests, metadata)."""
+def checkpoint_bytes(num_params: int, tokenizer_path: str = "", bytes_per_param: int = CHECKPOINT_BYTES_PER_PARAM) -> int:
+    """The size of one checkpoint: weights and AdamW moments in fp32 (and the weight EMA when
+    `bytes_per_param` counts it), the tokenizer copy, and a MiB for the small state (schedule, data
+    position, RNG, manifests, metadata)."""
     tokenizer = os.path.getsize(tokenizer_path) if tokenizer_path and os.path.isfile(tokenizer_path) else 0
-    return CHECKPOINT_BYTES_PER_PARAM * num_params + tokenizer + 2**20
+    return bytes_per_param * num_params + tokenizer + 2**20
 
 
 def saves_left(step: int, total_steps: int, interval: int) -> int:
@@ -207,7 +209,7 @@ def _gib(n: float) -> str:
 
 
 def check_free_space(folder: str, one_checkpoint: int, num_params: int, saves: int, keep_latest_k: int,
-                     existing: int) -> str:
+                     existing: int, bytes_per_param: int = CHECKPOINT_BYTES_PER_PARAM) -> str:
     """Refuse (CheckpointError) when the file system of the checkpoint folder cannot hold one
     more checkpoint; return a warning (else "") when it cannot hold the ones this run keeps at
     once: keep_latest_k plus the save in flight (the oldest is deleted only after a newer one is
@@ -220,7 +222,8 @@ def check_free_space(folder: str, one_checkpoint: int, num_params: int, saves: i
     st = os.statvfs(probe)
     free = st.f_bavail * st.f_frsize
     what = (f"one checkpoint of this model takes {_gib(one_checkpoint)} ({num_params / 1e6:.1f}M parameters x "
-            f"{CHECKPOINT_BYTES_PER_PARAM} bytes: fp32 weights and AdamW moments)")
+            f"{bytes_per_param} bytes: fp32 weights and AdamW moments"
+            f"{' and the weight EMA' if bytes_per_param > CHECKPOINT_BYTES_PER_PARAM else ''})")
     if free < one_checkpoint:
         raise CheckpointError(
             f"checkpoint folder {folder}: {_gib(free)} free, and {what}; free space there, or save on a larger "
@@ -242,17 +245,19 @@ def check_free_space(folder: str, one_checkpoint: int, num_params: int, saves: i
 
 
 def check_checkpoint_space(cfg: C.CheckpointConfig, folder: str, model_args, tokenizer_path: str, step: int,
-                           total_steps: int, rank: int) -> None:
-    """The trainer's check before its first step (check_free_space), warning on rank 0."""
+                           total_steps: int, rank: int, ema: bool = False) -> None:
+    """The trainer's check before its first step (check_free_space), warning on rank 0. `ema`: the
+    checkpoints also hold the fp32 weight EMA."""
     from mobilellm_train.checkpoint import list_checkpoints
     from mobilellm_train.model import count_params
 
     if not cfg.enable:
         return
     num_params = count_params(model_args)
-    warning = check_free_space(folder, checkpoint_bytes(num_params, tokenizer_path), num_params,
+    per_param = CHECKPOINT_BYTES_PER_PARAM + (EMA_BYTES_PER_PARAM if ema else 0)
+    warning = check_free_space(folder, checkpoint_bytes(num_params, tokenizer_path, per_param), num_params,
                                saves_left(step, total_steps, cfg.interval), cfg.keep_latest_k,
-                               len(list_checkpoints(folder)[0]))
+                               len(list_checkpoints(folder)[0]), per_param)
     if warning and rank == 0:
         logger.warning("%s", warning)
 

@@ -5,11 +5,35 @@ finite. `train.Trainer` runs it every step; bench.py and checkpoint_bench.py tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+class LossTerms(MutableMapping):
+    """The loss's terms by name, as model.forward fills them (`loss_terms`). Not a dict on purpose:
+    FSDP2 casts a forward's inputs by rebuilding every dict among its arguments, so a dict passed
+    to the wrapped model would be filled in a copy and the step would see no terms."""
+
+    def __init__(self):
+        self._terms: dict = {}
+
+    def __getitem__(self, name: str):
+        return self._terms[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self._terms[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._terms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._terms)
+
+    def __len__(self) -> int:
+        return len(self._terms)
 
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -65,7 +89,7 @@ def train_step(
             positions = positions.to(device, non_blocking=True)
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
-        terms = None if loss_terms is None else {}
+        terms = None if loss_terms is None else LossTerms()
         loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms) / len(batches)
         loss.backward()
         loss_sum += loss.detach()

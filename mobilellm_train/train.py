@@ -83,6 +83,7 @@ class Trainer:
         """The memory check, the profiler, the mesh and the wrapped, initialised model."""
         import torch
 
+        from mobilellm_train.loop.ema import EMA
         from mobilellm_train.metrics import flops_per_token
         from mobilellm_train.model import count_params
         from mobilellm_train.parallelize import build_mesh
@@ -102,6 +103,7 @@ class Trainer:
         self.model = build_model(
             model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile
         )
+        self.ema = EMA(self.model, tcfg.ema_decay)  # a no-op when training.ema_decay is 0
         self.flops_per_token = flops_per_token(model_args, tcfg.seq_len)
         logger.info(
             "model %s%s: %s parameters, %.2f GFLOPs/token; global batch %d x %d tokens (%d micro-batches of %d "
@@ -132,7 +134,7 @@ class Trainer:
 
             check_data_budget(self.loader, self.plan.total_steps)
         self.validation = Validation(cfg.data, tcfg, self.rank, self.world_size, self.model_args.vocab_size,
-                                     self.tokenizer_path, self.plan.total_steps)
+                                     self.tokenizer_path, self.plan.total_steps, self.ema)
         # The task files are found now, so a missing one stops the run before training, not hours in.
         self.zero_shot = ZeroShotEval(cfg.eval, self.tokenizer_path, self.plan.total_steps)
 
@@ -140,7 +142,7 @@ class Trainer:
         check_initial_tokenizer(self.cfg.checkpoint, self.dump_folder, self.tokenizer_path, self.rank)
         self.checkpointer, self.train_state = build_checkpointer(
             self.cfg.checkpoint, self.dump_folder, self.model, self.optimizer, self.scheduler, self.data_state,
-            self.model_args, self.rank, self.world_size, self.tokenizer_path, C.to_toml(self.cfg),
+            self.model_args, self.rank, self.world_size, self.tokenizer_path, C.to_toml(self.cfg), self.ema,
         )
         self.parts.checkpointer = self.checkpointer
 
@@ -157,7 +159,7 @@ class Trainer:
             return False
         # Past every other refusal, before the first step: room for the checkpoints to come.
         check_checkpoint_space(self.cfg.checkpoint, self.checkpointer.folder, self.model_args, self.tokenizer_path,
-                               state.step, total_steps, self.rank)
+                               state.step, total_steps, self.rank, self.ema.enabled)
         if self.rank == 0:
             # Only now, past every refusal: config.toml describes the checkpoints beside it.
             previous = write_effective_config(self.cfg, self.dump_folder)
@@ -206,15 +208,16 @@ class Trainer:
                 self.model, self.optimizer, batches, self.tcfg.max_norm,
                 before_update=self.checkpointer.wait_for_staging, loss_terms=loss_terms,
             )
+            self.ema.update(skipped)
             step_lr = self.after_step(step, loss_sum, grad_norm, skipped, loss_terms)
             # The spike check reads the loss on the host every step anyway, so it reads the flag too.
             if self.spike_rewind.enabled and step not in self.nonfinite.check(step):
                 if self.spike_rewind.after_step(step, loss_sum):
                     self.record.restart()  # the interval's steps were undone
                     continue
-            val_loss = self.validation.maybe_run(self.model, step)
-            if step % self.cfg.metrics.log_freq == 0 or step == total_steps or val_loss is not None:
-                self.at_log(step, step_lr, grad_norm, val_loss)
+            val_losses = self.validation.maybe_run(self.model, step)
+            if step % self.cfg.metrics.log_freq == 0 or step == total_steps or val_losses is not None:
+                self.at_log(step, step_lr, grad_norm, val_losses)
             stopping = self.stops.after_step(step)
             if self.cfg.checkpoint.enable and (step % self.cfg.checkpoint.interval == 0 or step == total_steps
                                                or stopping):
@@ -245,10 +248,10 @@ class Trainer:
         self.profiler.step_end(step)
         return step_lr
 
-    def at_log(self, step: int, step_lr: float, grad_norm, val_loss: float | None) -> None:
+    def at_log(self, step: int, step_lr: float, grad_norm, val_losses: dict | None) -> None:
         self.nonfinite.check(step)
         record = self.record.take(step, step_lr, grad_norm, self.train_state.tokens_seen,
-                                  self.nonfinite.skipped_steps, val_loss)
+                                  self.nonfinite.skipped_steps, val_losses)
         try:
             self.metrics.log(record)
         except OSError:

@@ -40,6 +40,9 @@ CASES = [
     ("mobilellm_train.export", ["--checkpoint", "x"], 2, "--out"),
     ("mobilellm_train.plan", ["--help"], 0, "--card"),
     ("mobilellm_train.plan", ["--card", "tpu"], 2, "--card"),
+    ("mobilellm_train.average", ["--help"], 0, "--weights"),
+    ("mobilellm_train.average", ["--checkpoint", "a", "--checkpoint", "b", "--out", "c", "--weights", "1"], 2,
+     "--weights has 1 numbers for 2 checkpoints"),
 ]
 
 

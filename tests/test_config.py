@@ -53,6 +53,10 @@ def test_precedence_defaults_toml_cli(tmp_path):
         (["--training.gc_full_freq", "-1"], "training.gc_full_freq must be >= 0"),
         (["--training.doc_mask_attention", "dense"], "training.doc_mask_attention: must be one of"),
         (["--activation_checkpoint.mode", "ops"], "activation_checkpoint.mode: must be one of"),
+        (["--training.ema_decay", "1"], "training.ema_decay must be in [0, 1)"),
+        (["--training.z_loss", "-1e-4"], "training.z_loss must be >= 0"),
+        (["--checkpoint.initial_load_optimizer", "true"], "checkpoint.initial_load_optimizer needs "
+                                                          "checkpoint.initial_load_path"),
     ],
 )
 def test_bad_config_names_the_key(argv, message):

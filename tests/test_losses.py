@@ -259,3 +259,82 @@ def test_loss_inside_forward_under_fsdp_two_ranks(tmp_path):
     report = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
     for losses in report.values():
         assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+
+
+def z_loss_reference(hidden, weight, labels, z_loss):
+    """The loss with z-loss in fp64 on the whole logits: the closed form the chunks must give."""
+    logits = hidden.double() @ weight.double().T
+    valid = labels != -100
+    ce = F.cross_entropy(logits, labels)
+    z_term = z_loss * torch.logsumexp(logits, dim=-1)[valid].square().mean()
+    return ce + z_term, ce, z_term
+
+
+@pytest.mark.parametrize("chunk_size", [0, 7, 300])
+def test_z_loss_equals_its_closed_form_value_and_gradient(chunk_size):
+    """z_loss x mean(logsumexp(logits)^2) over the labelled rows, added inside the chunks (several,
+    one) and on whole logits (loss_chunk_tokens 0): value, logged terms and both gradients."""
+    from mobilellm_train.losses import _loss_and_dlogits_fusable, _loss_and_dlogits_inplace, unchunked_cross_entropy
+
+    z = 0.05  # large enough that a wrong gradient term shows far above rounding
+    hidden, weight, labels = make_inputs(n=300, dim=32, vocab=97, ignore_every=7)
+
+    def ours(h, w, y):
+        terms.clear()
+        if chunk_size == 0:
+            return unchunked_cross_entropy(h @ w.T, y, z, terms=terms)
+        return chunked_cross_entropy(h, w, y, chunk_size, z_loss=z, terms=terms)
+
+    terms = {}
+    got = loss_and_grads(ours, hidden, weight, labels, grad_scale=3.0)
+    ref = loss_and_grads(lambda h, w, y: z_loss_reference(h, w, y, z)[0], hidden.detach().double().requires_grad_(),
+                         weight.detach().double().requires_grad_(), labels, grad_scale=3.0)
+    for name, a, b in zip(("loss", "grad hidden", "grad weight"), got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
+    _, ce, z_term = z_loss_reference(hidden.detach(), weight.detach(), labels, z)
+    assert set(terms) == {"ce", "z_loss"}
+    torch.testing.assert_close(terms["ce"].double(), ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(terms["z_loss"].double(), z_term, rtol=1e-6, atol=1e-7)
+    assert z_term > 0.01  # the term is not negligible here, so the comparison means something
+    # The fusable chunk arithmetic (what compile_chunk compiles), run eagerly, agrees with the in-place one.
+    logits = (hidden @ weight.T).detach()
+    inv = 1.0 / (labels != -100).sum().float()
+    for a, b in zip(_loss_and_dlogits_inplace(logits.clone(), labels, inv, -100, z),
+                    _loss_and_dlogits_fusable(logits.clone(), labels, inv, -100, z)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 16])
+def test_model_z_loss_off_unchanged_and_on_in_training_only(chunk_tokens):
+    """z_loss 0: the loss is the cross-entropy as before, bit for bit on whole logits, and "ce" its
+    only term; on, it adds the closed form (with and without document positions, the prepared-data
+    path), and the validation loss (eval mode) stays the cross-entropy."""
+    from mobilellm_train.model import MobileLLM, ModelArgs
+
+    torch.manual_seed(0)
+    model = MobileLLM(ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32))
+    model.init_weights(seed=1)
+    model.loss_chunk_tokens = chunk_tokens
+    tokens = torch.randint(0, 64, (2, 24))
+    labels = torch.randint(0, 64, (2, 24))
+    labels[:, :3] = -100
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    logits = model(tokens).flatten(0, 1)
+    terms = {}
+    off = model(tokens, labels=labels, loss_terms=terms)
+    if chunk_tokens == 0:  # what forward computed before z-loss existed
+        assert torch.equal(off, F.cross_entropy(logits.float(), labels.flatten()))
+    torch.testing.assert_close(off, F.cross_entropy(logits.float(), labels.flatten()))
+    assert list(terms) == ["ce"] and torch.equal(terms["ce"], off.detach())
+    model.z_loss = 1e-2
+    for pos in (None, positions):
+        terms = {}
+        on = model(tokens, labels=labels, position_ids=pos, loss_terms=terms)
+        whole = model(tokens, position_ids=pos).flatten(0, 1).double()
+        valid = labels.flatten() != -100
+        closed = F.cross_entropy(whole, labels.flatten()) + 1e-2 * torch.logsumexp(whole, -1)[valid].square().mean()
+        torch.testing.assert_close(on.double(), closed, rtol=1e-6, atol=1e-6)
+        assert set(terms) == {"ce", "z_loss"}
+        torch.testing.assert_close(terms["ce"] + terms["z_loss"], on.detach())
+    model.eval()
+    torch.testing.assert_close(model(tokens, labels=labels), off, rtol=0, atol=0)

@@ -3,6 +3,7 @@ creates, no fitted term, every preset against an 80 GB card, and the CLI."""
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import ROOT, subprocess_env
 from mobilellm_train import config as C
 from mobilellm_train import plan as P
 from mobilellm_train.losses import chunked_cross_entropy
-from mobilellm_train.model import MODEL_PRESETS, TransformerBlock, precompute_rope
+from mobilellm_train.model import MODEL_PRESETS, TransformerBlock, count_params, precompute_rope
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
 FULL_SIZE = [p for p in PRESETS if not p.endswith(("debug.toml", "own_data.toml"))]  # the debug model's configs
@@ -178,6 +179,17 @@ def test_sharding_divides_the_training_state():
     cfg.parallelism.dp_replicate = 4  # HSDP: 32 GPUs, shards of 8
     assert state(P.estimate_config(cfg, 32, 80.0)) == state(eight)
     assert P.estimate_config(cfg, 32, 80.0).settings["shard_group"] == 8
+
+
+def test_weight_ema_adds_an_fp32_shard():
+    cfg = P.load_plan_config(["--config", os.path.join(ROOT, "train_configs", "1B.toml")], 32)
+    without = P.estimate_config(cfg, 32, 80.0)
+    cfg.training.ema_decay = 0.999
+    with_ema = P.estimate_config(cfg, 32, 80.0)
+    (_, nbytes, _), = [item for item in with_ema.items if "EMA" in item[0]]
+    assert nbytes == 4 * math.ceil(count_params(C.build_model_args(cfg.model)) / 32)
+    assert with_ema.allocated_bytes - without.allocated_bytes == nbytes
+    assert not [item for item in without.items if "EMA" in item[0]]
 
 
 def run_plan(*args):

@@ -22,7 +22,9 @@ The package, one concern per file:
     folders.py        step folders: naming, completeness, listing, deletion, retention
     resume.py         which step a run resumes from; falling back past steps that fail to load
     failures.py       failed saves and loads in words
-    model_loading.py  the one checked dcp.load; the plain model for eval, generate and export
+    model_loading.py  the one checked dcp.load; the plain model (its weights or its EMA) for eval,
+                      generate, export and averaging
+    initial.py        a new run from another run's step: its weights, or a branch's optimizer too
     checkpointer.py   the Checkpointer: save (sync or async), load, resume, wait, close
 Import from here (`mobilellm_train.checkpoint`); the files are free to move.
 """
@@ -46,9 +48,11 @@ from mobilellm_train.checkpoint.model_loading import (
     checked_load,
     has_unfused_projections,
     load_model_from_checkpoint,
+    load_weights_into,
     model_args_fingerprint,
     read_model_args,
     read_train_state,
+    stored_states,
 )
 from mobilellm_train.checkpoint.safe_load import (
     SafeFileSystemReader,
@@ -74,8 +78,8 @@ __all__ = [
     "MANIFEST_GLOB", "METADATA_MANIFEST", "TOKENIZER_FILE", "CheckpointError", "Checkpointer", "ChecksummedWriter", "ModelState",
     "OptimizerState", "PerRankState", "RNGState", "SafeFileSystemReader", "SafeLoadPlanner", "SchedulerState",
     "TrainState", "checked_load", "decode_state", "describe_save_failure", "encode_state", "file_crc32",
-    "has_unfused_projections", "is_complete", "list_checkpoints", "load_model_from_checkpoint",
+    "has_unfused_projections", "is_complete", "list_checkpoints", "load_model_from_checkpoint", "load_weights_into",
     "model_args_fingerprint", "read_metadata", "read_model_args", "read_train_state", "read_verified_index",
-    "scan_checkpoints",
+    "scan_checkpoints", "stored_states",
     "verify_checkpoint",
 ]

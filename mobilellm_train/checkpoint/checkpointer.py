@@ -36,7 +36,8 @@ from mobilellm_train.checkpoint.folders import (
     step_path,
 )
 from mobilellm_train.checkpoint.integrity import ChecksummedWriter, verify_on_all_ranks
-from mobilellm_train.checkpoint.model_loading import checked_load, load_initial_weights, read_train_state
+from mobilellm_train.checkpoint.initial import load_initial_state
+from mobilellm_train.checkpoint.model_loading import checked_load, read_train_state
 from mobilellm_train.checkpoint.resume import load_with_fallback, resumable_states, resume_candidates
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
@@ -102,7 +103,9 @@ class Checkpointer:
     `per_rank` names the states that belong to one rank (RNG; the JSONL reader's position).
     `required_per_rank` are those that cannot be carried to another number of ranks: resuming
     such a checkpoint on a different rank count is refused. The others are left fresh there,
-    with a warning.
+    with a warning. `optional` states (the weight EMA) may be missing from a checkpoint: each has a
+    `start_fresh(reason)`, called when the run starts without them (a new run, or a checkpoint
+    written without one).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Checkpointer:
         tokenizer_path: str = "",
         per_rank: frozenset[str] = frozenset(),
         required_per_rank: frozenset[str] = frozenset(),
+        optional: frozenset[str] = frozenset(),
     ):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
@@ -121,6 +125,7 @@ class Checkpointer:
         self.rank = rank
         self.tokenizer_path = tokenizer_path
         self.per_rank, self.required_per_rank = per_rank, required_per_rank
+        self.optional = optional & set(states)
         self.async_mode = cfg.async_mode
         if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.warning("checkpoint.async_mode=async_with_pinned_mem needs CUDA; using async")
@@ -152,8 +157,10 @@ class Checkpointer:
         if not steps:
             # No checkpoint of this run is read, but the initial weights still are: silently
             # starting from random weights would be the wrong run.
-            if self.cfg.initial_load_path:
-                self.load_model_only(self.cfg.initial_load_path)
+            loaded = load_initial_state(self.states, self.cfg, self.rank, train_state) if self.cfg.initial_load_path \
+                else set()
+            for name in sorted(self.optional - loaded):
+                self.states[name].start_fresh("a new run" + (f" from {self.cfg.initial_load_path}" if loaded else ""))
             return False
         load_with_fallback(self.folder, steps, lambda step: self.load(step, train_state), self.rank, may_fall_back)
         return True
@@ -208,17 +215,17 @@ class Checkpointer:
         # shape error from deep inside DCP; it is not read again with the rest (an older
         # checkpoint lacks fields this version stores), but restored from this reading.
         saved = read_train_state(path)
-        states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank)
+        states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank,
+                                  self.optional)
         checked_load({k: v for k, v in states.items() if k != "train_state"}, path)
         if "train_state" in states:
             # The config stays this run's: the next save records what its steps are trained with.
             states["train_state"].load_state_dict({k: v for k, v in saved.state_dict().items() if k != "config"})
+        for name in sorted(self.optional - set(states)):
+            self.states[name].start_fresh(f"{path} was written without it")
         train_state.dp_world_size = expected_world
         self.resumed_train_state = saved
         logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
-
-    def load_model_only(self, path: str) -> None:
-        load_initial_weights(self.states["model"], path, self.cfg.verify, self.rank)
 
     def save(self, step: int) -> float:
         """Save (or start saving) step `step`; returns the seconds training was blocked.

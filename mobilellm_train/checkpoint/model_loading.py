@@ -57,6 +57,11 @@ def _is_unfused(metadata: Metadata) -> bool:
     return any(k.startswith("model.") and k.endswith(".attention.wq.weight") for k in metadata.state_dict_metadata)
 
 
+def stored_states(path: str) -> set[str]:
+    """The states a checkpoint holds ("model", "optimizer", "ema", ...), from its index."""
+    return {key.split(".", 1)[0] for key in read_metadata(path).state_dict_metadata}
+
+
 def checked_load(states: dict, path: str) -> None:
     """dcp.load inside a process group or in a lone process (eval, export), through the reader
     and planner that run no code from the folder, reporting a damaged checkpoint as such."""
@@ -141,10 +146,14 @@ def read_model_args(path: str) -> ModelArgs:
     return args
 
 
-def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", verify: bool = True) -> MobileLLM:
+WEIGHT_SOURCES = ("model", "ema")  # the weights a step folder may hold: the model's, the EMA's
+
+
+def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", verify: bool = True,
+                               weights: str = "model") -> MobileLLM:
     """A plain (unsharded, fp32) MobileLLM with the weights of a DCP checkpoint step folder, on
     one process: for evaluation, generation and export. `verify` checks the files against their
-    checksums first."""
+    checksums first; `weights` "ema" takes the weight EMA (training.ema_decay) instead."""
     if verify and is_complete(path):
         verify_checkpoint(path)
     args = read_model_args(path)
@@ -152,18 +161,29 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", ve
         model = MobileLLM(args)
     model.to_empty(device=device)
     model.init_weights()  # RoPE tables; every weight is overwritten below
+    load_weights_into(model, path, weights)
+    return model.eval()
+
+
+def load_weights_into(model: MobileLLM, path: str, weights: str = "model") -> None:
+    """Overwrite a plain model's weights, in place, with a step folder's (`weights`: "model" or "ema")."""
+    if weights not in WEIGHT_SOURCES:
+        raise ValueError(f"weights {weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
+    if weights != "model" and weights not in stored_states(path):
+        raise CheckpointError(f"{path} holds no weight EMA (it was trained with training.ema_decay 0, or "
+                              "it is an average of steps); leave out --weights ema to use its weights")
+    args = model.args
     state = model.state_dict()
     if args.tie_embeddings:
         state.pop("output.weight")  # stored once, as the embedding
     # The state dict's tensors share the parameters' memory and DCP loads into them in place, so
     # an older checkpoint with separate q/k/v and gate/up weights loads through views of the
     # fused weights: exact, with no copy.
-    target = unfuse_projections(state, args) if has_unfused_projections(path) else state
-    checked_load({"model": target}, path)
+    target = unfuse_projections(state, args) if weights == "model" and has_unfused_projections(path) else state
+    checked_load({weights: target}, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - ({"output.weight"} if args.tie_embeddings else set()):
         raise CheckpointError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
-    return model.eval()
 
 
 def load_initial_weights(model: ModelState, path: str, verify: bool, rank: int) -> None:

@@ -24,6 +24,7 @@ from mobilellm_train.checkpoint.folders import (
     scan_checkpoints,
     step_path,
 )
+from mobilellm_train.checkpoint.model_loading import stored_states
 from mobilellm_train.checkpoint.state import TrainState
 from mobilellm_train.config import CheckpointConfig
 from mobilellm_train.errors import CheckpointAccessError, CheckpointError, CheckpointMismatchError
@@ -112,19 +113,39 @@ def set_aside(path: str, rank: int) -> str:
     return moved
 
 
+def model_difference(saved_model_args: str, expected_model_args: str) -> dict:
+    """{field: (checkpoint's, this run's)} for the model fields that differ; max_seq_len only sizes
+    the RoPE tables, so a checkpoint may continue at another length."""
+    ours, theirs = json.loads(expected_model_args), json.loads(saved_model_args or "{}")
+    return {k: (theirs.get(k), v) for k, v in ours.items() if k != "max_seq_len" and theirs.get(k) != v}
+
+
 def resumable_states(path: str, saved: TrainState, expected: TrainState, states: dict[str, Stateful],
-                     per_rank: frozenset[str], required_per_rank: frozenset[str]) -> dict[str, Stateful]:
+                     per_rank: frozenset[str], required_per_rank: frozenset[str],
+                     optional: frozenset[str] = frozenset()) -> dict[str, Stateful]:
     """The states to load from the checkpoint at `path`, whose train state is `saved`, into a run
     whose train state is `expected`: all of them, or without the per-rank ones on another number of
-    ranks. A checkpoint of another model, or per-rank state that cannot move, is refused in words."""
+    ranks, or without the `optional` ones the checkpoint lacks (the caller starts those afresh). A
+    checkpoint of another model, a weights-only one, or per-rank state that cannot move, is refused
+    in words."""
     # The saved train state's model_args were checked as it loaded (TrainState.load_state_dict).
-    ours, theirs = json.loads(expected.model_args), json.loads(saved.model_args or "{}")
-    # max_seq_len only sizes the RoPE tables, so a checkpoint may continue at another length.
-    diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "max_seq_len" and theirs.get(k) != v}
+    diff = model_difference(saved.model_args, expected.model_args)
     if diff:
         raise CheckpointMismatchError(
             f"{path} was written for another model: (checkpoint, this run) differ in {diff}"
         )
+    stored = stored_states(path)
+    if "optimizer" in states and "optimizer" not in stored:
+        raise CheckpointMismatchError(
+            f"{path} holds weights only (no optimizer state or data position: an average of steps, "
+            "mobilellm-average), so a run cannot resume it; move it out of the checkpoint folder, and "
+            f"start a new run folder from it with --checkpoint.initial_load_path {path}"
+        )
+    unused = sorted(stored - set(states))
+    if unused:
+        logger.warning("%s also holds %s, which this run does not keep (e.g. training.ema_decay 0 drops the "
+                       "weight EMA): its next checkpoints will not have them", path, ", ".join(unused))
+    states = {k: v for k, v in states.items() if k in stored or k not in optional}
     if saved.dp_world_size == expected.dp_world_size:
         return states
     if required_per_rank:

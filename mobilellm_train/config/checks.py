@@ -75,6 +75,8 @@ def check_training(t: TrainingConfig, m, world_size: int) -> None:
     check(t.spike_threshold == 0 or t.spike_threshold > 1,
           f"training.spike_threshold must be 0 (off) or above 1 (got {t.spike_threshold})")
     check(t.spike_window > 0 and t.max_rewinds >= 0, "training.spike_window must be > 0 and training.max_rewinds >= 0")
+    check(t.z_loss >= 0, f"training.z_loss must be >= 0 (got {t.z_loss})")
+    check(0 <= t.ema_decay < 1, f"training.ema_decay must be in [0, 1) (0: off; got {t.ema_decay})")
     per_step = t.local_batch_size * world_size
     check(global_batch_size(t, world_size) % per_step == 0,
           f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
@@ -149,6 +151,8 @@ def check_checkpoint(cfg: Config) -> None:
     check(c.load_step >= -1, f"checkpoint.load_step must be -1, 0 or a step (got {c.load_step})")
     check(not c.initial_load_path or os.path.isdir(c.initial_load_path),
           f"checkpoint.initial_load_path: {c.initial_load_path} is not a folder")
+    check(not c.initial_load_optimizer or c.initial_load_path,
+          "checkpoint.initial_load_optimizer needs checkpoint.initial_load_path, the step folder to branch from")
 
 
 def check_writable_folder(path: str, key: str) -> None:

@@ -108,6 +108,15 @@ class TrainingConfig:
     gc_full_freq: int = 1000
     """Run a full (all-generation) garbage collection every N steps; it walks every Python object
     and takes far longer than a generation-1 pass, so it runs rarely. 0: never during training."""
+    z_loss: float = 0.0
+    """Add z_loss x mean(logsumexp(logits)^2) to the training loss, logged apart as `z_loss`
+    (1e-4 is the usual value; it keeps the logits from drifting). 0: off. The validation loss
+    stays the cross-entropy alone."""
+    ema_decay: float = 0.0
+    """Keep an fp32 exponential moving average of the weights, ema = decay x ema + (1 - decay) x
+    weights after each optimizer step (e.g. 0.999), sharded like them and saved in every checkpoint;
+    validation also reports its loss (val_loss_ema), and eval/export/generate read it with
+    --weights ema. 0: off."""
 
 
 @dataclass
@@ -227,6 +236,11 @@ class CheckpointConfig:
     initial_load_other_tokenizer: bool = False
     """Start from initial_load_path's weights although they were trained with another tokenizer
     than this run's data (its token ids then mean other text to them); logged as a warning."""
+    initial_load_optimizer: bool = False
+    """With initial_load_path a DCP step folder: also take that step's AdamW moments and step
+    counts (and its weight EMA, when both runs keep one), so the new run is a branch that continues
+    the source run's optimizer, e.g. a decay branch of a WSD run. The schedule, data and step count
+    are this run's own; the source folder is only read."""
     verify: bool = True
     """Check every checkpoint file against the checksums recorded at save before loading it."""
 

@@ -7,7 +7,8 @@ own checkpoints, offline, on one GPU or on CPU.
     python -m mobilellm_train.evaluation.cli --checkpoint STEP --tasks tokens --token-data outputs/debug/demo_data/val
 
 --checkpoint takes a DCP step folder or a Hugging Face folder and may be repeated (a table row
-each). --tasks is a comma list of arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, obqa,
+each); `--weights ema` reads a step's weight EMA instead of its weights (one value, or one per
+--checkpoint: `--checkpoint S --checkpoint S --weights model,ema` compares the two). --tasks is a comma list of arc_easy, arc_challenge, boolq, piqa, siqa, hellaswag, obqa,
 winogrande (or `commonsense` for the eight), wikitext, tokens; `all` is the eight plus wikitext.
 docs/EVALUATION.md describes the data layout under --data-dir.
 """
@@ -61,6 +62,17 @@ def parse_tasks(spec: str) -> list[str]:
     if not tasks:
         raise UsageError("--tasks is empty")
     return tasks
+
+
+def parse_weights(spec: str, count: int) -> list[str]:
+    """--weights: one source for every checkpoint, or one per checkpoint."""
+    weights = [w.strip() for w in spec.split(",")]
+    bad = [w for w in weights if w not in ("model", "ema")]
+    if bad:
+        raise UsageError(f"--weights {spec!r}: each must be model or ema")
+    if len(weights) not in (1, count):
+        raise UsageError(f"--weights has {len(weights)} entries for {count} checkpoints (give one, or one each)")
+    return weights * count if len(weights) == 1 else weights
 
 
 def default_name(checkpoint: str) -> str:
@@ -135,7 +147,8 @@ def check_token_data_tokenizer(checkpoint: str, tokenizer_path: str, token_data:
     check_tokenizer(read_manifest(token_data), tokenizer_path)
 
 
-def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device) -> dict:
+def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[str], device: torch.device,
+                        weights: str = "model") -> dict:
     import torch
 
     from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
@@ -153,14 +166,14 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[s
     if "tokens" in tasks:
         check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
-    model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify)
+    model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify, weights=weights)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     logger.info("loaded %s (%s) in %.1fs", checkpoint, type(model).__name__, time.perf_counter() - begin)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    record: dict = {"checkpoint": os.path.abspath(checkpoint), "tasks": {}, "perplexity": {}}
+    record: dict = {"checkpoint": os.path.abspath(checkpoint), "weights": weights, "tasks": {}, "perplexity": {}}
     seq_len = args.seq_len or model.args.max_seq_len
     if seq_len > model.args.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
@@ -224,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
+    p.add_argument("--weights", default="model",
+                   help="model (a step's weights) or ema (its weight EMA, training.ema_decay): one for every "
+                        "--checkpoint, or a comma list with one per --checkpoint")
     return p
 
 
@@ -242,9 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
     try:
         tasks = parse_tasks(args.tasks)
-        names = [n.strip() for n in args.names.split(",")] if args.names else [default_name(c) for c in args.checkpoint]
+        weights = parse_weights(args.weights, len(args.checkpoint))
+        names = [n.strip() for n in args.names.split(",")] if args.names else [
+            default_name(c) + ("" if w == "model" else f" ({w})") for c, w in zip(args.checkpoint, weights)]
         if len(names) != len(args.checkpoint):
             raise UsageError(f"--names has {len(names)} names for {len(args.checkpoint)} checkpoints")
+        if len(set(names)) != len(names):
+            raise UsageError(f"two rows would have the same name ({', '.join(names)}); give --names")
         if args.batch_size < 1 or min(args.ppl_batch_size, args.limit, args.max_windows, args.seq_len) < 0:
             raise UsageError("--batch-size must be >= 1 and --ppl-batch-size, --limit, --max-windows, --seq-len >= 0")
         for checkpoint in args.checkpoint:  # a run folder is named as one before anything about its contents
@@ -252,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         _check_inputs(args, tasks)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         records = {}
-        for name, checkpoint in zip(names, args.checkpoint):
-            records[name] = evaluate_checkpoint(args, checkpoint, tasks, device)
+        for name, checkpoint, source in zip(names, args.checkpoint, weights):
+            records[name] = evaluate_checkpoint(args, checkpoint, tasks, device, source)
     except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError,
             TokenizerMismatchError) as e:
         print(f"eval error: {e}", file=sys.stderr)

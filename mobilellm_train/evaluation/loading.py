@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from mobilellm_train.checkpoint import TOKENIZER_FILE, is_complete, load_model_from_checkpoint
+from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError, is_complete, load_model_from_checkpoint
 from mobilellm_train.hf import is_hf_folder, load_hf_checkpoint
 from mobilellm_train.model import MobileLLM
 
@@ -129,16 +129,21 @@ def load_tokenizer(checkpoint: str, tokenizer_path: str = "") -> Tokenizer:
 
 
 def load_model(
-    checkpoint: str, device: str | torch.device = "cpu", layer_sharing: bool | None = None, verify: bool = True
+    checkpoint: str, device: str | torch.device = "cpu", layer_sharing: bool | None = None, verify: bool = True,
+    weights: str = "model",
 ) -> MobileLLM:
     """A plain fp32 MobileLLM in eval mode from a DCP step folder or a Hugging Face folder.
 
     layer_sharing applies to HF folders only (see hf.load_hf_checkpoint); a DCP checkpoint
     records its own, and `verify` checks its files against the checksums recorded at save.
+    `weights` "ema" takes a step folder's weight EMA (training.ema_decay) instead of its weights.
     """
     check_checkpoint_folder(checkpoint)
     if is_complete(checkpoint):
-        return load_model_from_checkpoint(checkpoint, device=device, verify=verify)
+        return load_model_from_checkpoint(checkpoint, device=device, verify=verify, weights=weights)
+    if weights != "model":
+        raise CheckpointError(f"{checkpoint} is a Hugging Face folder: it holds one set of weights and no weight "
+                              "EMA (export the step folder with --weights ema to make one of the EMA)")
     args, state = load_hf_checkpoint(checkpoint, layer_sharing=layer_sharing)
     with torch.device("meta"):
         model = MobileLLM(args)

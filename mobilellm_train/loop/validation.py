@@ -1,5 +1,6 @@
 """Validation: the loss over a fixed validation set every `data.val_interval` steps and at the
-last step, on every rank.
+last step, on every rank; with a weight EMA (training.ema_decay) also the EMA's loss, on the same
+set, as `val_loss_ema`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from mobilellm_train import config as C
 if TYPE_CHECKING:
     import torch
 
+    from mobilellm_train.loop.ema import EMA
+
 logger = logging.getLogger("mobilellm_train")
 
 
@@ -21,9 +24,10 @@ class Validation:
     steps it is evaluated at. `maybe_run` is a no-op when data.val_interval is 0."""
 
     def __init__(self, cfg: C.DataConfig, training: C.TrainingConfig, rank: int, world_size: int,
-                 vocab_size: int, tokenizer_path: str, total_steps: int):
+                 vocab_size: int, tokenizer_path: str, total_steps: int, ema: EMA | None = None):
         self.interval = cfg.val_interval
         self.total_steps = total_steps
+        self.ema = ema if ema is not None and ema.enabled else None
         self.batches = None
         if cfg.val_interval:
             from mobilellm_train.data.loader import build_val_batches
@@ -34,13 +38,17 @@ class Validation:
                 verify_checksums=cfg.verify_checksums,
             )
 
-    def maybe_run(self, model: torch.nn.Module, step: int) -> float | None:
-        """The validation loss if this step is due one (logged), else None."""
+    def maybe_run(self, model: torch.nn.Module, step: int) -> dict[str, float] | None:
+        """{"val_loss": ..., and "val_loss_ema" with an EMA} if this step is due one (logged), else None."""
         if self.batches is None or not (step % self.interval == 0 or step == self.total_steps):
             return None
-        loss = validation_loss(model, self.batches)
-        logger.info("step %d  validation loss %.4f", step, loss)
-        return loss
+        losses = {"val_loss": validation_loss(model, self.batches)}
+        if self.ema is not None:
+            with self.ema.swapped_in(model):
+                losses["val_loss_ema"] = validation_loss(model, self.batches)
+        logger.info("step %d  validation loss %.4f%s", step, losses["val_loss"],
+                    f"  (weight EMA {losses['val_loss_ema']:.4f})" if self.ema is not None else "")
+        return losses
 
 
 def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
