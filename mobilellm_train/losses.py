@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -89,7 +90,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         chunk_fn = _loss_and_dlogits_compiled() if compile_chunk else _loss_and_dlogits_inplace
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            logits = h @ w.T
+            # F.linear rather than h @ w.T (the same matmul): a torchao-quantized weight
+            # (mobilellm-eval --quantize) then computes its own quantized linear, as the program does.
+            logits = F.linear(h, w)
             chunk_loss, dlogits = chunk_fn(logits, labels[start:start + chunk_size], inv_num_valid, ignore_index)
             del logits
             loss_sum += chunk_loss

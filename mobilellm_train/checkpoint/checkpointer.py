@@ -102,7 +102,9 @@ class Checkpointer:
     `per_rank` names the states that belong to one rank (RNG; the JSONL reader's position).
     `required_per_rank` are those that cannot be carried to another number of ranks: resuming
     such a checkpoint on a different rank count is refused. The others are left fresh there,
-    with a warning.
+    with a warning. `save_only` names records written with every step for the tools that read
+    it (the QAT scheme) but never loaded at resume: they describe the current run, and a step
+    written before they existed has none.
     """
 
     def __init__(
@@ -114,13 +116,14 @@ class Checkpointer:
         tokenizer_path: str = "",
         per_rank: frozenset[str] = frozenset(),
         required_per_rank: frozenset[str] = frozenset(),
+        save_only: frozenset[str] = frozenset(),
     ):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.states = states
         self.rank = rank
         self.tokenizer_path = tokenizer_path
-        self.per_rank, self.required_per_rank = per_rank, required_per_rank
+        self.per_rank, self.required_per_rank, self.save_only = per_rank, required_per_rank, save_only
         self.async_mode = cfg.async_mode
         if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.warning("checkpoint.async_mode=async_with_pinned_mem needs CUDA; using async")
@@ -207,7 +210,8 @@ class Checkpointer:
         # shape error from deep inside DCP.
         saved = TrainState()
         checked_load({"train_state": saved}, path)
-        states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank)
+        resumed = {k: v for k, v in self.states.items() if k not in self.save_only}
+        states = resumable_states(path, saved, train_state, resumed, self.per_rank, self.required_per_rank)
         checked_load(states, path)
         train_state.dp_world_size = expected_world
         logger.info("resumed from %s (step %d) in %.1fs", path, train_state.step, time.perf_counter() - begin)
