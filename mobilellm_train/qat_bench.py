@@ -6,7 +6,8 @@ on and off, the two alternating in rounds so that a busy machine slows both alik
 
 Each round times `--steps` optimizer steps (train_step: forward, backward, clipping, AdamW) of each
 model on the same random batch, after one untimed step each; prints the median seconds per step
-of each and their ratio, with the machine, torch and thread count, as JSON. The config's [qat]
+of each, the median and quartiles of the per-round ratio, the machine, torch and thread count, as
+JSON. The config's [qat]
 scheme and group size are used; its enable and start_step are not (one model is always on, the
 other off). One process, no data or checkpoints.
 """
@@ -68,11 +69,15 @@ def main(argv: list[str] | None = None) -> None:
             loss.item()
             times.append((time.perf_counter() - begin) / steps)
     plain, qat = (statistics.median(runs[k][2]) for k in ("plain", "qat"))
+    # Each round's two measurements are neighbours in time: their ratio is the robust figure on
+    # a shared machine, the quartiles of it say how much the machine moved.
+    ratios = sorted(q / p for p, q in zip(runs["plain"][2], runs["qat"][2]))
     print(json.dumps({
         "model": {"dim": args.dim, "n_layers": args.n_layers, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size},
         "tokens_per_step": t.local_batch_size * t.seq_len, "scheme": describe(cfg.qat.scheme, cfg.qat.group_size),
         "compile": cfg.compile.enable, "ac": cfg.activation_checkpoint.mode,
-        "step_s_plain": round(plain, 4), "step_s_qat": round(qat, 4), "qat_over_plain": round(qat / plain, 3),
+        "step_s_plain": round(plain, 4), "step_s_qat": round(qat, 4), "qat_over_plain": round(statistics.median(ratios), 3),
+        "qat_over_plain_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]] if len(ratios) > 1 else None,
         "rounds": rounds, "steps_per_round": steps, "device": platform.processor() or device.type,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }, indent=2))

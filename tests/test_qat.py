@@ -92,13 +92,18 @@ def test_fake_quantized_model_computes_the_converted_models_numbers(scheme):
         off = qat_copy(model, scheme, on=False)
         assert torch.equal(off(inputs), model(inputs))
         assert torch.equal(off(inputs, labels=labels), model(inputs, labels=labels))
-    # Training reaches the one table through both of its uses (straight-through estimator).
+    # Training reaches the one table through both of its uses (straight-through estimator), and
+    # the chunked loss's gradients are those of the output layer's own forward (whole logits).
+    whole = copy.deepcopy(fq)
     fq.loss_chunk_tokens = 8
     fq(inputs, labels=labels).backward()
+    whole(inputs, labels=labels).backward()
+    for (name, p), q in zip(fq.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     plain = copy.deepcopy(model)
     plain(inputs, labels=labels).backward()
     grad, plain_grad = fq.tok_embeddings.weight.grad, plain.tok_embeddings.weight.grad
-    assert grad is not None and not torch.equal(grad, plain_grad)
+    assert not torch.equal(grad, plain_grad)
     assert F.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.9  # the same model, quantized
 
 
