@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         "model": {"dim": args.dim, "n_layers": args.n_layers, "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size},
         "tokens_per_step": t.local_batch_size * t.seq_len, "scheme": describe(cfg.qat.scheme, cfg.qat.group_size),
         "compile": cfg.compile.enable, "ac": cfg.activation_checkpoint.mode,
-        "step_s_plain": round(plain, 4), "step_s_qat": round(qat, 4), "qat_over_plain": round(statistics.median(ratios), 3),
-        "qat_over_plain_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]] if len(ratios) > 1 else None,
+        "step_s_plain": round(plain, 4), "step_s_qat": round(qat, 4),
+        "qat_over_plain": round(statistics.median(ratios), 3),
+        "qat_over_plain_quartiles": ([round(q, 3) for q in statistics.quantiles(ratios, n=4)[::2]]
+                                     if len(ratios) > 1 else None),
         "rounds": rounds, "steps_per_round": steps, "device": platform.processor() or device.type,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }, indent=2))

@@ -31,7 +31,6 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 LINEAR_SCHEMES = ("8da4w", "8da8w")
@@ -145,10 +144,10 @@ def apply_ptq(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZ
 
 
 def apply_qat(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, key: str = "qat.group_size") -> None:
-    """Swap every nn.Linear of `model` for torchao's FakeQuantizedLinear of `scheme`, its weight
-    the same Parameter (on the meta device a new one: to_empty's re-tie in MobileLLM._apply
-    and the tie restored here cover both cases). Fake quantization starts off: turn it on with
-    set_fake_quantization. Works on a meta-device model, before any wrapping (see build.build_model)."""
+    """Swap every nn.Linear of `model` for torchao's FakeQuantizedLinear of `scheme` (torchao's
+    QAT prepare step), keeping a tied output layer on the embedding's Parameter. Fake quantization
+    starts off: turn it on with set_fake_quantization. Works on a meta-device model, before any
+    wrapping (see build.build_model)."""
     config = _checked_config(model, scheme, group_size, key, "quantization-aware training")
     output, embedding = getattr(model, "output", None), getattr(model, "tok_embeddings", None)
     tied = output is not None and embedding is not None and output.weight is embedding.weight
@@ -182,15 +181,11 @@ def set_fake_quantization(model: nn.Module, enabled: bool) -> None:
     model.apply(functools.partial(enable_linear_fake_quant, enabled=enabled))
 
 
-def fake_quantization_enabled(model: nn.Module) -> bool:
-    """Whether any layer of `model` fake-quantizes now."""
-    return any(getattr(m, "enabled", False) for name, m in model.named_modules() if name.endswith("fake_quantizer"))
-
-
 class QATRecord:
     """What a checkpoint says about the QAT that trained it: the scheme, its group size and the
-    step fake quantization started at. Saved in every checkpoint of a QAT run (build_checkpointer);
-    `mobilellm-export` reads it (evaluation.loading.trained_scheme) to ship the scheme the weights were trained for."""
+    step fake quantization started at. Saved in every checkpoint of a QAT run (build_checkpointer),
+    never loaded at resume; `mobilellm-export` reads it (evaluation.loading.trained_scheme) to ship
+    the scheme the weights were trained for."""
 
     KEY = "qat"
 

@@ -126,7 +126,8 @@ def test_every_ac_mode_and_compile_agree_with_eager_across_the_switch(monkeypatc
         m.zero_grad(set_to_none=True)
         loss = m(inputs, labels=labels)
         loss.backward()
-        names = [n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "") for n, _ in m.named_parameters()]
+        names = [n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+                 for n, _ in m.named_parameters()]
         return loss.detach(), dict(zip(names, (p.grad.clone() for p in m.parameters())))
 
     variants = {"eager": qat_copy(model, on=False)}
@@ -257,7 +258,8 @@ def save_qat_step(model, path, step, record, tokenizer=""):
 
     from mobilellm_train.checkpoint import TOKENIZER_FILE, ChecksummedWriter, TrainState, model_args_fingerprint
 
-    state = {"model": model.state_dict(), "train_state": TrainState(step=step, model_args=model_args_fingerprint(model.args))}
+    train_state = TrainState(step=step, model_args=model_args_fingerprint(model.args))
+    state = {"model": model.state_dict(), "train_state": train_state}
     if record is not None:
         state["qat"] = record.state_dict()
     with warnings.catch_warnings():
