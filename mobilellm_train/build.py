@@ -127,11 +127,14 @@ def build_model(
     parallelism: C.ParallelismConfig,
     ac: C.ActivationCheckpointConfig,
     compile_cfg: C.CompileConfig,
+    qat: C.QATConfig | None = None,
 ) -> torch.nn.Module:
     """The model wrapped for training and initialised.
 
     Built on the meta device (no memory), wrapped, and only then materialised, so each rank
-    allocates only its shard: a 1.5B model never exists whole on one rank.
+    allocates only its shard: a 1.5B model never exists whole on one rank. With qat.enable its
+    linear layers are torchao's fake-quantized ones, fake quantization off until the loop turns
+    it on (loop/qat.py).
     """
     import torch
 
@@ -140,6 +143,15 @@ def build_model(
 
     with torch.device("meta"):
         model = MobileLLM(model_args)
+    if qat is not None and qat.enable:
+        from mobilellm_train.quantization import apply_qat
+
+        # Before parallelize, because the linear modules are replaced: FSDP2 shards and gathers
+        # each parameter through the module holding it, and compile and AC trace the modules they
+        # wrap. Inside FSDP2 a layer's forward sees its all-gathered (unsharded) weight, so each
+        # int4 group is a slice of a whole row, as the export quantizes it; AC recomputes the
+        # fake quantization with the other elementwise ops; compile traces it into each block.
+        apply_qat(model, qat.scheme, qat.group_size)
     on_gpu = device.type == "cuda"
     param_dtype = getattr(torch, training.mixed_precision_param) if on_gpu else torch.float32
     reduce_dtype = getattr(torch, training.mixed_precision_reduce) if on_gpu else torch.float32
@@ -168,13 +180,16 @@ def build_checkpointer(
     tokenizer_path: str,
     config_text: str = "",
     ema: Stateful | None = None,
+    qat: C.QATConfig | None = None,
 ):
     """(the checkpointer of every Stateful part of the run, the run's TrainState). The checkpoint
     holds exactly these states; nothing else is needed to resume. `config_text`, the run's
     effective config as TOML, is recorded in each checkpoint's train state (run_config.py). The
     weight EMA (loop/ema.py), when on, is optional: a checkpoint written without it starts it from
-    the weights."""
+    the weights. A QAT run's steps also record its scheme, for the export (written, never loaded
+    back)."""
     from mobilellm_train import checkpoint as ckpt
+    from mobilellm_train.quantization import QATRecord
 
     train_state = ckpt.TrainState(dp_world_size=world_size, model_args=ckpt.model_args_fingerprint(model_args),
                                   config=config_text)
@@ -189,12 +204,15 @@ def build_checkpointer(
     }
     if ema is not None and ema.enabled:
         states["ema"] = ema
+    if qat is not None and qat.enable:
+        states[QATRecord.KEY] = QATRecord(qat.scheme, qat.group_size, qat.start_step)
     checkpointer = ckpt.Checkpointer(
         cfg, dump_folder, states, rank, tokenizer_path=tokenizer_path,
         # The JSONL reader's position belongs to one rank and cannot move to another rank count.
         per_rank=frozenset({"rng", "dataloader"} if jsonl_position else {"rng"}),
         required_per_rank=frozenset({"dataloader"} if jsonl_position else set()),
         optional=frozenset({"ema"}),
+        save_only=frozenset({QATRecord.KEY}),
     )
     return checkpointer, train_state
 

@@ -24,7 +24,8 @@ layer-sharing block stays one module called twice, so its weights are stored onc
 program; each of its passes has its own cache. Every op XNNPACK runs is delegated to it; with
 `--quantize` the linear layers are first quantized by torchao (8da4w: int8 dynamic activations
 with int4 weights in groups of --group-size, the layout XNNPACK runs for LLMs; 8da8w: int8
-per-channel weights), the embedding staying fp32.
+per-channel weights), the embedding staying fp32: the schemes of quantization.py, which
+quantization-aware training simulates (docs/QUANTIZATION.md).
 
 `executorch` and `torchao` are the optional `edge` extra (pip install -e '.[edge]'); they are
 imported only when lowering or running a program.
@@ -52,12 +53,16 @@ from mobilellm_train.edge_model import (
     unfused_copy,
 )
 from mobilellm_train.model import MobileLLM
+from mobilellm_train.quantization import (  # noqa: F401 (QUANTIZE_CHOICES: edge's public name)
+    DEFAULT_GROUP_SIZE,
+    QUANTIZE_CHOICES,
+    QuantizationError,
+    apply_ptq,
+)
 
 logger = logging.getLogger("mobilellm_train")
 
-QUANTIZE_CHOICES = ("none", "8da4w", "8da8w")
 DEFAULT_MAX_CONTEXT = 512
-DEFAULT_GROUP_SIZE = 32
 # Tokens one call takes at most: longer prompts are fed in chunks. It bounds the activations the
 # program plans memory for (as the token count of ExecuTorch's Llama recipe does).
 DEFAULT_MAX_PREFILL = 128
@@ -79,33 +84,12 @@ def require_executorch() -> None:
 
 
 def apply_quantization(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Quantize every nn.Linear of `model` in place with torchao for XNNPACK: 8da4w (int8 dynamic
-    activations, int4 weights in groups of group_size) or 8da8w (int8 per-channel weights).
-
-    A tied output layer is quantized on its own; the embedding keeps its fp32 table."""
-    if scheme == "none":
-        return
-    if scheme not in QUANTIZE_CHOICES:
-        raise EdgeError(f"--quantize {scheme!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    if scheme == "8da4w":
-        widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
-        bad = [w for w in widths if w % group_size]
-        if group_size < 1 or bad:
-            raise EdgeError(
-                f"--group-size {group_size} does not divide the input width of every linear layer "
-                f"({widths}); choose a divisor of {math.gcd(*widths)}"
-            )
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
-    else:
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    if isinstance(model, MobileLLM) and model.args.tie_embeddings:
-        # quantize_ replaces output.weight; give the output its own parameter first so the
-        # embedding table is not replaced with it.
-        model.output.weight = nn.Parameter(model.output.weight.detach().clone())
-    quantize_(model, config, filter_fn=lambda m, _: isinstance(m, nn.Linear))
+    """Quantize every nn.Linear of `model` in place with the scheme's one definition
+    (quantization.apply_ptq: torchao, the tied output layer on its own copy, the embedding fp32)."""
+    try:
+        apply_ptq(model, scheme, group_size)
+    except QuantizationError as e:
+        raise EdgeError(str(e)) from None
 
 
 def export_program(

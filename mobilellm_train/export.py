@@ -15,7 +15,9 @@ A layer-sharing model becomes a Llama model of 2L layers whose layers 2i and 2i+
 
 `--format executorch --out model.pte` writes instead an on-device ExecuTorch program for the
 XNNPACK backend, from a step folder or a Hugging Face folder, with the tokenizer beside it
-(options --max-context, --quantize, --group-size, --report; see mobilellm_train/edge.py).
+(options --max-context, --quantize, --group-size, --report; see mobilellm_train/edge.py). A step
+trained by quantization-aware training is exported with the scheme and group size it was trained
+for; another is refused unless --force (docs/QUANTIZATION.md).
 
 The tokenizer comes from the step folder (the trainer copies it there), else from --tokenizer;
 without either the model is exported alone, with a warning. Nothing is overwritten: an existing,
@@ -33,6 +35,8 @@ import os
 import shutil
 import sys
 from typing import TYPE_CHECKING
+
+from mobilellm_train.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -298,10 +302,14 @@ def main(argv: list[str] | None = None) -> None:
     edge_options = parser.add_argument_group("--format executorch")
     edge_options.add_argument("--max-context", type=int, default=512,
                               help="tokens the program's KV cache holds, prompt and generation together (default 512)")
-    edge_options.add_argument("--quantize", choices=("none", "8da4w", "8da8w"), default="none",
+    edge_options.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                               help="linear layers: none (fp32), 8da4w (int8 dynamic activations, int4 weights "
                                    "in groups) or 8da8w (int8 per-channel weights)")
-    edge_options.add_argument("--group-size", type=int, default=32, help="8da4w weight group size (default 32)")
+    edge_options.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                              help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
+    edge_options.add_argument("--force", action="store_true",
+                              help="export a step trained by QAT with another --quantize or --group-size than "
+                                   "it was trained for (refused otherwise)")
     edge_options.add_argument("--report", action="store_true",
                               help="after writing, load the program in the ExecuTorch runtime and print its size, "
                                    "agreement with the eager model and prefill/decode tokens/s beside eager")
@@ -339,6 +347,7 @@ def _main_executorch(args: argparse.Namespace) -> None:
         check_tokenizer_fits,
         find_tokenizer,
         load_model,
+        scheme_mismatch,
     )
     from mobilellm_train.hf import HFCheckpointError
 
@@ -357,6 +366,11 @@ def _main_executorch(args: argparse.Namespace) -> None:
             logger.warning("%s holds no %s and --tokenizer is not given: writing the program without a tokenizer",
                            args.checkpoint, TOKENIZER_FILE)
         edge.check_destination(args.out, bool(tokenizer), args.overwrite)  # before the slow load
+        mismatch = scheme_mismatch(args.checkpoint, args.quantize, args.group_size)
+        if mismatch and not args.force:
+            raise ExportError(f"{mismatch}; or pass --force to export it so anyway")
+        if mismatch:
+            logger.warning("%s; exporting it so anyway (--force)", mismatch)
         model = load_model(args.checkpoint, verify=args.verify, weights=args.weights)
         if tokenizer:
             import sentencepiece as spm

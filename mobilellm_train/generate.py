@@ -7,7 +7,8 @@
 --checkpoint is a DCP step folder or a Hugging Face folder (export.py's, or any Llama that maps
 onto MobileLLM). Temperature 0 (the default) is greedy decoding. `--pte model.pte` instead samples
 from an ExecuTorch program (mobilellm-export --format executorch) in the ExecuTorch runtime, with
-the same sampling, so what is seen is the artifact that ships.
+the same sampling, so what is seen is the artifact that ships; `--quantize 8da4w` samples from the
+checkpoint quantized as that program is (its greedy output is the program's).
 
 The decoding itself (the KV cache, the cached forward pass, the sampler) is in decoding.py.
 """
@@ -21,6 +22,7 @@ import sys
 
 # The decoding helpers import torch only when called, so --help and argument errors answer at once.
 from mobilellm_train.decoding import KVCache, forward_cached, generate, sample_next  # noqa: F401 (the API)
+from mobilellm_train.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on GPU")
     p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto", help="HF folders only")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="--checkpoint: sample from the model as the ExecuTorch program runs it, its linear layers "
+                        "quantized as mobilellm-export --quantize does (8da4w, 8da8w)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
@@ -53,11 +60,18 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give exactly one of --checkpoint FOLDER and --pte PROGRAM")
     if args.pte and args.weights != "model":
         p.error("--weights chooses a step folder's weights; a --pte program holds the ones it was exported with")
+    if args.pte and args.quantize != "none":
+        p.error("--quantize applies to --checkpoint; a program is quantized when it is exported")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     import torch  # only now: the command line is known to be usable
 
     from mobilellm_train.checkpoint import CheckpointError
-    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from mobilellm_train.evaluation.loading import (
+        apply_program_quantization,
+        check_tokenizer_fits,
+        load_model,
+        load_tokenizer,
+    )
     from mobilellm_train.hf import HFCheckpointError
 
     prompts = list(args.prompt)
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
         model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify,
                            weights=args.weights)
+        apply_program_quantization(model, args.checkpoint, args.quantize, args.group_size)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:

@@ -107,7 +107,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         chunk_fn = _loss_and_dlogits_compiled() if compile_chunk else _loss_and_dlogits_inplace
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            logits = h @ w.T
+            # F.linear rather than h @ w.T (the same matmul): a torchao-quantized weight
+            # (mobilellm-eval --quantize) then computes its own quantized linear, as the program does.
+            logits = F.linear(h, w)
             chunk_loss, chunk_z, dlogits = chunk_fn(logits, labels[start:start + chunk_size], inv_num_valid,
                                                     ignore_index, z_loss)
             del logits

@@ -181,6 +181,17 @@ def run_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+def output_operands(output: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, weight) of the output layer as its own forward would use them, for the chunked loss,
+    which multiplies by the weight instead of calling the layer. Under quantization-aware training
+    the layer is torchao's FakeQuantizedLinear (quantization.apply_qat), whose fake quantizers
+    quantize both; a plain nn.Linear has none."""
+    activation = getattr(output, "activation_fake_quantizer", None)
+    weight = getattr(output, "weight_fake_quantizer", None)
+    return (hidden if activation is None else activation(hidden),
+            output.weight if weight is None else weight(output.weight))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -362,9 +373,10 @@ class MobileLLM(nn.Module):
         if self.loss_chunk_tokens == 0:
             loss = unchunked_cross_entropy(self.output(h).flatten(0, 1), labels.flatten(), z_loss, terms=loss_terms)
         else:
+            hidden, weight = output_operands(self.output, h.flatten(0, 1))
             loss = chunked_cross_entropy(
-                h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
-                compile_chunk=self.compile_loss, z_loss=z_loss, terms=loss_terms,
+                hidden, weight, labels.flatten(), self.loss_chunk_tokens, compile_chunk=self.compile_loss,
+                z_loss=z_loss, terms=loss_terms,
             )
         return loss
 

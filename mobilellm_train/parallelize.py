@@ -89,6 +89,13 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> None:
     then wraps the compiled block)."""
     if not cfg.enable:
         return
+    if any(hasattr(m, "weight_fake_quantizer") for m in model.modules()) and hasattr(
+            torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        # QAT: torchao's fake quantizers keep the scales they computed last as attributes of
+        # themselves, a side effect that a checkpointed region refuses to trace, since eager AC
+        # would repeat it in the recompute. The scales are recomputed from the same values there
+        # (dynamic quantization never reads the kept ones), so the repeat is not needed.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for name, block in model.layers.named_children():
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
 

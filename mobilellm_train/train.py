@@ -101,7 +101,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.profiling, self.dump_folder, self.rank, device)
         mesh = build_mesh(device.type, self.world_size, cfg.parallelism.dp_replicate)
         self.model = build_model(
-            model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile
+            model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, cfg.qat
         )
         self.ema = EMA(self.model, tcfg.ema_decay)  # a no-op when training.ema_decay is 0
         self.flops_per_token = flops_per_token(model_args, tcfg.seq_len)
@@ -143,6 +143,7 @@ class Trainer:
         self.checkpointer, self.train_state = build_checkpointer(
             self.cfg.checkpoint, self.dump_folder, self.model, self.optimizer, self.scheduler, self.data_state,
             self.model_args, self.rank, self.world_size, self.tokenizer_path, C.to_toml(self.cfg), self.ema,
+            self.cfg.qat,
         )
         self.parts.checkpointer = self.checkpointer
 
@@ -172,6 +173,7 @@ class Trainer:
         """The units the loop calls, in the order their start matters."""
         from mobilellm_train.loop.batches import StepBatches
         from mobilellm_train.loop.log_record import LogRecord
+        from mobilellm_train.loop.qat import QATSwitch
         from mobilellm_train.loop.spike_rewind import SpikeRewind
         from mobilellm_train.loop.stops import Stops
         from mobilellm_train.metrics import MetricsLogger, detect_peak_flops
@@ -188,6 +190,7 @@ class Trainer:
                                         self.metrics)
         self.batches.start()  # after the resume, so it starts at the restored position
         self.garbage = GarbageCollection(tcfg.gc_freq, tcfg.gc_full_freq)
+        self.qat = QATSwitch(cfg.qat, self.model, self.train_state.step)
         self.record = LogRecord(self.device, self.world_size, plan.global_batch_tokens, plan.total_steps,
                                 self.flops_per_token, peak_flops, self.metrics.elapsed_before)
         self.nonfinite = NonFiniteSteps(tcfg.on_nonfinite, tcfg.max_skipped_steps, self.checkpointer.describe_newest)
@@ -231,6 +234,7 @@ class Trainer:
         self.checkpointer.raise_if_failed()  # a background save that failed stops the run here
         self.profiler.step_begin(step)
         self.garbage.collect(step)
+        self.qat.before_step(step)  # fake quantization from qat.start_step on
 
     def after_step(self, step: int, loss_sum, grad_norm, skipped, loss_terms: dict) -> float:
         """The step's bookkeeping; returns the lr the step used."""

@@ -2,7 +2,8 @@
 runtime and compared with the eager model. fp32 logits equal eager's (a prompt over one call's
 token bound, a chunk at an offset, single tokens), greedy generation from the program equals eager
 KV-cache generation, layer-sharing blocks are stored once, an 8da4w program agrees with the fp32
-model on held-out tokens (KL, top-1, perplexity), and the two commands (mobilellm-export --format
+model on held-out tokens (KL, top-1, perplexity) and runs the fake-quantized model of QAT (its
+greedy output is the eager quantized model's), and the two commands (mobilellm-export --format
 executorch, mobilellm-generate --pte) work end to end and refuse bad input. The exported cache
 model equals eager across chunk boundaries with unwritten cache slots NaN, no op of its graph but
 the cache ops spans the whole cache, no split runs outside XNNPACK's delegate (the unfused copy
@@ -178,6 +179,30 @@ def test_8da4w_program_agrees_with_fp32_eager_on_held_out_tokens(programs, train
     exact = edge.compare_with_eager(fp32_program, trained, held_out)
     assert exact["top1"] == 1.0 and exact["kl"] < 1e-6 and result["kl"] > exact["kl"]
     assert os.path.getsize(program.path) < 0.6 * os.path.getsize(fp32_program.path)
+
+
+def test_8da4w_program_runs_the_fake_quantized_model(programs, trained):
+    """What QAT trains is what ships: the 8da4w program's logits are the fake-quantized model's
+    (quantization.apply_qat) up to XNNPACK's integer arithmetic, far closer than to the fp32
+    model's, and its greedy output is the eager quantized model's (mobilellm-generate --quantize)."""
+    import copy
+
+    from mobilellm_train.quantization import apply_ptq, apply_qat, set_fake_quantization
+
+    program = edge.EdgeProgram(programs["paths"]["8da4w"])
+    fake_quantized, quantized = copy.deepcopy(trained), copy.deepcopy(trained)
+    apply_qat(fake_quantized, "8da4w", 32)
+    set_fake_quantization(fake_quantized, True)
+    apply_ptq(quantized, "8da4w", 32)
+    tokens = pattern_batch(torch.Generator().manual_seed(5), 1, 30)[0]
+    with torch.no_grad():
+        want, fp32 = fake_quantized(tokens[None])[0], trained(tokens[None])[0]
+    got = last_logits(program.forward, tokens, [(i, i + 1) for i in range(30)])
+    gap = (got - want).abs().max().item()
+    assert gap < 0.1 and gap < 0.25 * (fp32 - want).abs().max().item(), gap
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    for prompt in ([7, 38, 0, 3, 18], [1, 2, 3]):
+        assert edge.generate_pte(program, prompt, max_new_tokens=25) == generate(quantized, prompt, max_new_tokens=25)
 
 
 def test_options_are_checked(tmp_path, trained):

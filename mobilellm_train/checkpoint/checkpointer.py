@@ -105,7 +105,9 @@ class Checkpointer:
     such a checkpoint on a different rank count is refused. The others are left fresh there,
     with a warning. `optional` states (the weight EMA) may be missing from a checkpoint: each has a
     `start_fresh(reason)`, called when the run starts without them (a new run, or a checkpoint
-    written without one).
+    written without one). `save_only` names records written with every step for the tools that
+    read them (the QAT scheme) but never loaded at resume: they describe the current run, and a
+    step written before they existed has none.
     """
 
     def __init__(
@@ -118,13 +120,14 @@ class Checkpointer:
         per_rank: frozenset[str] = frozenset(),
         required_per_rank: frozenset[str] = frozenset(),
         optional: frozenset[str] = frozenset(),
+        save_only: frozenset[str] = frozenset(),
     ):
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.states = states
         self.rank = rank
         self.tokenizer_path = tokenizer_path
-        self.per_rank, self.required_per_rank = per_rank, required_per_rank
+        self.per_rank, self.required_per_rank, self.save_only = per_rank, required_per_rank, save_only
         self.optional = optional & set(states)
         self.async_mode = cfg.async_mode
         if self.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
@@ -215,7 +218,8 @@ class Checkpointer:
         # shape error from deep inside DCP; it is not read again with the rest (an older
         # checkpoint lacks fields this version stores), but restored from this reading.
         saved = read_train_state(path)
-        states = resumable_states(path, saved, train_state, self.states, self.per_rank, self.required_per_rank,
+        resumed = {k: v for k, v in self.states.items() if k not in self.save_only}
+        states = resumable_states(path, saved, train_state, resumed, self.per_rank, self.required_per_rank,
                                   self.optional)
         checked_load({k: v for k, v in states.items() if k != "train_state"}, path)
         if "train_state" in states:

@@ -10,9 +10,11 @@ import os
 from mobilellm_train.config.sections import (
     Config,
     DataConfig,
+    QATConfig,
     TrainingConfig,
     build_model_args,
     global_batch_size,
+    total_steps,
 )
 from mobilellm_train.errors import ConfigError, DataError, raw_text_hint
 from mobilellm_train.evaluation.tasks import parse_task_names
@@ -36,6 +38,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check_data(cfg.data, m.vocab_size)
     check_eval(cfg)
     check_checkpoint(cfg)
+    check_qat(cfg.qat, m, total_steps(cfg.training, world_size))
 
     cm = cfg.comm
     check(cm.init_timeout_seconds > 0 and cm.train_timeout_seconds > 0, "comm timeouts must be positive")
@@ -153,6 +156,24 @@ def check_checkpoint(cfg: Config) -> None:
           f"checkpoint.initial_load_path: {c.initial_load_path} is not a folder")
     check(not c.initial_load_optimizer or c.initial_load_path,
           "checkpoint.initial_load_optimizer needs checkpoint.initial_load_path, the step folder to branch from")
+
+
+def check_qat(q: QATConfig, m, steps: int) -> None:
+    if not q.enable:
+        return
+    from mobilellm_train.quantization import QuantizationError, group_size_problem, require_torchao
+
+    check(q.start_step >= 0, f"qat.start_step must be >= 0 (got {q.start_step})")
+    check(q.start_step <= steps, f"qat.start_step {q.start_step} is beyond the run's {steps} steps: no step would "
+          "train fake-quantized; choose a step within the run (e.g. the last tenth of it)")
+    # The widths of the linear layers: dim into wqkv and w13, q_dim (= dim) into wo, ffn_dim into w2, dim
+    # into the output layer.
+    problem = group_size_problem([m.dim, m.ffn_dim], q.scheme, q.group_size, "qat.group_size")
+    check(not problem, problem)
+    try:
+        require_torchao("qat.enable")
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_writable_folder(path: str, key: str) -> None:

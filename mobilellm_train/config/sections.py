@@ -214,6 +214,23 @@ class CompileConfig:
 
 
 @dataclass
+class QATConfig:
+    enable: bool = False
+    """Quantization-aware training: from start_step on, every linear layer the ExecuTorch export
+    quantizes (the tied output layer included) computes with torchao's fake quantization of
+    `scheme`, so the loss logged is that of the quantized model (docs/QUANTIZATION.md). Needs
+    the edge extra (pip install -e '.[edge]')."""
+    start_step: int = 0
+    """First step trained fake-quantized (0 or 1: the run's first); accepts 470k. Steps before it
+    train in full precision, so a run (or a run folder trained without QAT) switches on mid-way."""
+    scheme: Literal["8da4w", "8da8w"] = "8da4w"
+    """The scheme the weights are trained for, as mobilellm-export --quantize names it: 8da4w (int8
+    dynamic activations, int4 weights in groups) or 8da8w (int8 per-channel weights)."""
+    group_size: int = 32
+    """8da4w: input columns per int4 weight scale, as mobilellm-export --group-size (32: the export's)."""
+
+
+@dataclass
 class CheckpointConfig:
     enable: bool = True
     """Save DCP checkpoints and resume from them."""
@@ -309,6 +326,7 @@ class Config:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

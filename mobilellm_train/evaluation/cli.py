@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, check_task_files
+from mobilellm_train.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, short_name
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +152,12 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[s
                         weights: str = "model") -> dict:
     import torch
 
-    from mobilellm_train.evaluation.loading import check_tokenizer_fits, load_model, load_tokenizer
+    from mobilellm_train.evaluation.loading import (
+        apply_program_quantization,
+        check_tokenizer_fits,
+        load_model,
+        load_tokenizer,
+    )
     from mobilellm_train.evaluation.perplexity import (
         evaluate_perplexity,
         find_wikitext,
@@ -167,13 +173,15 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[s
         check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
     model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify, weights=weights)
+    quantized = apply_program_quantization(model, checkpoint, args.quantize, args.group_size)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     logger.info("loaded %s (%s) in %.1fs", checkpoint, type(model).__name__, time.perf_counter() - begin)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    record: dict = {"checkpoint": os.path.abspath(checkpoint), "weights": weights, "tasks": {}, "perplexity": {}}
+    record: dict = {"checkpoint": os.path.abspath(checkpoint), "weights": weights, "quantize": quantized, "tasks": {},
+                    "perplexity": {}}
     seq_len = args.seq_len or model.args.max_seq_len
     if seq_len > model.args.max_seq_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.args.max_seq_len}")
@@ -228,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="score the model as the ExecuTorch program runs it: its linear layers quantized as "
+                        "mobilellm-export --quantize does (8da4w, 8da8w; docs/QUANTIZATION.md)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (older harness versions)")
     p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto",
                    help="HF folders: read layers 2i, 2i+1 as one shared block (auto: from config.json or the weights)")
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     from mobilellm_train.evaluation.loading import TokenizerMismatchError, refuse_run_folder
     from mobilellm_train.evaluation.report import average, format_table
     from mobilellm_train.hf import HFCheckpointError
+    from mobilellm_train.quantization import QuantizationError
 
     args.reference = [r.strip() for r in args.reference.split(",") if r.strip()]
     try:
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             default_name(c) + ("" if w == "model" else f" ({w})") for c, w in zip(args.checkpoint, weights)]
         if len(names) != len(args.checkpoint):
             raise UsageError(f"--names has {len(names)} names for {len(args.checkpoint)} checkpoints")
+        if args.quantize != "none":  # what is scored is named in every row
+            names = [f"{n} {short_name(args.quantize, args.group_size)}" for n in names]
         if len(set(names)) != len(names):
             raise UsageError(f"two rows would have the same name ({', '.join(names)}); give --names")
         if args.batch_size < 1 or min(args.ppl_batch_size, args.limit, args.max_windows, args.seq_len) < 0:
@@ -275,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, checkpoint, source in zip(names, args.checkpoint, weights):
             records[name] = evaluate_checkpoint(args, checkpoint, tasks, device, source)
     except (UsageError, TaskDataError, DataError, HFCheckpointError, CheckpointError, FileNotFoundError,
-            TokenizerMismatchError) as e:
+            TokenizerMismatchError, QuantizationError) as e:
         print(f"eval error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -7,18 +7,32 @@
 
 The tokenizer is a SentencePiece `tokenizer.model` read with sentencepiece (identical ids to
 transformers' LlamaTokenizer), or, for an HF folder that only has `tokenizer.json`, the folder's
-tokenizer through transformers.
+tokenizer through transformers. A step of a quantization-aware training run also says which
+scheme its weights were trained for (`trained_scheme`), which export, eval and generate check
+their --quantize against.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from mobilellm_train.checkpoint import TOKENIZER_FILE, CheckpointError, is_complete, load_model_from_checkpoint
+from mobilellm_train.checkpoint import (
+    TOKENIZER_FILE,
+    CheckpointError,
+    TrainState,
+    checked_load,
+    is_complete,
+    load_model_from_checkpoint,
+    read_metadata,
+)
 from mobilellm_train.hf import is_hf_folder, load_hf_checkpoint
 from mobilellm_train.model import MobileLLM
+from mobilellm_train.quantization import QATRecord, apply_ptq, describe, short_name
+
+logger = logging.getLogger("mobilellm_train")
 
 
 class Tokenizer:
@@ -201,3 +215,55 @@ def newest_step_folder(folder: str) -> str:
 def run_folder_message(checkpoint: str, newest: str) -> str:
     return (f"--checkpoint {checkpoint} is a training run folder, not a checkpoint; its newest complete "
             f"checkpoint is {newest}: pass --checkpoint {newest}")
+
+
+def read_qat_record(step_folder: str) -> tuple[QATRecord | None, int]:
+    """(the QAT record of a complete DCP step folder, None when its run had no QAT; its step),
+    read through the checkpoint's safe loader like the train state."""
+    stored = read_metadata(step_folder).state_dict_metadata
+    state, record = TrainState(), QATRecord()
+    states = {"train_state": state}
+    if f"{QATRecord.KEY}.record" in stored:
+        states[QATRecord.KEY] = record
+    checked_load(states, step_folder)
+    return (record if QATRecord.KEY in states else None), state.step
+
+
+def trained_scheme(checkpoint: str) -> tuple[str, int, int] | None:
+    """(scheme, group size, start step) that a DCP step folder's weights were trained for by QAT:
+    its record, when the step is at or past the start. None for an HF folder, a run without QAT,
+    or a step saved before fake quantization started."""
+    if not is_complete(checkpoint):
+        return None
+    record, step = read_qat_record(checkpoint)
+    if record is None or step < max(record.start_step, 1):
+        return None
+    return record.scheme, record.group_size, record.start_step
+
+
+def scheme_mismatch(checkpoint: str, scheme: str, group_size: int) -> str:
+    """Why quantizing the weights of `checkpoint` with `scheme` and `group_size` ("none": not at
+    all) is not what QAT trained them for, or "" when it is (or when they had no QAT)."""
+    trained = trained_scheme(checkpoint)
+    if trained is None:
+        return ""
+    want_scheme, want_group, start = trained
+    if scheme == want_scheme and (scheme != "8da4w" or group_size == want_group):
+        return ""
+    asked = "no quantization" if scheme == "none" else describe(scheme, group_size)
+    return (f"{checkpoint} was trained for {describe(want_scheme, want_group)} by QAT from step {start}; {asked} "
+            f"is not what its weights were trained for: pass --quantize {want_scheme}"
+            + (f" --group-size {want_group}" if want_scheme == "8da4w" else ""))
+
+
+def apply_program_quantization(model: MobileLLM, checkpoint: str, scheme: str, group_size: int) -> dict | None:
+    """Quantize `model` in place as the ExecuTorch program of `--quantize scheme` is (the export's
+    own quantization, quantization.apply_ptq, run eagerly), warning when QAT trained `checkpoint`
+    for another scheme; returns what a results record says of it (None: full precision)."""
+    if scheme == "none":
+        return None
+    mismatch = scheme_mismatch(checkpoint, scheme, group_size)
+    if mismatch:
+        logger.warning("%s; using %s as asked", mismatch, short_name(scheme, group_size))
+    apply_ptq(model, scheme, group_size)
+    return {"scheme": scheme, "group_size": group_size if scheme == "8da4w" else None}
