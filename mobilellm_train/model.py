@@ -322,12 +322,16 @@ class MobileLLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_terms: dict[str, torch.Tensor] | None = None,
+        distill=None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size], or with `labels` [B, T] the mean
         cross-entropy over the labels that are not -100 (an fp32 scalar).
 
         `loss_terms`, a dict, receives each term of the returned loss by name, detached ("ce" for
         the cross-entropy), so that the trainer can log them apart.
+
+        `distill` (a distill.kd_loss.Distillation: the teacher's targets for these tokens) makes
+        the loss alpha * KD + (1 - alpha) * CE, computed in the same chunks (terms "ce" and "kd").
 
         The loss is computed here, not by the caller, because under FSDP2 the (tied) output weight
         is gathered only inside this forward; and in chunks of `loss_chunk_tokens` tokens, so the
@@ -336,6 +340,27 @@ class MobileLLM(nn.Module):
         position_ids [B, T], when given, restart at 0 at each document packed into a sequence:
         RoPE then uses them and attention stays within each document (block-diagonal causal).
         """
+        h = self.hidden_states(tokens, position_ids)
+        if labels is None:
+            return self.output(h)
+        if distill is not None:
+            return distill.loss(h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
+                                loss_terms)
+        if self.loss_chunk_tokens == 0:
+            loss = F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten())
+        else:
+            loss = chunked_cross_entropy(
+                h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
+                compile_chunk=self.compile_loss,
+            )
+        if loss_terms is not None:
+            loss_terms["ce"] = loss.detach()
+        return loss
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output [B, T, dim]: what the output projection (and a distillation
+        teacher's targets) are computed from. Under FSDP2 call it from a forward: the root's
+        parameters are gathered only there."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(
@@ -352,19 +377,7 @@ class MobileLLM(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope_cos, rope_sin, attn_mask)
-        h = self.norm(h)
-        if labels is None:
-            return self.output(h)
-        if self.loss_chunk_tokens == 0:
-            loss = F.cross_entropy(self.output(h).flatten(0, 1).float(), labels.flatten())
-        else:
-            loss = chunked_cross_entropy(
-                h.flatten(0, 1), self.output.weight, labels.flatten(), self.loss_chunk_tokens,
-                compile_chunk=self.compile_loss,
-            )
-        if loss_terms is not None:
-            loss_terms["ce"] = loss.detach()
-        return loss
+        return self.norm(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
