@@ -5,11 +5,37 @@ finite. `train.Trainer` runs it every step; bench.py and checkpoint_bench.py tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from mobilellm_train.distill.distiller import Distiller
+
+
+class LossTerms(MutableMapping):
+    """The dict the model's forward writes each loss term into (`loss_terms`). Not a dict on
+    purpose: FSDP2 rebuilds every dict (and dataclass) among a forward's arguments when it casts
+    their floating-point tensors, so a plain dict passed in would stay empty for the caller."""
+
+    def __init__(self):
+        self._terms: dict = {}
+
+    def __getitem__(self, name):
+        return self._terms[name]
+
+    def __setitem__(self, name, value):
+        self._terms[name] = value
+
+    def __delitem__(self, name):
+        del self._terms[name]
+
+    def __iter__(self):
+        return iter(self._terms)
+
+    def __len__(self) -> int:
+        return len(self._terms)
 
 
 def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -34,6 +60,7 @@ def train_step(
     max_norm: float,
     before_update: Callable[[], None] | None = None,
     loss_terms: dict[str, torch.Tensor] | None = None,
+    distiller: Distiller | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches.
 
@@ -41,7 +68,8 @@ def train_step(
     count), the global gradient norm, and a bool scalar that is True when the norm was not finite
     and the update was therefore skipped. `before_update` runs just before the parameters may
     change (a checkpoint copy may still read them). `loss_terms`, a dict, receives each term of
-    the loss (model.forward's names), summed like the loss.
+    the loss (model.forward's names), summed like the loss. `distiller` adds the teacher's targets
+    to each micro-batch's forward (distillation).
 
     A fused AdamW skips the update on the device (its found_inf input), so no step waits for the
     host: weights, moments and step counts stay as they were. Any other optimizer needs the
@@ -49,6 +77,7 @@ def train_step(
     """
     import torch
 
+    from mobilellm_train.distill.distiller import maybe_teacher_targets
     from mobilellm_train.parallelize import set_replica_all_reduce
 
     device = next(model.parameters()).device
@@ -65,8 +94,9 @@ def train_step(
             positions = positions.to(device, non_blocking=True)
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
-        terms = None if loss_terms is None else {}
-        loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms) / len(batches)
+        terms = None if loss_terms is None else LossTerms()
+        with maybe_teacher_targets(distiller, batch, inputs, positions) as distill:
+            loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms, distill=distill) / len(batches)
         loss.backward()
         loss_sum += loss.detach()
         for name, value in (terms or {}).items():

@@ -60,8 +60,9 @@ class LogRecord:
         return self.elapsed_before + now - self.train_begin
 
     def take(self, step: int, lr: float, grad_norm: torch.Tensor, tokens_seen: int, skipped_steps: int,
-             val_loss: float | None) -> dict:
-        """The record of the interval ending at `step`, and a new interval. A collective."""
+             validation: dict | None) -> dict:
+        """The record of the interval ending at `step`, and a new interval. A collective.
+        `validation`: the validation's values ({"val_loss": ...}), when it ran at this step."""
         import torch
         import torch.distributed as dist
 
@@ -91,7 +92,7 @@ class LogRecord:
             "eta_s": (self.total_steps - step) * interval / self.steps_since_log,
             "checkpoint_blocked_s": self.checkpoint_blocked_s,
             "skipped_steps": skipped_steps,
-            **({} if val_loss is None else {"val_loss": val_loss}),
+            **(validation or {}),
         }
         self.restart(now)
         return record
