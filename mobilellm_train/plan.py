@@ -22,6 +22,8 @@ It reads the config exactly as `mobilellm-train` does (`config.load_config`, the
   against the tensors it creates in tests/test_plan.py;
 - backward: one block's recomputed activations (checkpointed blocks) and its gradient
   temporaries, and the gradient buffers of the reduce-scatter;
+- distillation ([distill], distill/memory.py): the teacher's fp32 shard, its forward before the
+  student's, what its targets hold through the student's forward, and the KD loss's chunk;
 - headroom: allocator fragmentation (a fraction of the peak) and the memory outside the
   allocator (CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers).
 
@@ -167,7 +169,7 @@ class MemoryPlan:
     """allocated_bytes plus fragmentation and the memory outside the allocator."""
     card_bytes: int
     peak_phase: str
-    """Where the peak falls: 'loss' (end of forward) or 'backward'."""
+    """Where the peak falls: 'loss' (end of forward), 'backward' or, distilling online, 'teacher forward'."""
     settings: dict
 
     @property

@@ -2,14 +2,16 @@
 KL, chunked against unchunked, its memory against the planner's count and never a [tokens, vocab]
 tensor; the teacher-logits cache (every row the teacher's top-K of its training window, in any
 window order and rank split; resumable, verified, refused when it does not fit); the refusals of a
-teacher or cache of another vocabulary or tokenizer, before anything is built; and end to end, online training (full
-vocabulary) equal to cached training (K = vocabulary) over 20 steps, and to a 2-rank HSDP run
-stopped and resumed, with doc masking, layer sharing, accumulation and selective AC.
+teacher or cache of another vocabulary or tokenizer, before anything is built; the planner's
+teacher terms; and end to end, cached training (K = vocabulary) equal over 20 steps to online
+full-vocabulary training on 2 ranks of HSDP stopped and resumed, with document masking, layer
+sharing, gradient accumulation and selective activation checkpointing.
 
 Run: python -m pytest -q tests/test_distill.py
 """
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -102,8 +104,8 @@ def test_chunked_equals_unchunked(top_k):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("top_k", [0, 8])
 def test_loss_memory_is_the_planned_count_and_never_tokens_by_vocab(dtype, top_k):
-    tokens, chunk, dim, vocab = 500, 128, 64, 1000
-    hidden, weight, labels, teacher = make_inputs(tokens, dim, 48, vocab, dtype)
+    tokens, chunk, dim, vocab = 300, 128, 32, 600
+    hidden, weight, labels, teacher = make_inputs(tokens, dim, 24, vocab, dtype)
     targets = teacher if not top_k else teacher_topk(teacher.hidden, teacher.weight, top_k, chunk)
     existing = [hidden, weight, labels, teacher.hidden, teacher.weight]
     if top_k:
@@ -279,7 +281,7 @@ def test_config_refuses_impossible_distillation(tmp_path, overrides, says):
 
 
 @pytest.mark.slow
-def test_online_cached_two_ranks_and_resume_give_the_same_losses(tmp_path, tokenizer):
+def test_cached_equals_online_on_two_ranks_stopped_and_resumed(tmp_path, tokenizer):
     data = corpus(tmp_path / "data", tokenizer, n_docs=200)
     common = ["--data.path", data, "--training.seq_len", "32", "--optimizer.lr", "3e-3",
               "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
@@ -297,26 +299,43 @@ def test_online_cached_two_ranks_and_resume_give_the_same_losses(tmp_path, token
                "--training.global_batch_size", "8", "--model.layer_sharing", "true",
                "--activation_checkpoint.mode", "selective", "--data.val_interval", "10", "--checkpoint.interval", "10",
                "--distill.alpha", "0.5", "--distill.temperature", "2"]
-    runs = {name: tmp_path / name for name in ("online", "cached", "two_ranks")}
-    run_trainer([*student, "--job.dump_folder", str(runs["online"]), "--training.local_batch_size", "4",
-                 "--distill.teacher", teacher])
-    run_trainer([*student, "--job.dump_folder", str(runs["cached"]), "--training.local_batch_size", "4",
+    cached, online = tmp_path / "cached", tmp_path / "online"
+    run_trainer([*student, "--job.dump_folder", str(cached), "--training.local_batch_size", "4",
                  "--distill.logits", cache])
-    # HSDP over 2 ranks (2 replicas), online top-K with K = vocabulary, stopped at 10 and resumed.
-    two = [*student, "--job.dump_folder", str(runs["two_ranks"]), "--training.local_batch_size", "2",
-           "--distill.teacher", teacher, "--distill.top_k", str(VOCAB), "--parallelism.dp_replicate", "2"]
-    run_trainer([*two, "--training.stop_at_step", "10"], nproc=2)
-    out = run_trainer(two, nproc=2)
-    assert "resumed from" in out
+    # Online over the full vocabulary, on 2 ranks of HSDP (2 replicas), stopped at step 10 and resumed.
+    two_ranks = [*student, "--job.dump_folder", str(online), "--training.local_batch_size", "2",
+                 "--distill.teacher", teacher, "--parallelism.dp_replicate", "2"]
+    run_trainer([*two_ranks, "--training.stop_at_step", "10"], nproc=2)
+    assert "resumed from" in run_trainer(two_ranks, nproc=2)
 
-    metrics = {name: read_metrics(run) for name, run in runs.items()}
-    online = metrics["online"]
+    cached, online = read_metrics(cached), read_metrics(online)
     assert sorted(online) == list(range(1, 21)) and online[20]["kd"] < online[1]["kd"]
-    for name in ("cached", "two_ranks"):
-        for step in range(1, 21):
-            for key in ("loss", "ce", "kd", "val_loss", "val_ce", "val_kd"):
-                if key in online[step]:
-                    assert metrics[name][step][key] == pytest.approx(online[step][key], rel=2e-4, abs=1e-5), (
-                        name, step, key)
     assert {s for s, r in online.items() if "val_kd" in r} == {10, 20}
+    for step in range(1, 21):
+        for key in ("loss", "ce", "kd", "val_loss", "val_ce", "val_kd"):
+            if key in online[step]:
+                assert cached[step][key] == pytest.approx(online[step][key], rel=2e-4, abs=1e-5), (step, key)
 
+
+
+def test_the_planner_counts_the_teacher(tmp_path):
+    from mobilellm_train import plan as P
+
+    folder = tmp_path / "llama-2-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({  # a config alone: the planner reads no weight
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    base = ["--config", os.path.join(os.path.dirname(__file__), "..", "train_configs", "125M.toml")]
+    plans = {k: P.estimate_config(P.load_plan_config(
+        base + ["--distill.alpha", "0.5", "--distill.teacher", str(folder), "--distill.top_k", k], 8), 8, 80.0)
+        for k in ("0", "16")}
+    alone = P.estimate_config(P.load_plan_config(base, 8), 8, 80.0)
+    items = {k: {name: b for name, b, _ in plan.items} for k, plan in plans.items()}
+    assert items["16"]["teacher parameters (fp32 shard)"] == 4 * -(-6_738_415_616 // 8)
+    assert items["16"]["distillation: teacher's top-K"] == 32 * 2048 * 16 * 12
+    assert items["0"]["loss: working set"] > items["16"]["loss: working set"] > dict(
+        (n, b) for n, b, _ in alone.items)["loss: working set"]
+    assert alone.allocated_bytes < plans["16"].allocated_bytes < plans["0"].allocated_bytes
+    assert plans["16"].settings["distill_teacher"] == 6_738_415_616

@@ -86,6 +86,8 @@ def cmd_teacher_logits(args) -> dict:
         jobs.append((os.path.join(args.data, VAL_DIR), os.path.join(args.out, VAL_DIR)))
     manifests = [read_manifest(data) for data, _ in jobs]
     model = load_teacher(args.teacher, device, manifests[0])
+    if args.top_k > model.args.vocab_size:
+        raise DataError(f"--top-k {args.top_k} exceeds the teacher's vocabulary of {model.args.vocab_size}")
     settings = [job_settings(args, model.args.vocab_size, m) for m in manifests]
     todo = [i for i, ((_, out), s) in enumerate(zip(jobs, settings)) if not finished(out, s)]
     for i in todo:
