@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -45,6 +46,8 @@ from mobilellm_train.data.shards import (
     write_json_atomic,
 )
 from mobilellm_train.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "mobilellm-teacher-logits"
 FORMAT_VERSION = 1
@@ -289,8 +292,6 @@ def open_teacher_logits(folder: str, data: Manifest, seq_len: int, doc_mask: boo
     """The cache `folder` for the dataset `data`, checked before training: made for this data
     (its fingerprint and shards), this seq_len and doc_mask, every file of its size, and (verify)
     each shard as verified.json recorded it, unvouched ones hashed now, split over the ranks."""
-    import logging
-
     m = read_cache_manifest(folder)
     if m.data_fingerprint != data.fingerprint() or [(s.name, s.num_rows) for s in m.shards] != [
             (s.name, s.num_tokens) for s in data.shards]:
@@ -309,7 +310,7 @@ def open_teacher_logits(folder: str, data: Manifest, seq_len: int, doc_mask: boo
         mine = [i for i in todo if i % dp_world_size == dp_rank]
         if todo:
             seconds = verify_cache_shards(m, mine)
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "%s: %d of %d shards not vouched for by %s; hashed this rank's %d in %.1f s (`mobilellm-prepare "
                 "verify %s` records a full verification)", folder, len(todo), len(m.shards), VERIFIED_FILE, len(mine),
                 seconds, folder)
