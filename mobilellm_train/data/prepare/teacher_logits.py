@@ -98,8 +98,12 @@ def cmd_teacher_logits(args) -> dict:
     for i, j in units:
         if not shard_done(jobs[i][1], manifests[i].shards[j].name):
             rows += write_shard(model, manifests[i], j, jobs[i][1], settings[i], args, device)
+    seconds = time.perf_counter() - begin
     summary = {"top_k": args.top_k, "bytes_per_token": bytes_per_token(args.top_k, args.logprob_dtype),
-               "tokens_computed_here": rows, "seconds": round(time.perf_counter() - begin, 1)}
+               "tokens_computed_here": rows, "seconds": round(seconds, 1)}
+    if rows:
+        logger.info("rank %d of %d: the teacher's top-%d for %d tokens in %.0f s (%.0f tokens/s)", rank, world,
+                    args.top_k, rows, seconds, rows / max(seconds, 1e-9))
     for (data, out), s, m in zip(jobs, settings, manifests):
         summary[out] = finish_folder(out, s, m, world)
     return summary
