@@ -5,9 +5,10 @@
 #
 # The demo corpus (Python's docstrings) as prepared shards; a wider teacher (dim 256 instead of the
 # debug model's 128) trained on it for 500 steps; then the debug model as student, 300 steps from
-# the same initial weights (seed 0) three ways: cross-entropy only, online distillation (top-16,
-# alpha 0.5) and the same from the teacher's cached top-16; last, each student's held-out KL to the
-# teacher over the demo's val/ and the largest difference between the online and cached losses.
+# the same initial weights (seed 0) four ways: cross-entropy only, online distillation over the full
+# vocabulary (alpha 0.5), online from the teacher's top-16 and the same from its cached top-16;
+# last, each student's held-out KL to the teacher over the demo's val/ and the largest difference
+# between the online and cached top-16 runs' losses.
 # Every stage that finished is skipped on a rerun. Tunable (environment): OUT, PY (python3),
 # TEACHER_STEPS (500), STUDENT_STEPS (300), ALPHA (0.5), TOP_K (16).
 set -euo pipefail
@@ -52,6 +53,7 @@ student() {  # name, extra arguments
     fi
 }
 student ce
+student full --distill.alpha "${ALPHA}" --distill.teacher "${TEACHER}"
 student online "${DISTILL[@]}" --distill.teacher "${TEACHER}"
 if [ ! -f "${OUT}/demo-top${TOP_K}/manifest.json" ]; then
     ${PY} -m mobilellm_train.data.prepare teacher-logits --teacher "${TEACHER}" --data "${OUT}/demo" \
@@ -59,18 +61,18 @@ if [ ! -f "${OUT}/demo-top${TOP_K}/manifest.json" ]; then
 fi
 student cached "${DISTILL[@]}" --distill.logits "${OUT}/demo-top${TOP_K}"
 
-for name in ce online cached; do
+for name in ce full online cached; do
     ${PY} -m mobilellm_train.distill.heldout --teacher "${TEACHER}" --student "${OUT}/${name}/checkpoints/step-${STUDENT_STEPS}" \
         --data "${OUT}/demo/val" --seq-len 256 > "${OUT}/heldout_${name}.json"
 done
 ${PY} - "${OUT}" <<'EOF'
 import json, sys
 out = sys.argv[1]
-kl = {name: json.load(open(f"{out}/heldout_{name}.json")) for name in ("ce", "online", "cached")}
+kl = {name: json.load(open(f"{out}/heldout_{name}.json")) for name in ("ce", "full", "online", "cached")}
 for name, r in kl.items():
     print(f"{name:7s} held-out KL to the teacher {r['kl']:.4f} nats/token, CE {r['student_ce']:.4f} "
           f"(teacher's CE {r['teacher_ce']:.4f}, {r['tokens']} tokens)")
-for name in ("online", "cached"):
+for name in ("full", "online", "cached"):
     print(f"{name}: KL {kl[name]['kl'] / kl['ce']['kl']:.1%} of the CE-only run's")
 metrics = {name: [json.loads(line) for line in open(f"{out}/{name}/metrics.jsonl")] for name in ("online", "cached")}
 steps = {name: {r["step"]: r for r in records} for name, records in metrics.items()}

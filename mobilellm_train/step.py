@@ -96,7 +96,9 @@ def train_step(
         # gradients the mean over the global batch (FSDP averages over ranks).
         terms = None if loss_terms is None else LossTerms()
         with maybe_teacher_targets(distiller, batch, inputs, positions) as distill:
-            loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms, distill=distill) / len(batches)
+            loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms, distill=distill)
+        del distill  # the teacher's targets are freed before backward, not kept through it
+        loss = loss / len(batches)
         loss.backward()
         loss_sum += loss.detach()
         for name, value in (terms or {}).items():

@@ -335,7 +335,7 @@ def test_the_planner_counts_the_teacher(tmp_path):
     items = {k: {name: b for name, b, _ in plan.items} for k, plan in plans.items()}
     assert items["16"]["teacher parameters (fp32 shard)"] == 4 * -(-6_738_415_616 // 8)
     assert items["16"]["distillation: teacher's top-K"] == 32 * 2048 * 16 * 12
-    assert items["0"]["loss: working set"] > items["16"]["loss: working set"] > dict(
-        (n, b) for n, b, _ in alone.items)["loss: working set"]
+    assert items["0"]["loss: working set"] > items["16"]["loss: working set"] > {
+        name: b for name, b, _ in alone.items}["loss: working set"]
     assert alone.allocated_bytes < plans["16"].allocated_bytes < plans["0"].allocated_bytes
     assert plans["16"].settings["distill_teacher"] == 6_738_415_616

@@ -300,8 +300,8 @@ def open_teacher_logits(folder: str, data: Manifest, seq_len: int, doc_mask: boo
                         "teacher-logits")
     if (m.seq_len, m.doc_mask) != (seq_len, doc_mask):
         raise DataError(f"{m.path}: made for seq_len {m.seq_len}, doc_mask {str(m.doc_mask).lower()}; this run has "
-                        f"seq_len {seq_len}, doc_mask {str(doc_mask).lower()}: the teacher's values depend on the window "
-                        "it saw, so make the cache again with --seq-len/--doc-mask as the run trains")
+                        f"seq_len {seq_len}, doc_mask {str(doc_mask).lower()}: the teacher's values depend on the "
+                        "window it saw, so make the cache again with --seq-len/--doc-mask as the run trains")
     if vocab_size is not None and m.vocab_size > vocab_size:
         raise DataError(f"{m.path}: the teacher's vocabulary ({m.vocab_size}) exceeds the model's ({vocab_size})")
     signatures = check_cache_sizes(m)

@@ -65,7 +65,8 @@ def read_teacher_shape(path: str, key: str = "distill.teacher") -> ModelArgs:
     except HFCheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{key}: {path}/config.json cannot describe a MobileLLM ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{key}: {path}/config.json cannot describe a MobileLLM "
+                              f"({type(e).__name__}: {e})") from None
     raise ConfigError(f"{key}: {path} is neither a complete DCP step folder (no .metadata) nor a Hugging Face "
                       "folder (no config.json)")
 
@@ -85,7 +86,8 @@ def check_teacher_fits(path: str, teacher: ModelArgs, student: ModelArgs, tokeni
     if not os.path.isfile(own) or not tokenizer_path:
         logger.warning("%s: cannot check that the teacher's tokenizer is the run's (%s)", key,
                        f"{path} holds no {TOKENIZER_FILE}" if not os.path.isfile(own) else "the run has no tokenizer")
-    elif not os.path.samefile(own, tokenizer_path) and (theirs := file_sha256(own)) != (ours := file_sha256(tokenizer_path)):
+    elif not os.path.samefile(own, tokenizer_path) and (
+            (theirs := file_sha256(own)) != (ours := file_sha256(tokenizer_path))):
         raise ConfigError(
             f"{key} {path}: its tokenizer {own} (sha256 {theirs[:16]}...) is not the run's {tokenizer_path} "
             f"(sha256 {ours[:16]}...): the same ids would mean different tokens to the teacher and the student"

@@ -141,7 +141,8 @@ def teacher_fingerprint(path: str) -> str:
         return file_sha256(os.path.join(path, ".metadata"))[:16]
     files = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".json")))
     listing = [(n, os.path.getsize(os.path.join(path, n))) for n in files]
-    return hashlib.sha256((file_sha256(os.path.join(path, "config.json")) + json.dumps(listing)).encode()).hexdigest()[:16]
+    config = file_sha256(os.path.join(path, "config.json"))
+    return hashlib.sha256((config + json.dumps(listing)).encode()).hexdigest()[:16]
 
 
 def job_settings(args, vocab_size: int, data: Manifest) -> dict:
@@ -164,8 +165,8 @@ def finished(out: str, settings: dict) -> bool:
     m = read_cache_manifest(out)
     before = {k: getattr(m, k) for k in settings}
     if before != settings:
-        raise DataError(f"{out} already holds a finished teacher-logits cache made otherwise ({_differences(before, settings)}); "
-                        "choose another --out (nothing there is overwritten)")
+        raise DataError(f"{out} already holds a finished teacher-logits cache made otherwise "
+                        f"({_differences(before, settings)}); choose another --out (nothing there is overwritten)")
     logger.info("%s: already finished (%s)", out, m.path)
     return True
 
@@ -184,8 +185,8 @@ def start_folder(out: str, settings: dict) -> None:
         with open(path) as f:
             before = json.load(f)
         if before != settings:
-            raise DataError(f"{out}: an unfinished teacher-logits run with other settings ({_differences(before, settings)}); "
-                            "rerun it as it was, or choose another --out")
+            raise DataError(f"{out}: an unfinished teacher-logits run with other settings "
+                            f"({_differences(before, settings)}); rerun it as it was, or choose another --out")
         return
     write_json_atomic(path, settings)
 
