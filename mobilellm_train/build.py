@@ -226,11 +226,13 @@ def build_train_data(
     rank: int,
     world_size: int,
     pin_memory: bool,
+    teacher_logits: str = "",
 ) -> tuple[Iterable[dict], Stateful, str]:
     """(batches, their checkpoint state, the tokenizer) for prepared shards or the JSONL layout.
 
     Prepared shards have one global position, the same on every rank, so a checkpoint continues
-    on any number of ranks. The JSONL reader's position is per rank.
+    on any number of ranks. The JSONL reader's position is per rank. teacher_logits: the cached
+    teacher values (distill.logits), read beside the tokens; prepared shards only.
     """
     from mobilellm_train.checkpoint import PerRankState
     from mobilellm_train.data.jsonl import DataError, JsonlTokenDataset, build_dataloader, check_token_id_layout
@@ -247,9 +249,11 @@ def build_train_data(
             sources, seq_len=training.seq_len, local_batch_size=training.local_batch_size,
             global_batch_size=global_batch, dp_rank=rank, dp_world_size=world_size, seed=training.seed,
             num_workers=cfg.num_workers, pin_memory=pin_memory, doc_mask=cfg.doc_mask, vocab_size=vocab_size,
-            tokenizer_path=tokenizer_path, verify_checksums=cfg.verify_checksums,
+            tokenizer_path=tokenizer_path, verify_checksums=cfg.verify_checksums, teacher_logits=teacher_logits,
         )
         return loader, loader, tokenizer_path
+    if teacher_logits:
+        raise DataError(f"distill.logits needs prepared data (mobilellm-prepare); {data_path} is in the JSONL layout")
     if cfg.doc_mask:
         raise DataError(f"data.doc_mask needs prepared data (mobilellm-prepare); {data_path} is in the JSONL layout")
     check_token_id_layout(data_path, tokenizer_path)

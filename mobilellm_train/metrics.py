@@ -270,9 +270,10 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, step)
         mfu = record.get("mfu")
         logger.info(
-            "step %d  loss %.4f  lr %.3e  grad_norm %.3f  tok/s/gpu %.0f  mfu %s  mem %.2f GiB  "
+            "step %d  loss %.4f%s  lr %.3e  grad_norm %.3f  tok/s/gpu %.0f  mfu %s  mem %.2f GiB  "
             "data_wait %.1f%%  elapsed %s  eta %s",
-            step, record["loss"], record["lr"], record["grad_norm"], record["tokens_per_second"],
+            step, record["loss"], f" (ce {record['ce']:.4f}, kd {record['kd']:.4f})" if "kd" in record else "",
+            record["lr"], record["grad_norm"], record["tokens_per_second"],
             "n/a" if mfu is None else f"{100 * mfu:.1f}%", record["peak_memory_gib"],
             100 * record["data_wait_fraction"], format_duration(record["elapsed_s"]),
             format_duration(record["eta_s"]),

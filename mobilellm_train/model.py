@@ -334,6 +334,7 @@ class MobileLLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_terms: dict[str, torch.Tensor] | None = None,
+        distill=None,
     ) -> torch.Tensor:
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size], or with `labels` [B, T] the mean
         cross-entropy over the labels that are not -100 (an fp32 scalar).
@@ -343,6 +344,9 @@ class MobileLLM(nn.Module):
         "z_loss" when `z_loss` is set), so that the trainer can log them apart. The z-loss is a
         training regulariser: in eval mode (validation) the loss is the cross-entropy alone.
 
+        `distill` (a distill.kd_loss.Distillation: the teacher's targets for these tokens) makes
+        the loss alpha * KD + (1 - alpha) * CE, computed in the same chunks (terms "ce" and "kd").
+
         The loss is computed here, not by the caller, because under FSDP2 the (tied) output weight
         is gathered only inside this forward; and in chunks of `loss_chunk_tokens` tokens, so the
         [B, T, vocab] logits are never materialised in training (8.4 GB in fp32 at 32 x 2048).
@@ -350,6 +354,27 @@ class MobileLLM(nn.Module):
         position_ids [B, T], when given, restart at 0 at each document packed into a sequence:
         RoPE then uses them and attention stays within each document (block-diagonal causal).
         """
+        h = self.hidden_states(tokens, position_ids)
+        if labels is None:
+            return self.output(h)
+        if distill is not None:
+            hidden, weight = output_operands(self.output, h.flatten(0, 1))
+            return distill.loss(hidden, weight, labels.flatten(), self.loss_chunk_tokens, loss_terms)
+        z_loss = self.z_loss if self.training else 0.0
+        if self.loss_chunk_tokens == 0:
+            loss = unchunked_cross_entropy(self.output(h).flatten(0, 1), labels.flatten(), z_loss, terms=loss_terms)
+        else:
+            hidden, weight = output_operands(self.output, h.flatten(0, 1))
+            loss = chunked_cross_entropy(
+                hidden, weight, labels.flatten(), self.loss_chunk_tokens, compile_chunk=self.compile_loss,
+                z_loss=z_loss, terms=loss_terms,
+            )
+        return loss
+
+    def hidden_states(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output [B, T, dim]: what the output projection (and a distillation
+        teacher's targets) are computed from. Under FSDP2 call it from a forward: the root's
+        parameters are gathered only there."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(
@@ -366,19 +391,7 @@ class MobileLLM(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope_cos, rope_sin, attn_mask)
-        h = self.norm(h)
-        if labels is None:
-            return self.output(h)
-        z_loss = self.z_loss if self.training else 0.0
-        if self.loss_chunk_tokens == 0:
-            loss = unchunked_cross_entropy(self.output(h).flatten(0, 1), labels.flatten(), z_loss, terms=loss_terms)
-        else:
-            hidden, weight = output_operands(self.output, h.flatten(0, 1))
-            loss = chunked_cross_entropy(
-                hidden, weight, labels.flatten(), self.loss_chunk_tokens, compile_chunk=self.compile_loss,
-                z_loss=z_loss, terms=loss_terms,
-            )
-        return loss
+        return self.norm(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):

@@ -23,6 +23,8 @@ It reads the config exactly as `mobilellm-train` does (`config.load_config`, the
   against the tensors it creates in tests/test_plan.py;
 - backward: one block's recomputed activations (checkpointed blocks) and its gradient
   temporaries, and the gradient buffers of the reduce-scatter;
+- distillation ([distill], distill/memory.py): the teacher's fp32 shard, its forward before the
+  student's, what its targets hold through the student's forward, and the KD loss's chunk;
 - headroom: allocator fragmentation (a fraction of the peak) and the memory outside the
   allocator (CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers).
 
@@ -45,6 +47,7 @@ import typing
 from mobilellm_train import config as C
 
 if typing.TYPE_CHECKING:
+    from mobilellm_train.distill.memory import DistillPlan
     from mobilellm_train.model import ModelArgs
 
 # The model module (and with it torch) is imported where a plan is computed, so that --help and
@@ -167,7 +170,7 @@ class MemoryPlan:
     """allocated_bytes plus fragmentation and the memory outside the allocator."""
     card_bytes: int
     peak_phase: str
-    """Where the peak falls: 'loss' (end of forward) or 'backward'."""
+    """Where the peak falls: 'loss' (end of forward), 'backward' or, distilling online, 'teacher forward'."""
     settings: dict
 
     @property
@@ -207,10 +210,11 @@ def estimate(
     card_gib: float,
     ac_mode: str | None = None,
     local_batch_size: int | None = None,
+    distill: DistillPlan | None = None,
 ) -> MemoryPlan:
     """Per-GPU peak memory of training with these settings on `n_gpus` GPUs (CUDA, bf16 or fp32
     compute as `training.mixed_precision_param` says). `ac_mode` / `local_batch_size` override
-    the config's, for trying alternatives."""
+    the config's, for trying alternatives. `distill` adds a teacher or cached values (distill/memory.py)."""
     mode = ac_mode or ac.mode
     micro_batch = local_batch_size or training.local_batch_size
     if n_gpus < 1 or n_gpus % parallelism.dp_replicate:
@@ -242,6 +246,12 @@ def estimate(
     state += add("AdamW moments (fp32 shard)", 8 * shard_params, "exp_avg and exp_avg_sq")
     if training.ema_decay:
         state += add("weight EMA (fp32 shard)", 4 * shard_params, "training.ema_decay: the average, sharded like the parameters")
+    teacher_state = held = teacher_forward = 0
+    if distill is not None:
+        from mobilellm_train.distill.memory import add_distillation_items
+
+        teacher_state, held, teacher_forward = add_distillation_items(
+            add, distill, tokens, training.loss_chunk_tokens, compute_bytes, shard)
 
     gathered_blocks = a.n_layers if not parallelism.reshard_after_forward else min(a.n_layers, 2)
     gathered = add(
@@ -271,8 +281,14 @@ def estimate(
                    "eager RMSNorm: fp32 input, inverse RMS, normalised value and output")
 
     # The loss runs on GPU with its chunk arithmetic compiled when compile is on (train.build_model).
-    kept_bytes, work_bytes, (kept_how, work_how) = loss_bytes(
-        tokens, a.dim, a.vocab_size, training.loss_chunk_tokens, compute_bytes, compiled_chunk=compiled)
+    if distill is None:
+        kept_bytes, work_bytes, (kept_how, work_how) = loss_bytes(
+            tokens, a.dim, a.vocab_size, training.loss_chunk_tokens, compute_bytes, compiled_chunk=compiled)
+    else:  # the distillation loss computes CE and KD in the same chunks (eager)
+        from mobilellm_train.distill.memory import kd_loss_bytes
+
+        kept_bytes, work_bytes, (kept_how, work_how) = kd_loss_bytes(
+            tokens, a.dim, a.vocab_size, training.loss_chunk_tokens, compute_bytes, distill.top_k)
     loss_kept = add("loss: kept for backward", kept_bytes, kept_how)
     loss_work = add("loss: working set", work_bytes, work_how)
 
@@ -286,11 +302,11 @@ def estimate(
     grad_buffers = add("backward: gradient buffers", 2 * block_params * (compute_bytes + reduce_bytes),
                        "two blocks' unsharded gradients and their reduce-scatter copies")
 
-    base = state + gathered + activations + root_act + loss_kept
-    loss_phase = base + loss_work
-    backward_phase = base + bwd_work + grad_buffers
-    allocated = max(loss_phase, backward_phase)
-    phase = "loss" if loss_phase >= backward_phase else "backward"
+    base = state + teacher_state + gathered + activations + root_act + loss_kept
+    phases = {"loss": base + held + loss_work, "backward": base + bwd_work + grad_buffers,
+              "teacher forward": state + teacher_state + gathered + teacher_forward}
+    phase = max(phases, key=phases.get)
+    allocated = phases[phase]
     frag = add("allocator fragmentation", FRAGMENTATION * allocated, f"{FRAGMENTATION:.0%} of the allocated peak")
     runtime = add("outside the allocator", (RUNTIME_GIB + (NCCL_GIB if n_gpus > 1 else 0)) * GIB,
                   "CUDA context, library workspaces" + (", NCCL buffers" if n_gpus > 1 else ""))
@@ -299,14 +315,18 @@ def estimate(
         "gpus": n_gpus, "shard_group": shard, "local_batch_size": micro_batch, "seq_len": training.seq_len,
         "ac_mode": mode, "compile": compiled, "reshard_after_forward": parallelism.reshard_after_forward,
         "loss_chunk_tokens": training.loss_chunk_tokens, "compute_dtype": training.mixed_precision_param,
+        **({} if distill is None else {"distill_top_k": distill.top_k, "distill_teacher":
+                                       None if distill.teacher is None else count_params(distill.teacher)}),
     }
     return MemoryPlan(items, allocated, allocated + frag + runtime, int(card_gib * GIB), phase, settings)
 
 
 def estimate_config(cfg: C.Config, n_gpus: int, card_gib: float, **overrides) -> MemoryPlan:
-    """`estimate` for a loaded Config."""
+    """`estimate` for a loaded Config (reading the distillation teacher's shape, or the cache's K)."""
+    from mobilellm_train.distill.memory import plan_distillation
+
     return estimate(C.build_model_args(cfg.model), cfg.training, cfg.parallelism, cfg.activation_checkpoint,
-                    cfg.compile, n_gpus, card_gib, **overrides)
+                    cfg.compile, n_gpus, card_gib, distill=plan_distillation(cfg.distill), **overrides)
 
 
 def micro_batch_choices(training: C.TrainingConfig, dp_size: int) -> list[int]:

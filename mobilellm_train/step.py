@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from mobilellm_train.distill.distiller import Distiller
+
 
 class LossTerms(MutableMapping):
     """The loss's terms by name, as model.forward fills them (`loss_terms`). Not a dict on purpose:
@@ -58,6 +60,7 @@ def train_step(
     max_norm: float,
     before_update: Callable[[], None] | None = None,
     loss_terms: dict[str, torch.Tensor] | None = None,
+    distiller: Distiller | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches.
 
@@ -65,7 +68,8 @@ def train_step(
     count), the global gradient norm, and a bool scalar that is True when the norm was not finite
     and the update was therefore skipped. `before_update` runs just before the parameters may
     change (a checkpoint copy may still read them). `loss_terms`, a dict, receives each term of
-    the loss (model.forward's names), summed like the loss.
+    the loss (model.forward's names), summed like the loss. `distiller` adds the teacher's targets
+    to each micro-batch's forward (distillation).
 
     A fused AdamW skips the update on the device (its found_inf input), so no step waits for the
     host: weights, moments and step counts stay as they were. Any other optimizer needs the
@@ -73,6 +77,7 @@ def train_step(
     """
     import torch
 
+    from mobilellm_train.distill.distiller import maybe_teacher_targets
     from mobilellm_train.parallelize import set_replica_all_reduce
 
     device = next(model.parameters()).device
@@ -90,7 +95,10 @@ def train_step(
         # Mean over this micro-batch's tokens; dividing by the micro-batch count makes the summed
         # gradients the mean over the global batch (FSDP averages over ranks).
         terms = None if loss_terms is None else LossTerms()
-        loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms) / len(batches)
+        with maybe_teacher_targets(distiller, batch, inputs, positions) as distill:
+            loss = model(inputs, labels=labels, position_ids=positions, loss_terms=terms, distill=distill)
+        del distill  # the teacher's targets are freed before backward, not kept through it
+        loss = loss / len(batches)
         loss.backward()
         loss_sum += loss.detach()
         for name, value in (terms or {}).items():

@@ -99,9 +99,9 @@ class Trainer:
         check_memory(cfg, self.world_size, device, torch.cuda.get_device_name(device) if on_gpu else "cpu",
                      torch.cuda.get_device_properties(device).total_memory if on_gpu else None)
         self.profiler = StepProfiler(cfg.profiling, self.dump_folder, self.rank, device)
-        mesh = build_mesh(device.type, self.world_size, cfg.parallelism.dp_replicate)
+        self.mesh = build_mesh(device.type, self.world_size, cfg.parallelism.dp_replicate)
         self.model = build_model(
-            model_args, mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, cfg.qat
+            model_args, self.mesh, device, tcfg, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, cfg.qat
         )
         self.ema = EMA(self.model, tcfg.ema_decay)  # a no-op when training.ema_decay is 0
         self.flops_per_token = flops_per_token(model_args, tcfg.seq_len)
@@ -120,21 +120,25 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, self.cfg.lr_scheduler, self.plan.total_steps)
 
     def set_up_data(self) -> None:
-        """The training loader, the validation set and the zero-shot tasks (each refuses bad input now)."""
+        """The training loader, the validation set, the zero-shot tasks and the distillation teacher or
+        cache (each refuses bad input now)."""
+        from mobilellm_train.distill.distiller import build_distiller, val_logits_folder
         from mobilellm_train.loop.zero_shot import ZeroShotEval
 
         cfg, tcfg = self.cfg, self.tcfg
         data_path, tokenizer_path = resolve_data(cfg.data, self.dump_folder, self.rank)
         self.loader, self.data_state, self.tokenizer_path = build_train_data(
             cfg.data, data_path, tokenizer_path, tcfg, self.model_args.vocab_size, self.rank, self.world_size,
-            self.on_gpu,
+            self.on_gpu, teacher_logits=cfg.distill.logits if cfg.distill.alpha > 0 else "",
         )
         if self.rank == 0 and hasattr(self.loader, "skip_steps"):  # prepared shards know their windows
             from mobilellm_train.data.budget import check_data_budget
 
             check_data_budget(self.loader, self.plan.total_steps)
         self.validation = Validation(cfg.data, tcfg, self.rank, self.world_size, self.model_args.vocab_size,
-                                     self.tokenizer_path, self.plan.total_steps, self.ema)
+                                     self.tokenizer_path, self.plan.total_steps, self.ema, val_logits_folder(cfg.distill))
+        self.distiller = build_distiller(cfg.distill, tcfg, cfg.compile, cfg.checkpoint.verify, self.model_args,
+                                         self.tokenizer_path, self.mesh, self.device, self.rank)
         # The task files are found now, so a missing one stops the run before training, not hours in.
         self.zero_shot = ZeroShotEval(cfg.eval, self.tokenizer_path, self.plan.total_steps)
 
@@ -209,7 +213,7 @@ class Trainer:
             loss_terms = {}
             loss_sum, grad_norm, skipped = train_step(
                 self.model, self.optimizer, batches, self.tcfg.max_norm,
-                before_update=self.checkpointer.wait_for_staging, loss_terms=loss_terms,
+                before_update=self.checkpointer.wait_for_staging, loss_terms=loss_terms, distiller=self.distiller,
             )
             self.ema.update(skipped)
             step_lr = self.after_step(step, loss_sum, grad_norm, skipped, loss_terms)
@@ -218,9 +222,9 @@ class Trainer:
                 if self.spike_rewind.after_step(step, loss_sum):
                     self.record.restart()  # the interval's steps were undone
                     continue
-            val_losses = self.validation.maybe_run(self.model, step)
-            if step % self.cfg.metrics.log_freq == 0 or step == total_steps or val_losses is not None:
-                self.at_log(step, step_lr, grad_norm, val_losses)
+            val = self.validation.maybe_run(self.model, step, self.distiller)
+            if step % self.cfg.metrics.log_freq == 0 or step == total_steps or val is not None:
+                self.at_log(step, step_lr, grad_norm, val)
             stopping = self.stops.after_step(step)
             if self.cfg.checkpoint.enable and (step % self.cfg.checkpoint.interval == 0 or step == total_steps
                                                or stopping):
@@ -252,10 +256,10 @@ class Trainer:
         self.profiler.step_end(step)
         return step_lr
 
-    def at_log(self, step: int, step_lr: float, grad_norm, val_losses: dict | None) -> None:
+    def at_log(self, step: int, step_lr: float, grad_norm, val: dict | None) -> None:
         self.nonfinite.check(step)
         record = self.record.take(step, step_lr, grad_norm, self.train_state.tokens_seen,
-                                  self.nonfinite.skipped_steps, val_losses)
+                                  self.nonfinite.skipped_steps, val)
         try:
             self.metrics.log(record)
         except OSError:

@@ -186,22 +186,24 @@ def load_weights_into(model: MobileLLM, path: str, weights: str = "model") -> No
         raise CheckpointError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
 
 
-def load_initial_weights(model: ModelState, path: str, verify: bool, rank: int) -> None:
+def load_initial_weights(model: ModelState, path: str, verify: bool, rank: int,
+                         key: str = "checkpoint.initial_load_path") -> None:
     """checkpoint.initial_load_path: the weights of a Hugging Face folder or of a DCP step folder
-    (verified first when `verify`, collective), into the run's model; nothing else of that run."""
+    (verified first when `verify`, collective), into the run's model; nothing else of that run.
+    `key` names the setting in messages (distill.teacher loads its teacher the same way)."""
     if is_hf_folder(path):
         try:
             load_hf_into_model(model.model, path)
         except HFCheckpointError as e:
-            raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
-        logger.info("initialised model weights from the Hugging Face folder %s", path)
+            raise CheckpointError(f"{key}: {e}") from None
+        logger.info("initialised model weights from the Hugging Face folder %s (%s)", path, key)
         return
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint.initial_load_path={path} is not a complete DCP checkpoint (no .metadata)")
+        raise CheckpointError(f"{key}={path} is not a complete DCP checkpoint (no .metadata)")
     if verify:
         try:
             verify_on_all_ranks(path, rank)
         except CheckpointError as e:
-            raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
+            raise CheckpointError(f"{key}: {e}") from None
     checked_load({"model": model}, path)
-    logger.info("initialised model weights from %s", path)
+    logger.info("initialised model weights from %s (%s)", path, key)

@@ -10,6 +10,7 @@ import os
 from mobilellm_train.config.sections import (
     Config,
     DataConfig,
+    DistillConfig,
     QATConfig,
     TrainingConfig,
     build_model_args,
@@ -39,6 +40,7 @@ def validate(cfg: Config, world_size: int) -> None:
     check_eval(cfg)
     check_checkpoint(cfg)
     check_qat(cfg.qat, m, total_steps(cfg.training, world_size))
+    check_distill(cfg.distill, cfg.data, cfg.training.z_loss)
 
     cm = cfg.comm
     check(cm.init_timeout_seconds > 0 and cm.train_timeout_seconds > 0, "comm timeouts must be positive")
@@ -174,6 +176,29 @@ def check_qat(q: QATConfig, m, steps: int) -> None:
         require_torchao("qat.enable")
     except QuantizationError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_distill(d: DistillConfig, data: DataConfig, z_loss: float) -> None:
+    check(0 <= d.alpha <= 1, f"distill.alpha must be in [0, 1] (got {d.alpha})")
+    check(d.temperature > 0, f"distill.temperature must be positive (got {d.temperature})")
+    check(d.top_k >= 0, f"distill.top_k must be >= 0 (got {d.top_k})")
+    if d.alpha == 0:
+        return
+    check(z_loss == 0, f"training.z_loss {z_loss} with distillation: the distillation loss has no z-loss term; set "
+          "training.z_loss 0 (the teacher's targets already bound the student's logits) or distill.alpha 0")
+    check(bool(d.teacher) != bool(d.logits), "distill.alpha > 0 needs exactly one of distill.teacher (online) and "
+          f"distill.logits (cached); got {'both' if d.teacher else 'neither'}")
+    check(not d.teacher or os.path.isdir(d.teacher), f"distill.teacher: {d.teacher} is not a folder")
+    if d.logits:
+        check(os.path.isdir(d.logits), f"distill.logits: {d.logits} is not a folder")
+        check(not data.sources or "," not in data.sources, "distill.logits: cached teacher values serve one prepared "
+              f"data folder, not the mixture data.sources = {data.sources!r}; distil online (distill.teacher) instead")
+        check(bool(data.path or data.sources), "distill.logits needs prepared data (data.path), the data it was made for")
+        val = os.path.join(d.logits, "val")
+        check(not data.val_interval or os.path.isdir(val),
+              f"distill.logits: validation (data.val_interval) needs the teacher's values for data.val_path in {val}; "
+              f"mobilellm-prepare teacher-logits writes them there for <data>/val, or give it --data {data.val_path} "
+              f"--out {val}")
 
 
 def check_writable_folder(path: str, key: str) -> None:

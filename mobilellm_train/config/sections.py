@@ -316,6 +316,24 @@ class ProfilingConfig:
 
 
 @dataclass
+class DistillConfig:
+    alpha: float = 0.0
+    """Knowledge distillation: the loss is alpha x KD + (1 - alpha) x CE, KD the KL divergence from
+    the teacher's next-token distribution to the student's; 0 disables distillation."""
+    teacher: str = ""
+    """Online: the teacher, a DCP step folder or a Hugging Face Llama-family folder (loaded and
+    verified as checkpoint.initial_load_path is), with the student's vocabulary and tokenizer."""
+    logits: str = ""
+    """Cached, instead of teacher: a folder of mobilellm-prepare teacher-logits for data.path (its
+    val/ serves validation); no teacher in memory."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions in KD, whose KL is multiplied by temperature^2."""
+    top_k: int = 0
+    """0: KL over the full vocabulary (online only); K: over the teacher's K most likely tokens,
+    renormalised, against the student's log-probabilities there. With logits, 0 takes the cache's K."""
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -332,6 +350,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mobilellm_train.data.budget import DataBudget, check_data_budget, coverage_summary, data_budget  # noqa: F401
 from mobilellm_train.data.jsonl import ignore_stop_signals, quiet_stateful_dataloader
 from mobilellm_train.data.sources import parse_sources  # noqa: F401 (part of the loader's interface)
+from mobilellm_train.distill.cache import TeacherLogitsStream, open_teacher_logits
 from mobilellm_train.errors import DataError
 from mobilellm_train.data.shards import (
     VERIFIED_FILE,
@@ -163,6 +164,8 @@ class Source:
     manifest: Manifest
     stream: TokenStream
     num_windows: int
+    teacher: TeacherLogitsStream | None = None
+    """The teacher's cached top-K values for this data (distill.logits), read beside the tokens."""
 
 
 def open_sources(
@@ -275,14 +278,18 @@ class Sampler:
         return source, window
 
     def batch(self, g: np.ndarray) -> dict[str, torch.Tensor]:
-        source, window = self.windows(g)
+        return self.read_windows(*self.windows(g))
+
+    def read_windows(self, source: np.ndarray, window: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of these windows (by source and window index): "input", "label", with doc_mask
+        "position_ids", and with a teacher cache "teacher_ids" and "teacher_logprobs" [B, T, K]."""
         T = self.seq_len
-        tokens = np.empty((len(g), T + 1), dtype=np.int64)
+        tokens = np.empty((len(window), T + 1), dtype=np.int64)
         for row, (s, w) in enumerate(zip(source.tolist(), window.tolist())):
             self.sources[s].stream.read(w * (T + 1), tokens[row])
         # All tensors of a batch are views of one buffer: a worker then hands over one shared-memory
         # segment per batch, not one per tensor (the segment setup, not the bytes, is the cost).
-        out = np.empty((3 if self.doc_mask else 2, len(g), T), dtype=np.int64)
+        out = np.empty((3 if self.doc_mask else 2, len(window), T), dtype=np.int64)
         out[0], out[1] = tokens[:, :-1], tokens[:, 1:]
         if self.doc_mask:
             steps = np.arange(T, dtype=np.int64)
@@ -291,8 +298,14 @@ class Sampler:
                 last_start = np.zeros(T, dtype=np.int64)
                 last_start[starts] = starts
                 out[2, row] = steps - np.maximum.accumulate(last_start)
-        views = torch.from_numpy(out).unbind(0)
-        return dict(zip(("input", "label", "position_ids"), views))
+        batch = dict(zip(("input", "label", "position_ids"), torch.from_numpy(out).unbind(0)))
+        if self.sources[0].teacher is not None:  # a cache is refused with a mixture (config check)
+            cache = self.sources[0].teacher
+            ids, logprobs = (np.empty((len(window), T, cache.top_k), dtype=d) for d in cache.dtypes)
+            for row, w in enumerate(window.tolist()):
+                cache.read(w * (T + 1), ids[row], logprobs[row])
+            batch.update(teacher_ids=torch.from_numpy(ids), teacher_logprobs=torch.from_numpy(logprobs))
+        return batch
 
     def fingerprint(self) -> str:
         """What a saved position depends on: each source's data and weight, as text."""
@@ -442,6 +455,17 @@ class TokenLoader(Stateful):
         self._generation += 1  # a live iterator from before would continue at the old position
 
 
+def attach_teacher_logits(sources: list[Source], folder: str, seq_len: int, doc_mask: bool, vocab_size: int | None,
+                          verify_checksums: bool, dp_rank: int, dp_world_size: int) -> None:
+    """Open the teacher cache `folder` (if given) for the single source it was made for."""
+    if not folder:
+        return
+    if len(sources) != 1:
+        raise DataError(f"cached teacher logits ({folder}) serve one data source, not a mixture of {len(sources)}")
+    sources[0].teacher = open_teacher_logits(folder, sources[0].manifest, seq_len, doc_mask, vocab_size,
+                                             verify_checksums, dp_rank, dp_world_size)
+
+
 def build_token_loader(
     sources: str | list[tuple[str, float]],
     seq_len: int,
@@ -457,15 +481,19 @@ def build_token_loader(
     tokenizer_path: str = "",
     verify_checksums: bool = True,
     prefetch_factor: int = 4,
+    teacher_logits: str = "",
 ) -> TokenLoader:
     """The training loader over prepared shards, every source checked first (see open_sources).
 
     sources: 'path' or 'path1:0.7,path2:0.3', or [(path, weight), ...]. With doc_mask each batch
     also has "position_ids": LongTensor[B, T], restarting at 0 where a document starts (and at
-    the window start).
+    the window start). teacher_logits: the teacher's cached top-K for the one source
+    (distill/cache.py), added to each batch as "teacher_ids" and "teacher_logprobs".
     """
     parsed = parse_sources(sources) if isinstance(sources, str) else list(sources)
     opened = open_sources(parsed, seq_len, vocab_size, tokenizer_path, verify_checksums, dp_rank, dp_world_size)
+    attach_teacher_logits(opened, teacher_logits, seq_len, doc_mask, vocab_size, verify_checksums, dp_rank,
+                          dp_world_size)
     sampler = Sampler(opened, [w for _, w in parsed], seq_len, seed, doc_mask)
     loader = TokenLoader(sampler, local_batch_size, global_batch_size, dp_rank, dp_world_size, num_workers,
                          pin_memory, prefetch_factor)
@@ -517,6 +545,9 @@ class ValBatches:
             }
             if self.sampler.doc_mask:
                 batch["position_ids"] = torch.arange(T, dtype=torch.int64)[None]
+            if (cache := self.sampler.sources[0].teacher) is not None:  # any values: every label is ignored
+                batch["teacher_ids"] = torch.zeros(1, T, cache.top_k, dtype=torch.int32)
+                batch["teacher_logprobs"] = torch.zeros(1, T, cache.top_k, dtype=torch.float32)
             yield batch
 
 
@@ -531,14 +562,17 @@ def build_val_batches(
     vocab_size: int | None = None,
     tokenizer_path: str = "",
     verify_checksums: bool = True,
+    teacher_logits: str = "",
 ) -> ValBatches:
     """The held-out sequences of a prepared folder (e.g. <out>/val from mobilellm-prepare): the first
     num_sequences windows of a fixed shuffle (VAL_SEED), so they sample all its shards; fewer if the
     folder holds fewer windows (with a warning)."""
     if num_sequences < 1 or local_batch_size < 1:
         raise ValueError(f"need num_sequences, local_batch_size >= 1, got {num_sequences}, {local_batch_size}")
-    (source,) = open_sources([(path, 1.0)], seq_len, vocab_size, tokenizer_path, verify_checksums, dp_rank,
-                             dp_world_size)
+    sources = open_sources([(path, 1.0)], seq_len, vocab_size, tokenizer_path, verify_checksums, dp_rank, dp_world_size)
+    attach_teacher_logits(sources, teacher_logits, seq_len, doc_mask, vocab_size, verify_checksums, dp_rank,
+                          dp_world_size)
+    source = sources[0]
     if source.num_windows < num_sequences:
         logger.warning("validation data %s holds %d windows of %d tokens; using all of them, not %d",
                        path, source.num_windows, seq_len + 1, num_sequences)

@@ -60,9 +60,10 @@ class LogRecord:
         return self.elapsed_before + now - self.train_begin
 
     def take(self, step: int, lr: float, grad_norm: torch.Tensor, tokens_seen: int, skipped_steps: int,
-             val_losses: dict[str, float] | None) -> dict:
+             validation: dict | None) -> dict:
         """The record of the interval ending at `step`, and a new interval. A collective.
-        `val_losses`: the validation losses of this step, if it had any (val_loss, val_loss_ema)."""
+        `validation`: the validation's values (val_loss, val_loss_ema, val_ce, val_kd), when it
+        ran at this step."""
         import torch
         import torch.distributed as dist
 
@@ -92,7 +93,7 @@ class LogRecord:
             "eta_s": (self.total_steps - step) * interval / self.steps_since_log,
             "checkpoint_blocked_s": self.checkpoint_blocked_s,
             "skipped_steps": skipped_steps,
-            **(val_losses or {}),
+            **(validation or {}),
         }
         self.restart(now)
         return record

@@ -1,6 +1,6 @@
 """Validation: the loss over a fixed validation set every `data.val_interval` steps and at the
 last step, on every rank; with a weight EMA (training.ema_decay) also the EMA's loss, on the same
-set, as `val_loss_ema`.
+set, as `val_loss_ema`; when distilling, the model's CE and KD terms too (val_ce, val_kd).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from mobilellm_train import config as C
 if TYPE_CHECKING:
     import torch
 
+    from mobilellm_train.distill.distiller import Distiller
     from mobilellm_train.loop.ema import EMA
 
 logger = logging.getLogger("mobilellm_train")
@@ -24,7 +25,8 @@ class Validation:
     steps it is evaluated at. `maybe_run` is a no-op when data.val_interval is 0."""
 
     def __init__(self, cfg: C.DataConfig, training: C.TrainingConfig, rank: int, world_size: int,
-                 vocab_size: int, tokenizer_path: str, total_steps: int, ema: EMA | None = None):
+                 vocab_size: int, tokenizer_path: str, total_steps: int, ema: EMA | None = None,
+                 teacher_logits: str = ""):
         self.interval = cfg.val_interval
         self.total_steps = total_steps
         self.ema = ema if ema is not None and ema.enabled else None
@@ -35,46 +37,59 @@ class Validation:
             self.batches = build_val_batches(
                 cfg.val_path, training.seq_len, training.local_batch_size, rank, world_size, cfg.val_sequences,
                 doc_mask=cfg.doc_mask, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
-                verify_checksums=cfg.verify_checksums,
+                verify_checksums=cfg.verify_checksums, teacher_logits=teacher_logits,
             )
 
-    def maybe_run(self, model: torch.nn.Module, step: int) -> dict[str, float] | None:
-        """{"val_loss": ..., and "val_loss_ema" with an EMA} if this step is due one (logged), else None."""
+    def maybe_run(self, model: torch.nn.Module, step: int, distiller: Distiller | None = None) -> dict | None:
+        """{"val_loss": ...}, with an EMA "val_loss_ema", when distilling "val_ce" and "val_kd", if
+        this step is due a validation (logged), else None."""
         if self.batches is None or not (step % self.interval == 0 or step == self.total_steps):
             return None
-        losses = {"val_loss": validation_loss(model, self.batches)}
+        values = validation_losses(model, self.batches, distiller)
         if self.ema is not None:
             with self.ema.swapped_in(model):
-                losses["val_loss_ema"] = validation_loss(model, self.batches)
-        logger.info("step %d  validation loss %.4f%s", step, losses["val_loss"],
-                    f"  (weight EMA {losses['val_loss_ema']:.4f})" if self.ema is not None else "")
-        return losses
+                values["val_loss_ema"] = validation_losses(model, self.batches, distiller)["val_loss"]
+        logger.info("step %d  validation loss %.4f%s", step, values["val_loss"],
+                    "".join(f"  {k[4:]} {v:.4f}" for k, v in values.items() if k != "val_loss"))
+        return values
 
 
 def validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
     """Mean token loss over the fixed validation set, on all ranks (every rank runs the same
     number of forwards, as FSDP needs; padding rows carry labels -100)."""
+    return validation_losses(model, batches)["val_loss"]
+
+
+def validation_losses(model: torch.nn.Module, batches: Iterable[dict], distiller: Distiller | None = None) -> dict:
+    """validation_loss, and with a distiller the mean of each term (val_ce, val_kd) beside it."""
     import torch
 
     with torch.no_grad():
-        return _validation_loss(model, batches)
+        return _validation_loss(model, batches, distiller)
 
 
-def _validation_loss(model: torch.nn.Module, batches: Iterable[dict]) -> float:
+def _validation_loss(model: torch.nn.Module, batches: Iterable[dict], distiller: Distiller | None = None) -> dict:
     import torch
     import torch.distributed as dist
 
+    from mobilellm_train.distill.distiller import maybe_teacher_targets
+    from mobilellm_train.step import LossTerms
+
     device = next(model.parameters()).device
     model.eval()
-    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, token count
+    names = ["loss"] + (["ce", "kd"] if distiller is not None else [])
+    sums = torch.zeros(len(names) + 1, device=device, dtype=torch.float64)  # each term's sum, token count
     for batch in batches:
-        labels = batch["label"].to(device, non_blocking=True)
+        inputs, labels = (batch[k].to(device, non_blocking=True) for k in ("input", "label"))
         positions = batch.get("position_ids")
-        loss = model(batch["input"].to(device, non_blocking=True), labels=labels,
-                     position_ids=None if positions is None else positions.to(device, non_blocking=True))
+        positions = None if positions is None else positions.to(device, non_blocking=True)
+        terms = LossTerms()
+        with maybe_teacher_targets(distiller, batch, inputs, positions) as distill:
+            terms["loss"] = model(inputs, labels=labels, position_ids=positions, loss_terms=terms, distill=distill)
         count = (labels != -100).sum()
-        sums[0] += torch.where(count > 0, loss.double() * count, 0.0)  # an all-padding batch's mean is NaN
-        sums[1] += count
+        for i, name in enumerate(names):  # an all-padding batch's mean is NaN
+            sums[i] += torch.where(count > 0, terms[name].double() * count, 0.0)
+        sums[-1] += count
     model.train()
     dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item()
+    return {f"val_{name}": value for name, value in zip(names, (sums[:-1] / sums[-1]).tolist())}

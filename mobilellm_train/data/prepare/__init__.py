@@ -7,6 +7,8 @@
     python -m mobilellm_train.data.prepare convert --layout amber --input amber/ --out data/amber \
         --tokenizer tok.model
     python -m mobilellm_train.data.prepare verify data/web
+    python -m mobilellm_train.data.prepare teacher-logits --teacher runs/big/checkpoints/step-9000 --data data/web \
+        --out data/web-top16 --top-k 16 --seq-len 2048
 
 Inputs (``--input``, files, folders or globs): JSONL with a text field (``--text-field``, or a comma
 list: the first one a record has), Parquet with a text column (read with pyarrow in batches), plain
@@ -56,6 +58,7 @@ The package, one file per part:
 - sample.py     that sample: at most --sample-bytes, spread over the inputs by size, streamed
 - space.py      sizes in words, and a full disk in words (what, where, what to do)
 - verify.py     the verify command (and the files the manifest does not list)
+- teacher_logits.py  the teacher-logits command: a teacher's top-K for every token (distillation)
 """
 
 from mobilellm_train.data.prepare.cli import build_parser, main, parse_bytes, run

@@ -2,7 +2,7 @@
 
 The command line (`build_parser`), `run` (one subcommand, returns its summary, raises DataError on
 bad input) and `main` (the console script: logs a DataError and exits 1). The subcommands live in
-tokenizer.py, encode.py (encode, convert) and verify.py; usage in the package docstring.
+tokenizer.py, encode.py (encode, convert), verify.py and teacher_logits.py; usage in the package docstring.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 
 from mobilellm_train.data.prepare.encode import cmd_convert, cmd_encode
 from mobilellm_train.data.prepare.space import full_disk_message, is_full_disk
+from mobilellm_train.data.prepare.teacher_logits import add_parser as add_teacher_logits_parser
+from mobilellm_train.data.prepare.teacher_logits import cmd_teacher_logits
 from mobilellm_train.data.prepare.tokenizer import cmd_tokenizer
 from mobilellm_train.data.prepare.verify import cmd_verify
 from mobilellm_train.errors import DataError
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=1,
                    help="shards hashed at once (more helps on parallel storage; default 1)")
     add_budget_options(q)
+    add_teacher_logits_parser(sub)
     return p
 
 
@@ -142,7 +145,8 @@ def run(argv: list[str]) -> dict:
             raise DataError("--skip-bad must be >= 0")
         if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
             raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify}
+    commands = {"tokenizer": cmd_tokenizer, "encode": cmd_encode, "convert": cmd_convert, "verify": cmd_verify,
+                "teacher-logits": cmd_teacher_logits}
     try:
         return commands[args.command](args)
     except OSError as e:

@@ -14,6 +14,7 @@ from mobilellm_train.data.prepare.layout import VAL_DIR, unfinished_message
 from mobilellm_train.data.prepare.out_folder import unlisted_files
 from mobilellm_train.data.prepare.space import format_bytes
 from mobilellm_train.data.shards import MANIFEST_FILE, is_dataset, read_manifest, verify_dataset
+from mobilellm_train.distill.cache import is_teacher_logits, verify_teacher_logits
 from mobilellm_train.errors import DataError
 
 logger = logging.getLogger("mobilellm_train.prepare")
@@ -26,6 +27,11 @@ def cmd_verify(args) -> dict:
     summary = {}
     for folder in (args.folder, os.path.join(args.folder, VAL_DIR)):
         if folder != args.folder and not is_dataset(folder):
+            continue
+        if is_teacher_logits(folder):  # mobilellm-prepare teacher-logits' output
+            s = summary[folder] = verify_teacher_logits(folder)
+            logger.info("%s: %d cache shards, %d rows of top-%d: sizes and sha256 match %s; recorded in %s", folder,
+                        s["num_shards"], s["num_rows"], s["top_k"], MANIFEST_FILE, s["record"])
             continue
         s = summary[folder] = verify_dataset(folder, workers=args.workers)
         logger.info("%s: %d shards, %d tokens, %d documents: sizes and sha256 match %s%s", folder, s["num_shards"],
