@@ -133,8 +133,8 @@ def build_model(
 
     Built on the meta device (no memory), wrapped, and only then materialised, so each rank
     allocates only its shard: a 1.5B model never exists whole on one rank. With qat.enable its
-    linear layers are torchao's fake-quantized ones, fake quantization off until the loop turns
-    it on (loop/qat.py).
+    linear layers (and with qat.embedding_quantize its embedding) are torchao's fake-quantized
+    ones, fake quantization off until the loop turns it on (loop/qat.py).
     """
     import torch
 
@@ -144,7 +144,7 @@ def build_model(
     with torch.device("meta"):
         model = MobileLLM(model_args)
     if qat is not None and qat.enable:
-        from mobilellm_train.quantization import apply_qat
+        from mobilellm_train.quantization import apply_embedding_qat, apply_qat, parse_embedding_scheme
 
         # Before parallelize, because the linear modules are replaced: FSDP2 shards and gathers
         # each parameter through the module holding it, and compile and AC trace the modules they
@@ -152,6 +152,7 @@ def build_model(
         # int4 group is a slice of a whole row, as the export quantizes it; AC recomputes the
         # fake quantization with the other elementwise ops; compile traces it into each block.
         apply_qat(model, qat.scheme, qat.group_size)
+        apply_embedding_qat(model, parse_embedding_scheme(qat.embedding_quantize, "qat.embedding_quantize"))
     on_gpu = device.type == "cuda"
     param_dtype = getattr(torch, training.mixed_precision_param) if on_gpu else torch.float32
     reduce_dtype = getattr(torch, training.mixed_precision_reduce) if on_gpu else torch.float32
@@ -205,7 +206,10 @@ def build_checkpointer(
     if ema is not None and ema.enabled:
         states["ema"] = ema
     if qat is not None and qat.enable:
-        states[QATRecord.KEY] = QATRecord(qat.scheme, qat.group_size, qat.start_step)
+        from mobilellm_train.quantization import parse_embedding_scheme
+
+        embedding = parse_embedding_scheme(qat.embedding_quantize, "qat.embedding_quantize")
+        states[QATRecord.KEY] = QATRecord(qat.scheme, qat.group_size, qat.start_step, str(embedding or ""))
     checkpointer = ckpt.Checkpointer(
         cfg, dump_folder, states, rank, tokenizer_path=tokenizer_path,
         # The JSONL reader's position belongs to one rank and cannot move to another rank count.

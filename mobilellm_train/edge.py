@@ -2,7 +2,8 @@
 static KV cache, and the ExecuTorch runtime from Python to run it.
 
     mobilellm-export --checkpoint STEP_OR_HF_FOLDER --format executorch --out model.pte \
-        [--max-context 512] [--quantize none|8da4w|8da8w] [--group-size 32] [--report]
+        [--max-context 512] [--quantize none|8da4w|8da8w] [--group-size 32] \
+        [--embedding-quantize 8,0|4,32] [--report]
     mobilellm-generate --pte model.pte --prompt "Return the"
     python -m mobilellm_train.edge --pte model.pte [--checkpoint FOLDER] [--report-data DATA]   # the report
 
@@ -24,8 +25,10 @@ layer-sharing block stays one module called twice, so its weights are stored onc
 program; each of its passes has its own cache. Every op XNNPACK runs is delegated to it; with
 `--quantize` the linear layers are first quantized by torchao (8da4w: int8 dynamic activations
 with int4 weights in groups of --group-size, the layout XNNPACK runs for LLMs; 8da8w: int8
-per-channel weights), the embedding staying fp32: the schemes of quantization.py, which
-quantization-aware training simulates (docs/QUANTIZATION.md).
+per-channel weights), the embedding staying fp32 unless --embedding-quantize (ExecuTorch's Llama
+recipe's -E: int8 per row, or int4 in groups) stores the lookup table quantized, looked up by
+ExecuTorch's quantized embedding kernels (edge_model.QuantizedEmbedding): the schemes of
+quantization.py, which quantization-aware training simulates (docs/QUANTIZATION.md).
 
 `executorch` and `torchao` are the optional `edge` extra (pip install -e '.[edge]'); they are
 imported only when lowering or running a program.
@@ -48,6 +51,7 @@ from torch import nn
 from mobilellm_train.edge_model import (
     EdgeError,
     StaticCacheModel,
+    apply_quantized_lookup,
     load_custom_ops,
     maybe_quiet_native_noise,
     unfused_copy,
@@ -56,8 +60,11 @@ from mobilellm_train.model import MobileLLM
 from mobilellm_train.quantization import (  # noqa: F401 (QUANTIZE_CHOICES: edge's public name)
     DEFAULT_GROUP_SIZE,
     QUANTIZE_CHOICES,
+    EmbeddingScheme,
     QuantizationError,
+    apply_embedding_ptq,
     apply_ptq,
+    parse_embedding_scheme,
 )
 
 logger = logging.getLogger("mobilellm_train")
@@ -83,10 +90,13 @@ def require_executorch() -> None:
         ) from None
 
 
-def apply_quantization(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+def apply_quantization(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+                       embedding: EmbeddingScheme | None = None) -> None:
     """Quantize every nn.Linear of `model` in place with the scheme's one definition
-    (quantization.apply_ptq: torchao, the tied output layer on its own copy, the embedding fp32)."""
+    (quantization.apply_ptq: torchao, the tied output layer on its own copy), and the embedding
+    table with `embedding` (apply_embedding_ptq; None: it stays fp32)."""
     try:
+        apply_embedding_ptq(model, embedding)
         apply_ptq(model, scheme, group_size)
     except QuantizationError as e:
         raise EdgeError(str(e)) from None
@@ -95,16 +105,19 @@ def apply_quantization(model: nn.Module, scheme: str, group_size: int = DEFAULT_
 def export_program(
     model: MobileLLM, max_context: int = DEFAULT_MAX_CONTEXT, quantize: str = "none",
     group_size: int = DEFAULT_GROUP_SIZE, max_prefill: int = DEFAULT_MAX_PREFILL,
+    embedding: EmbeddingScheme | None = None,
 ) -> bytes:
     """The serialized ExecuTorch program (.pte bytes) of `model`: StaticCacheModel through
     torch.export with a dynamic token count (1..max_prefill), every op XNNPACK runs delegated to
-    it. `model` is moved to the CPU in fp32; unfusing and quantization work on a copy."""
+    it, a quantized embedding table (`embedding`) looked up by ExecuTorch's quantized embedding
+    kernel. `model` is moved to the CPU in fp32; unfusing and quantization work on a copy."""
     require_executorch()
     with maybe_quiet_native_noise():
-        return _export_program(model, max_context, quantize, group_size, min(max_prefill, max_context))
+        return _export_program(model, max_context, quantize, group_size, min(max_prefill, max_context), embedding)
 
 
-def _export_program(model: MobileLLM, max_context: int, quantize: str, group_size: int, max_prefill: int) -> bytes:
+def _export_program(model: MobileLLM, max_context: int, quantize: str, group_size: int, max_prefill: int,
+                    embedding: EmbeddingScheme | None) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -115,7 +128,8 @@ def _export_program(model: MobileLLM, max_context: int, quantize: str, group_siz
     # A copy (quantize_ replaces modules in place; the caller's model stays as it was) with the
     # projections unfused, so that XNNPACK's delegate is not cut at every split.
     model = unfused_copy(model)
-    apply_quantization(model, quantize, group_size)
+    apply_quantization(model, quantize, group_size, embedding)
+    apply_quantized_lookup(model)  # the table's int values and scales only: no fp32 copy in the program
     wrapper = StaticCacheModel(model, max_context, max_prefill).eval()
     example = (torch.zeros(1, min(2, max_prefill), dtype=torch.long), torch.zeros(1, dtype=torch.long))
     dynamic = {"tokens": {1: Dim("tokens", min=1, max=max_prefill)}, "input_pos": None} if max_prefill > 1 else None
@@ -158,12 +172,16 @@ class ProgramInfo:
     # Tokens one call takes; absent from programs written before it existed (they took any count
     # up to max_context and returned every position's logits).
     max_prefill: int = 0
+    # The embedding table's quantization ("8,0", "4,32"; "": fp32, and programs written before it).
+    embedding_quantize: str = ""
+
+    OPTIONAL = ("max_prefill", "embedding_quantize")
 
     @classmethod
     def read(cls, path: str) -> "ProgramInfo":
         with open(path) as f:
             data = json.load(f)
-        missing = [k for k in cls.__dataclass_fields__ if k not in data and k != "max_prefill"]
+        missing = [k for k in cls.__dataclass_fields__ if k not in data and k not in cls.OPTIONAL]
         if missing:
             raise EdgeError(f"{path}: missing {', '.join(missing)}; re-export the program")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
@@ -206,10 +224,12 @@ def check_destination(out_path: str, with_tokenizer: bool, overwrite: bool) -> N
 def write_program(
     model: MobileLLM, out_path: str, tokenizer_path: str = "", max_context: int = DEFAULT_MAX_CONTEXT,
     quantize: str = "none", group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False, source: str = "",
-    max_prefill: int = DEFAULT_MAX_PREFILL,
+    max_prefill: int = DEFAULT_MAX_PREFILL, embedding_quantize: str = "none",
 ) -> str:
     """Write `out_path` (the .pte), its .json description and the tokenizer beside it; returns
-    the .pte path. Nothing existing is replaced unless `overwrite`; files appear only complete."""
+    the .pte path. `embedding_quantize` is the table's scheme as --embedding-quantize spells it
+    ("8,0", "4,32"; "none"). Nothing existing is replaced unless `overwrite`; files appear only
+    complete."""
     out_path = os.path.abspath(out_path)
     tok_dest = tokenizer_path_for(out_path)
     check_destination(out_path, bool(tokenizer_path), overwrite)
@@ -217,15 +237,19 @@ def write_program(
         raise EdgeError(f"--tokenizer {tokenizer_path}: no such file")
     if quantize not in QUANTIZE_CHOICES:
         raise EdgeError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    try:
+        embedding = parse_embedding_scheme(embedding_quantize)
+    except QuantizationError as e:
+        raise EdgeError(str(e)) from None
     args = model.args
     info = ProgramInfo(
         max_context=max_context, vocab_size=args.vocab_size, quantize=quantize, group_size=group_size,
         layer_sharing=args.layer_sharing, n_layers=args.n_layers, dim=args.dim,
         parameters=sum(p.numel() for p in model.parameters()), source=source,
         executorch_version=executorch_version(), torch_version=torch.__version__,
-        max_prefill=min(max_prefill, max_context),
+        max_prefill=min(max_prefill, max_context), embedding_quantize=str(embedding) if embedding else "",
     )
-    buffer = export_program(model, max_context, quantize, group_size, max_prefill)
+    buffer = export_program(model, max_context, quantize, group_size, max_prefill, embedding)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     writes = [(out_path, buffer), (meta_path(out_path), (json.dumps(info.__dict__, indent=2) + "\n").encode())]
     tmp_paths = []
@@ -427,6 +451,7 @@ def report(
         "parameters": program.info.parameters,
         "fp32_parameter_bytes": 4 * program.info.parameters,
         "quantize": program.info.quantize,
+        "embedding_quantize": program.info.embedding_quantize or "none",
         "max_context": program.max_context,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,

@@ -2,14 +2,20 @@
 prefill and decode tokens/s through the runtime on 1 and 2 threads, and peak RSS.
 
     python -m mobilellm_train.edge_bench --out-dir /tmp/edge_bench [--preset 125M] \
-        [--contexts 512 2048] [--quantize 8da4w none] [--repeats 3] [--threads 1 2]
+        [--contexts 512 2048] [--quantize 8da4w none] [--embedding-quantize none 8,0 4,32] \
+        [--repeats 3] [--threads 1 2] [--jobs 3]
 
-For each context and quantization it writes our program (edge.write_program) and the recipe's,
-exported by the CLI the `executorch` wheel ships:
+For each context, quantization and embedding quantization it writes our program
+(edge.write_program) and the recipe's, exported by the CLI the `executorch` wheel ships:
 
     python -m executorch.examples.models.llama.export_llama -c ckpt.pth -p params.json \
-        -kv --use_sdpa_with_kv_cache -X -qmode 8da4w -G 32 -d fp32 \
+        -kv --use_sdpa_with_kv_cache -X -qmode 8da4w -G 32 [-E 8,0] -d fp32 \
         --max_seq_length 129 --max_context_length C
+
+(`--embedding-quantize` is ours as `-E` is the recipe's: the same option, the same meaning; the
+recipe chooses its embedding scales by HQQ's search and stores them in fp32, ours by the plain
+rule QAT simulates, in fp16: quantization.py.) At most --jobs exports run at once (a 125M export
+holds a few GB).
 
 from a checkpoint in the recipe's (Meta) layout that `meta_state_dict` maps from our model: the
 fused wqkv and w13 split, and the q and k rows of each head permuted from Hugging Face's
@@ -23,8 +29,8 @@ load the program, set the runtime's thread count, one warm-up prompt, then a 128
 one call (prefill) and 128 greedy single-token calls (decode). Programs and thread counts are
 interleaved within each repeat, so that load from other jobs falls on all of them alike; the
 first table gives medians, the second ours over the recipe's per repeat (median ratio and range),
-with the load average before and after. Existing programs in --out-dir are
-reused (delete them to export again).
+with the load average before and after. Existing programs in --out-dir are reused (delete them to
+export again): `--export-only` writes them while the machine is busy, a later run measures them.
 
 The worker's own torch runs on one thread whatever the runtime's count: it only picks the next
 token between calls, and a second OpenMP thread of torch spinning after that argmax takes a core
@@ -107,21 +113,25 @@ def check_mapping(model, state: dict, params: dict) -> float:
     return diff
 
 
-def recipe_command(folder: str, ckpt: str, params: str, context: int, quantize: str, group_size: int, out: str) -> list:
+def recipe_command(folder: str, ckpt: str, params: str, context: int, quantize: str, group_size: int, out: str,
+                   embedding: str = "none") -> list:
     cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "-c", ckpt, "-p", params,
            "-kv", "--use_sdpa_with_kv_cache", "-X", "-d", "fp32", "--max_seq_length", str(PROMPT_TOKENS + 1),
            "--max_context_length", str(context), "--output-dir", folder, "--output_name", out]  # a bare name lands in the cwd
     if quantize != "none":
         cmd += ["-qmode", quantize, "-G", str(group_size)]
+    if embedding != "none":
+        cmd += ["-E", embedding]
     return cmd
 
 
-def export_ours(opts, path: str, context: int, quantize: str) -> None:
+def export_ours(opts, path: str, context: int, quantize: str, embedding: str) -> None:
     """The --export-ours worker: our program of the seeded preset."""
     from mobilellm_train import edge
 
     edge.write_program(seeded_model(opts.preset, opts.layers), path, max_context=context, quantize=quantize,
-                       group_size=opts.group_size, overwrite=True, source=f"{opts.preset} init_weights(seed=0)")
+                       group_size=opts.group_size, overwrite=True, source=f"{opts.preset} init_weights(seed=0)",
+                       embedding_quantize=embedding)
 
 
 def seeded_model(preset: str, layers: int = 0):
@@ -206,32 +216,55 @@ def build_programs(opts) -> list[dict]:
         torch.save(state, ckpt)
         with open(params_path, "w") as f:
             json.dump(params, f)
-    programs, jobs = [], []
+    programs, commands = [], []
     for quantize in opts.quantize:
-        for context in opts.contexts:
-            for who in ("ours", "recipe"):
-                path = os.path.join(opts.out_dir, f"{who}_{quantize}_{context}.pte")
-                programs.append({"who": who, "quantize": quantize, "context": context, "path": path})
-                if os.path.isfile(path):
-                    continue
-                if who == "ours":
-                    cmd = [sys.executable, "-m", "mobilellm_train.edge_bench", "--export-ours", path, "--preset",
-                           opts.preset, "--layers", str(opts.layers), "--contexts", str(context), "--quantize", quantize,
-                           "--group-size", str(opts.group_size)]
-                else:
-                    cmd = recipe_command(opts.out_dir, ckpt, params_path, context, quantize, opts.group_size, path)
-                log = open(path + ".log", "w")
-                # All at once: the exports are single-threaded for most of their time.
-                jobs.append((path, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-    for path, t0, proc, log in jobs:
-        code = proc.wait(timeout=7200)
-        log.close()
-        if code != 0 or not os.path.isfile(path):
-            raise RuntimeError(f"exporting {path} failed ({code}); see {path}.log")
-        print(f"exported {path} in {time.time() - t0:.0f} s", file=sys.stderr)
+        for embedding in opts.embedding_quantize:
+            for context in opts.contexts:
+                for who in ("ours", "recipe"):
+                    tag = "" if embedding == "none" else "_E" + embedding.replace(",", "-")
+                    path = os.path.join(opts.out_dir, f"{who}_{quantize}{tag}_{context}.pte")
+                    programs.append({"who": who, "quantize": quantize, "embedding": embedding, "context": context,
+                                     "path": path})
+                    if os.path.isfile(path):
+                        continue
+                    if who == "ours":
+                        cmd = [sys.executable, "-m", "mobilellm_train.edge_bench", "--export-ours", path, "--preset",
+                               opts.preset, "--layers", str(opts.layers), "--contexts", str(context), "--quantize",
+                               quantize, "--group-size", str(opts.group_size), "--embedding-quantize", embedding]
+                    else:
+                        cmd = recipe_command(opts.out_dir, ckpt, params_path, context, quantize, opts.group_size, path,
+                                             embedding)
+                    commands.append((path, cmd))
+    run_exports(commands, opts.jobs)
     for prog in programs:
         prog["bytes"] = os.path.getsize(prog["path"])
     return programs
+
+
+def run_exports(commands: list[tuple[str, list]], jobs: int) -> None:
+    """Run the export commands, at most `jobs` at once (they are single-threaded for most of their
+    time, and a 125M export holds a few GB); each writes its log beside its program."""
+    running: list[tuple] = []
+    pending = list(commands)
+    while pending or running:
+        while pending and len(running) < jobs:
+            path, cmd = pending.pop(0)
+            log = open(path + ".log", "w")
+            running.append((path, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        path, t0, proc, log = running.pop(0)
+        code = proc.wait(timeout=7200)
+        log.close()
+        if code != 0 or not os.path.isfile(path):
+            for _, _, other, other_log in running:
+                other.kill()
+                other.wait()
+                other_log.close()
+            raise RuntimeError(f"exporting {path} failed ({code}); see {path}.log")
+        print(f"exported {path} in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+def program_name(p: dict) -> str:
+    return f"{p['who']} {p['quantize']}" + ("" if p.get("embedding", "none") == "none" else f" -E {p['embedding']}")
 
 
 def table(programs: list[dict], threads: list[int]) -> str:
@@ -240,7 +273,7 @@ def table(programs: list[dict], threads: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in programs:
         r = p["results"]
-        row = [f"{p['who']} {p['quantize']}", str(p["context"]), f"{p['bytes'] / 1e6:.1f}",
+        row = [program_name(p), str(p["context"]), f"{p['bytes'] / 1e6:.2f}",
                f"{r[threads[0]]['prefill_tok_s']:.0f}"]
         row += [f"{r[t]['decode_tok_s']:.1f}" for t in threads]
         row.append(f"{max(r[t]['peak_rss_mb'] for t in threads):.1f}")
@@ -257,7 +290,7 @@ def paired_table(programs: list[dict], threads: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ours in (p for p in programs if p["who"] == "ours"):
         recipe = next(p for p in programs if p["who"] == "recipe" and p["quantize"] == ours["quantize"]
-                      and p["context"] == ours["context"])
+                      and p["embedding"] == ours["embedding"] and p["context"] == ours["context"])
 
         def pairs(*counts):
             return [(a, b) for t in counts for a, b in zip(ours["runs"][t], recipe["runs"][t])]
@@ -270,10 +303,19 @@ def paired_table(programs: list[dict], threads: list[int]) -> str:
             diffs = [a["peak_rss_mb"] - b["peak_rss_mb"] for a, b in pairs(*threads)]
             return f"{statistics.median(diffs):+.2f} MB [{min(diffs):+.2f} to {max(diffs):+.2f}]"
 
-        row = [ours["quantize"], str(ours["context"]), cell("prefill_tok_s", threads[0])]
+        row = [program_name(ours).removeprefix("ours "), str(ours["context"]), cell("prefill_tok_s", threads[0])]
         row += [cell("decode_tok_s", t) for t in threads] + [rss_cell()]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def torchao_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchao")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,18 +327,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--quantize", nargs="+", default=["8da4w"], choices=["none", "8da4w", "8da8w"])
     p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--embedding-quantize", nargs="+", default=["none"],
+                   help="embedding schemes (none, 8,0, 4,32): ours --embedding-quantize, the recipe's -E")
+    p.add_argument("--jobs", type=int, default=3, help="exports run at once")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the programs and stop: measure later, on a quiet machine, with the same options")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
     p.add_argument("--export-ours", default="", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.export_ours:
-        export_ours(opts, opts.export_ours, opts.contexts[0], opts.quantize[0])
+        export_ours(opts, opts.export_ours, opts.contexts[0], opts.quantize[0], opts.embedding_quantize[0])
         return
     if opts.measure:
         print(json.dumps(measure(opts.measure, opts.threads[0])))
         return
+    if opts.repeats < 1 or opts.jobs < 1:
+        p.error("--repeats and --jobs must be at least 1")
     programs = build_programs(opts)
+    if opts.export_only:
+        return
     load_before = os.getloadavg()
     runs: dict[tuple, list[dict]] = {}
     for _ in range(opts.repeats):
@@ -317,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "executorch": executorch_version(),
         "preset": opts.preset, "layers": opts.layers or "preset", "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS,
+        "torchao": torchao_version(),
         "repeats": opts.repeats, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "programs": programs,
     }
@@ -326,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(paired_table(programs, opts.threads))
     print(f"\nload average before {load_before}, after {result['load_average_after']}; {result['date']}; "
-          f"torch {result['torch']}, executorch {result['executorch']}")
+          f"torch {result['torch']}, executorch {result['executorch']}, torchao {result['torchao']}")
 
 
 if __name__ == "__main__":

@@ -52,11 +52,13 @@ class EdgeError(RuntimeError):
 
 
 def load_custom_ops() -> None:
-    """Register ExecuTorch's LLM ops (update_cache, custom_sdpa) with PyTorch and with the Python
-    runtime: importing the module loads their library, whose kernels serve both."""
+    """Register ExecuTorch's LLM ops (update_cache, custom_sdpa) and its quantized kernels (the
+    lookup of a quantized embedding table, QuantizedEmbedding) with PyTorch and with the Python
+    runtime: importing each module loads its library, whose kernels serve both."""
     try:
         with maybe_quiet_native_noise():
             from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+            from executorch.kernels import quantized  # noqa: F401
     except (ImportError, OSError, AssertionError) as e:
         raise EdgeError(
             f"ExecuTorch's LLM custom ops cannot be loaded ({e}); install the edge extra: "
@@ -197,6 +199,49 @@ def unfused_copy(model: MobileLLM) -> MobileLLM:
     return model
 
 
+class QuantizedEmbedding(nn.Module):
+    """The lookup of an embedding table quantized by quantization.apply_embedding_ptq, as the
+    program runs it: ExecuTorch's quantized_decomposed::embedding_byte (int8) or embedding_4bit
+    (int4, two a byte) with fp32 output, whose runtime kernel dequantizes only the rows looked up,
+    float(q) * float(scale) per value, scales in fp16: what the eager table (torchao's dequantize)
+    computes, value for value. Only the table's int values and scales are stored, no fp32 copy.
+
+    This is the form that is lowered, made by apply_quantized_lookup. Run eagerly, PyTorch's
+    reference of these ops would multiply in the scales' fp16; eager evaluation keeps torchao's
+    table instead (mobilellm-eval and mobilellm-generate --embedding-quantize)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        # The ops' definitions for export (their runtime kernels: load_custom_ops).
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+
+        qdata, scale, zero_point = weight.qdata, weight.scale, weight.zero_point
+        if torch.any(zero_point != 0):
+            raise EdgeError("the embedding table's quantization is not symmetric (nonzero zero points)")
+        self.bits = 4 if weight.target_dtype == torch.int4 else 8
+        if self.bits == 4:
+            # The kernel's layout: the even column in the high nibble, each value offset by 8.
+            table = ((qdata[:, 0::2] + 8).to(torch.uint8) << 4) | (qdata[:, 1::2] + 8).to(torch.uint8)
+        else:
+            table = qdata.to(torch.int8)
+        self.register_buffer("table", table.contiguous())
+        self.register_buffer("scales", scale.reshape(scale.shape[0], -1).contiguous())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        if self.bits == 4:
+            return ops.embedding_4bit.dtype(self.table, self.scales, None, -8, 7, tokens, dtype=torch.float32)
+        return ops.embedding_byte.dtype(self.table, self.scales, None, -128, 127, tokens, dtype=torch.float32)
+
+
+def apply_quantized_lookup(model: MobileLLM) -> None:
+    """Replace a quantized embedding table of `model` (apply_embedding_ptq) by its lowered form,
+    QuantizedEmbedding; an fp32 table is left as it is."""
+    weight = model.tok_embeddings.weight
+    if hasattr(weight, "qdata"):  # torchao's IntxUnpackedToInt8Tensor
+        model.tok_embeddings = QuantizedEmbedding(weight)
+
+
 class StaticCacheModel(nn.Module):
     """`model` with a KV cache of `max_context` positions for batch 1, as the exported program
     computes it.
@@ -226,7 +271,7 @@ class StaticCacheModel(nn.Module):
         # cat(freqs, freqs) (model.precompute_rope), so the program stores half and joins the
         # halves per call, for the T rows it reads.
         half = args.head_dim // 2
-        dtype = model.tok_embeddings.weight.dtype
+        dtype = model.norm.weight.dtype  # the embedding's may be quantized (QuantizedEmbedding)
         self.register_buffer("rope_cos", model.rope_cos[:max_context, :half].clone(), persistent=False)
         self.register_buffer("rope_sin", model.rope_sin[:max_context, :half].clone(), persistent=False)
         # rotate_half(x) = cat(-x2, x1) as x @ turn.T: a signed permutation, exact in fp32, and a

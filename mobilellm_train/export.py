@@ -15,9 +15,10 @@ A layer-sharing model becomes a Llama model of 2L layers whose layers 2i and 2i+
 
 `--format executorch --out model.pte` writes instead an on-device ExecuTorch program for the
 XNNPACK backend, from a step folder or a Hugging Face folder, with the tokenizer beside it
-(options --max-context, --quantize, --group-size, --report; see mobilellm_train/edge.py). A step
-trained by quantization-aware training is exported with the scheme and group size it was trained
-for; another is refused unless --force (docs/QUANTIZATION.md).
+(options --max-context, --quantize, --group-size, --embedding-quantize, --report; see
+mobilellm_train/edge.py). A step trained by quantization-aware training is exported with the
+scheme, group size and embedding scheme it was trained for; another is refused unless --force
+(docs/QUANTIZATION.md).
 
 The tokenizer comes from the step folder (the trainer copies it there), else from --tokenizer;
 without either the model is exported alone, with a warning. Nothing is overwritten: an existing,
@@ -307,9 +308,13 @@ def main(argv: list[str] | None = None) -> None:
                                    "in groups) or 8da8w (int8 per-channel weights)")
     edge_options.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                               help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
+    edge_options.add_argument("--embedding-quantize", default="none", metavar="BITS[,GROUP]",
+                              help="the embedding table (the lookup): none (fp32, default), 8,0 (int8, a scale per "
+                                   "row) or 4,GROUP (int4 in groups of GROUP columns, e.g. 4,32; 0: per row), run "
+                                   "by ExecuTorch's quantized embedding kernels: ExecuTorch's Llama recipe's -E")
     edge_options.add_argument("--force", action="store_true",
-                              help="export a step trained by QAT with another --quantize or --group-size than "
-                                   "it was trained for (refused otherwise)")
+                              help="export a step trained by QAT with another --quantize, --group-size or "
+                                   "--embedding-quantize than it was trained for (refused otherwise)")
     edge_options.add_argument("--report", action="store_true",
                               help="after writing, load the program in the ExecuTorch runtime and print its size, "
                                    "agreement with the eager model and prefill/decode tokens/s beside eager")
@@ -346,14 +351,17 @@ def _main_executorch(args: argparse.Namespace) -> None:
         check_same_tokenizer,
         check_tokenizer_fits,
         find_tokenizer,
+        embedding_mismatch,
         load_model,
         scheme_mismatch,
     )
     from mobilellm_train.hf import HFCheckpointError
+    from mobilellm_train.quantization import parse_embedding_scheme
 
     try:
         if args.dtype != "float32":
             raise ExportError("--format executorch takes the fp32 weights; use --quantize for smaller weights")
+        embedding = parse_embedding_scheme(args.embedding_quantize)
         edge.require_executorch()
         if not os.path.isdir(args.checkpoint):
             raise ExportError(f"--checkpoint {args.checkpoint}: no such folder")
@@ -366,11 +374,12 @@ def _main_executorch(args: argparse.Namespace) -> None:
             logger.warning("%s holds no %s and --tokenizer is not given: writing the program without a tokenizer",
                            args.checkpoint, TOKENIZER_FILE)
         edge.check_destination(args.out, bool(tokenizer), args.overwrite)  # before the slow load
-        mismatch = scheme_mismatch(args.checkpoint, args.quantize, args.group_size)
-        if mismatch and not args.force:
-            raise ExportError(f"{mismatch}; or pass --force to export it so anyway")
-        if mismatch:
-            logger.warning("%s; exporting it so anyway (--force)", mismatch)
+        for mismatch in (scheme_mismatch(args.checkpoint, args.quantize, args.group_size),
+                         embedding_mismatch(args.checkpoint, embedding)):
+            if mismatch and not args.force:
+                raise ExportError(f"{mismatch}; or pass --force to export it so anyway")
+            if mismatch:
+                logger.warning("%s; exporting it so anyway (--force)", mismatch)
         model = load_model(args.checkpoint, verify=args.verify, weights=args.weights)
         if tokenizer:
             import sentencepiece as spm
@@ -379,7 +388,7 @@ def _main_executorch(args: argparse.Namespace) -> None:
                                  model.args.vocab_size)
         out = edge.write_program(
             model, args.out, tokenizer, args.max_context, args.quantize, args.group_size, args.overwrite,
-            source=os.path.abspath(args.checkpoint),
+            source=os.path.abspath(args.checkpoint), embedding_quantize=args.embedding_quantize,
         )
         print(out)
         if args.report:

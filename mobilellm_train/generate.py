@@ -7,8 +7,9 @@
 --checkpoint is a DCP step folder or a Hugging Face folder (export.py's, or any Llama that maps
 onto MobileLLM). Temperature 0 (the default) is greedy decoding. `--pte model.pte` instead samples
 from an ExecuTorch program (mobilellm-export --format executorch) in the ExecuTorch runtime, with
-the same sampling, so what is seen is the artifact that ships; `--quantize 8da4w` samples from the
-checkpoint quantized as that program is (its greedy output is the program's).
+the same sampling, so what is seen is the artifact that ships; `--quantize 8da4w
+[--embedding-quantize 8,0]` samples from the checkpoint quantized as that program is (its greedy
+output is the program's).
 
 The decoding itself (the KV cache, the cached forward pass, the sampler) is in decoding.py.
 """
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
                         "quantized as mobilellm-export --quantize does (8da4w, 8da8w)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--embedding-quantize", default="none", metavar="BITS[,GROUP]",
+                   help="--checkpoint: the embedding table looked up as mobilellm-export --embedding-quantize "
+                        "stores it (8,0: int8 per row; 4,32: int4 in groups of 32; none: fp32)")
     p.add_argument("--tokenizer", default="", help="tokenizer.model, when the checkpoint holds none")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking DCP checkpoint files against the checksums recorded at save")
@@ -60,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give exactly one of --checkpoint FOLDER and --pte PROGRAM")
     if args.pte and args.weights != "model":
         p.error("--weights chooses a step folder's weights; a --pte program holds the ones it was exported with")
-    if args.pte and args.quantize != "none":
-        p.error("--quantize applies to --checkpoint; a program is quantized when it is exported")
+    if args.pte and (args.quantize != "none" or args.embedding_quantize != "none"):
+        p.error("--quantize and --embedding-quantize apply to --checkpoint; a program is quantized when it is exported")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     import torch  # only now: the command line is known to be usable
 
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         load_tokenizer,
     )
     from mobilellm_train.hf import HFCheckpointError
+    from mobilellm_train.quantization import parse_embedding_scheme
 
     prompts = list(args.prompt)
     try:
@@ -86,11 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.pte:
             _main_pte(args, prompts)
             return
+        embedding = parse_embedding_scheme(args.embedding_quantize)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
         model = load_model(args.checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify,
                            weights=args.weights)
-        apply_program_quantization(model, args.checkpoint, args.quantize, args.group_size)
+        apply_program_quantization(model, args.checkpoint, args.quantize, args.group_size, embedding)
         tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
     except (ValueError, OSError, CheckpointError, HFCheckpointError) as e:

@@ -8,7 +8,10 @@ executorch, mobilellm-generate --pte) work end to end and refuse bad input. The 
 model equals eager across chunk boundaries with unwritten cache slots NaN, no op of its graph but
 the cache ops spans the whole cache, no split runs outside XNNPACK's delegate (the unfused copy
 that is lowered shares every other weight and computes the same), and exporting prints none of
-the libraries' noise.
+the libraries' noise. With --embedding-quantize the table is looked up by ExecuTorch's quantized
+embedding kernels: the program's logits are the eager quantized model's (int4 groups, fp32 linear
+layers: to float rounding), its greedy output is mobilellm-generate's (int8 rows with 8da4w), and
+no fp32 table of the vocabulary's size is left in it.
 
 Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
 """
@@ -70,7 +73,9 @@ def trained():
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory, trained):
-    """fp32 programs of the trained tied model and of an LS model, and an 8da4w program."""
+    """fp32 programs of the trained tied model and of an LS model, an 8da4w program, and two with
+    the embedding table quantized: int4 in groups of 16 with fp32 linear layers, int8 rows with
+    8da4w."""
     folder = tmp_path_factory.mktemp("pte")
     ls_model = init_model(replace(ARGS, layer_sharing=True), seed=5)
     paths = {}
@@ -87,10 +92,15 @@ def programs(tmp_path_factory, trained):
     with open(folder / "stderr.txt", "w+") as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            for name, model, quantize in [("fp32", trained, "none"), ("ls", ls_model, "none"),
-                                          ("8da4w", trained, "8da4w")]:
+            # The two with a quantized table take one token a call: half the export's time, and
+            # the lookup is the same.
+            for name, model, quantize, embedding, prefill in [
+                ("fp32", trained, "none", "none", PREFILL), ("ls", ls_model, "none", "none", PREFILL),
+                ("8da4w", trained, "8da4w", "none", PREFILL), ("E4,16", trained, "none", "4,16", 1),
+                ("8da4w E8,0", trained, "8da4w", "8,0", 1),
+            ]:
                 paths[name] = edge.write_program(model, str(folder / f"{name}.pte"), max_context=CONTEXT,
-                                                 quantize=quantize, max_prefill=PREFILL)
+                                                 quantize=quantize, max_prefill=prefill, embedding_quantize=embedding)
             edge.EdgeProgram(paths["fp32"]).forward([1, 2, 3], 0)
         finally:
             sys.stderr.flush()
@@ -205,11 +215,86 @@ def test_8da4w_program_runs_the_fake_quantized_model(programs, trained):
         assert edge.generate_pte(program, prompt, max_new_tokens=25) == generate(quantized, prompt, max_new_tokens=25)
 
 
+def quantized_copy(model, quantize, embedding):
+    """`model` quantized as mobilellm-generate and mobilellm-eval --quantize --embedding-quantize do."""
+    import copy
+
+    from mobilellm_train.evaluation.loading import apply_program_quantization
+    from mobilellm_train.quantization import parse_embedding_scheme
+
+    quantized = copy.deepcopy(model)
+    apply_program_quantization(quantized, "", quantize, 32, parse_embedding_scheme(embedding))
+    return quantized
+
+
+def test_quantized_embedding_program_computes_the_eager_quantized_model(programs, trained):
+    """The int4 table (groups of 16) looked up by ExecuTorch's embedding_4bit kernel, with fp32
+    linear layers: the program's logits are the eager quantized model's to float rounding, and so
+    its greedy output; the int8 table (per row) with 8da4w layers gives mobilellm-generate's greedy
+    output, its logits within XNNPACK's integer arithmetic."""
+    quantized = quantized_copy(trained, "none", "4,16")
+    program = edge.EdgeProgram(programs["paths"]["E4,16"])
+    assert program.info.embedding_quantize == "4,16" and program.info.quantize == "none"
+    tokens = pattern_batch(torch.Generator().manual_seed(5), 1, 30)[0]
+    pieces = [(0, 11), (11, 18), (18, 19), (19, 30)]
+    with torch.no_grad():
+        want, fp32 = quantized(tokens[None])[0], trained(tokens[None])[0]
+    assert program.max_prefill == 1  # a prompt is fed a token a call
+    torch.testing.assert_close(last_logits(program.forward, tokens, pieces), want[[b - 1 for _, b in pieces]],
+                               rtol=1e-4, atol=1e-4)
+    assert (want - fp32).abs().max() > 1e-2  # the int4 table does change the numbers
+    both = quantized_copy(trained, "8da4w", "8,0")
+    program8 = edge.EdgeProgram(programs["paths"]["8da4w E8,0"])
+    with torch.no_grad():
+        want8 = both(tokens[None])[0]
+    got8 = last_logits(program8.forward, tokens, [(i, i + 1) for i in range(30)])
+    assert (got8 - want8).abs().max() < 0.1 and (got8.argmax(-1) == want8.argmax(-1)).float().mean() >= 0.95
+    for prompt in ([7, 38, 0, 3, 18], [1, 2, 3]):
+        assert edge.generate_pte(program, prompt, max_new_tokens=25) == generate(quantized, prompt, max_new_tokens=25)
+        assert edge.generate_pte(program8, prompt, max_new_tokens=25) == generate(both, prompt, max_new_tokens=25)
+
+
+def program_tensors(path):
+    """(name of each kernel the program calls, (dtype, shape) of each constant tensor outside the
+    delegates), read from the .pte."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import ScalarType
+
+    with open(path, "rb") as f:
+        program = deserialize_pte_binary(f.read())
+    plan = getattr(program, "program", program).execution_plan[0]
+    kernels = {f"{op.name}.{op.overload}" for op in plan.operators}
+    constants = [(ScalarType(v.val.scalar_type).name, list(v.val.sizes)) for v in plan.values
+                 if type(v.val).__name__ == "Tensor" and v.val.allocation_info is None and v.val.data_buffer_idx > 0]
+    return kernels, constants
+
+
+def test_quantized_embedding_program_holds_no_fp32_table(programs):
+    vocab, dim = ARGS.vocab_size, ARGS.dim
+    kernels, constants = program_tensors(programs["paths"]["8da4w"])
+    assert ("FLOAT", [vocab, dim]) in constants  # today's program: the fp32 table for the lookup
+    for name, table, scales, kernel in [("8da4w E8,0", ("CHAR", [vocab, dim]), ("HALF", [vocab, 1]), "embedding_byte"),
+                                        ("E4,16", ("BYTE", [vocab, dim // 2]), ("HALF", [vocab, 4]), "embedding_4bit")]:
+        kernels, constants = program_tensors(programs["paths"][name])
+        assert table in constants and scales in constants, (name, constants)
+        assert not [c for c in constants if c[0] == "FLOAT" and vocab in c[1]], (name, constants)
+        assert f"quantized_decomposed::{kernel}.dtype_out" in kernels, (name, kernels)
+    # Nor inside XNNPACK's delegate: against the 8da4w program, the int8 program saves the fp32
+    # table and adds only the int8 one and its scales (and a few instructions).
+    plain, quantized = (os.path.getsize(programs["paths"][k]) for k in ("8da4w", "8da4w E8,0"))
+    assert quantized < plain - 4 * vocab * dim + vocab * dim + 2 * vocab + 2048, (plain, quantized)
+
+
 def test_options_are_checked(tmp_path, trained):
     with pytest.raises(edge.EdgeError, match="max_seq_len 64"):
         edge.write_program(trained, str(tmp_path / "m.pte"), max_context=65)
     with pytest.raises(edge.EdgeError, match="--group-size 48"):
         edge.write_program(trained, str(tmp_path / "m.pte"), max_context=8, quantize="8da4w", group_size=48)
+    with pytest.raises(edge.EdgeError, match=r"--embedding-quantize 4,48: group size 48 does not divide the "
+                                             r"embedding width 64; .* divisors: 2, 4, 8, 16, 32, 64$"):
+        edge.write_program(trained, str(tmp_path / "m.pte"), max_context=8, embedding_quantize="4,48")
+    with pytest.raises(edge.EdgeError, match="BITS 8 or 4"):
+        edge.write_program(trained, str(tmp_path / "m.pte"), max_context=8, embedding_quantize="2,0")
     with pytest.raises(edge.EdgeError, match="ends in .pte"):
         edge.write_program(trained, str(tmp_path / "m.bin"), max_context=8)
     assert os.listdir(tmp_path) == []
@@ -301,7 +386,7 @@ def test_no_split_runs_outside_the_delegate(programs):
     export, the rotary half-turn is a product)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    for name in ("fp32", "ls", "8da4w"):
+    for name in programs["paths"]:
         with open(programs["paths"][name], "rb") as f:
             program = deserialize_pte_binary(f.read())
         plan = getattr(program, "program", program).execution_plan[0]

@@ -3,11 +3,13 @@ in the tools. The fake-quantized model computes the converted model's numbers (t
 quantization, and torchao's own convert step) for both schemes, loss paths included; the tied
 table stays one Parameter in training and the export unties it; every activation-checkpointing
 mode and torch.compile agree with plain eager across the switch; under FSDP2 the tie and the
-checkpoint layout are kept. The trainer switches fake quantization on at qat.start_step exactly:
+checkpoint layout are kept. The fake-quantized embedding table (qat.embedding_quantize) is the
+export's quantized table bit for bit, all-zero and tiny rows included. The trainer switches fake quantization on at qat.start_step exactly:
 2 gloo ranks equal 1, a run folder trained without QAT switched on mid-way and then killed
 mid-QAT equals an uninterrupted run, and validation reports the quantized model's loss. The export
-refuses another scheme or group size than the step was trained for unless --force; eval and
-generate quantize as the program does; a bad [qat] section is a config error. (The program's
+refuses another scheme, group size or embedding scheme than the step was trained for unless
+--force; eval and generate quantize as the program does, the table too; a bad [qat] section is a
+config error. (The program's
 own logits and greedy output against the fake-quantized model: tests/test_edge.py.)
 
 Skipped without torchao: pip install -e '.[edge]'.
@@ -30,10 +32,14 @@ from conftest import base_args, init_model, read_metrics, run_trainer, train_tin
 from mobilellm_train import config as C  # noqa: E402
 from mobilellm_train.model import ModelArgs  # noqa: E402
 from mobilellm_train.quantization import (  # noqa: E402
+    EmbeddingScheme,
     QATRecord,
+    apply_embedding_ptq,
+    apply_embedding_qat,
     apply_ptq,
     apply_qat,
     linear_config,
+    parse_embedding_scheme,
     set_fake_quantization,
 )
 
@@ -107,6 +113,45 @@ def test_fake_quantized_model_computes_the_converted_models_numbers(scheme):
     assert F.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.9  # the same model, quantized
 
 
+@pytest.mark.parametrize("embedding", ["8,0", "4,16"])
+def test_fake_quantized_table_is_the_exports_table(embedding):
+    """What training looks up (torchao's FakeQuantizedEmbedding) is what the export stores
+    (apply_embedding_ptq, which the program's kernel reads): equal bit for bit, rows of zeros and
+    of tiny values included, for the lookup and the whole model; the table stays tied and trained
+    through both uses."""
+    model = init_model(ARGS, seed=3)
+    with torch.no_grad():
+        model.tok_embeddings.weight[3] = 0  # a scale of 0 would divide by zero
+        model.tok_embeddings.weight[4] *= 1e-7  # a scale that fp16 would flush to 0
+    scheme = parse_embedding_scheme(embedding)
+    fq = qat_copy(model, on=False)
+    apply_embedding_qat(fq, scheme)
+    assert type(fq.tok_embeddings).__name__ == "FakeQuantizedEmbedding"
+    assert fq.output.weight is fq.tok_embeddings.weight
+    assert [n for n, _ in fq.named_parameters()] == [n for n, _ in model.named_parameters()]
+    ptq = copy.deepcopy(model)
+    apply_embedding_ptq(ptq, scheme)
+    apply_ptq(ptq, "8da4w", 32)
+    table = ptq.tok_embeddings.weight
+    assert table.scale.dtype == torch.float16 and table.scale.shape == (ARGS.vocab_size, 64 // (scheme.group_size or 64))
+    assert int(table.qdata.min()) >= -(2 ** (scheme.bits - 1)) and int(table.qdata.max()) < 2 ** (scheme.bits - 1)
+    tokens = torch.arange(ARGS.vocab_size)[None]
+    inputs, labels = batch()
+    with torch.no_grad():
+        assert torch.equal(fq.tok_embeddings(tokens), model.tok_embeddings(tokens))  # off: nn.Embedding
+        set_fake_quantization(fq, True)
+        got, want = fq.tok_embeddings(tokens)[0], ptq.tok_embeddings(tokens)[0]
+        assert torch.equal(got, want) and torch.isfinite(want).all() and not want[3].any()
+        # Each value is on its group's grid, within half a step; the largest of a group up to
+        # 0.5 + 127.5 * 2^-11 steps, when the scale rounds down to fp16 and it is clipped to 127.
+        step = table.scale.float().repeat_interleave(scheme.group_size or 64, dim=1)
+        assert ((want - model.tok_embeddings.weight).abs() <= 0.57 * step).all()
+        torch.testing.assert_close(fq(inputs), ptq(inputs), rtol=0, atol=1e-5)
+    fq(inputs, labels=labels).backward()
+    grad = fq.tok_embeddings.weight.grad
+    assert grad[inputs.unique()].abs().sum() > 0  # the lookup's straight-through gradient, with the head's
+
+
 def test_every_ac_mode_and_compile_agree_with_eager_across_the_switch(monkeypatch):
     """Activation checkpointing recomputes the fake quantization; compile traces it into each
     block, inside the checkpointed region (fullgraph: a piece that could not compile would fail
@@ -163,10 +208,11 @@ def test_fsdp_build_keeps_the_tie_and_the_checkpoint_layout():
         for qat in (False, True):
             built[qat] = build_model(ARGS, build_mesh("cpu", 1, 1), torch.device("cpu"), cfg.training,
                                      cfg.parallelism, C.ActivationCheckpointConfig(mode="op"), cfg.compile,
-                                     C.QATConfig(enable=qat))
+                                     C.QATConfig(enable=qat, embedding_quantize="4,32"))
         model = built[True]
         assert model.output.weight is model.tok_embeddings.weight
         assert type(model.output).__name__ == "FakeQuantizedLinear"
+        assert type(model.tok_embeddings).__name__ == "FakeQuantizedEmbedding"
         assert not any(getattr(m, "enabled", False) for m in model.modules())  # off until the loop's start step
         assert ModelState(model).state_dict().keys() == ModelState(built[False]).state_dict().keys()
         for (name, a), b in zip(model.named_parameters(), built[False].parameters()):
@@ -189,6 +235,12 @@ def test_qat_config_is_checked(tmp_path, monkeypatch):
     with pytest.raises(C.ConfigError, match="qat.scheme: must be one of 8da4w, 8da8w"):
         load("--qat.scheme", "4w")
     load("--qat.scheme", "8da8w", "--qat.group_size", "48")  # per channel: no groups
+    assert load("--qat.embedding_quantize", "4,32").qat.embedding_quantize == "4,32"
+    with pytest.raises(C.ConfigError, match=r"qat.embedding_quantize 4,48: group size 48 does not divide the "
+                                            r"embedding width 128; .* divisors: 2, 4, 8, 16, 32, 64, 128$"):
+        load("--qat.embedding_quantize", "4,48")
+    with pytest.raises(C.ConfigError, match="qat.embedding_quantize '8,x': give BITS"):
+        load("--qat.embedding_quantize", "8,x")
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # torchao not installed
     with pytest.raises(C.ConfigError, match=r"qat.enable needs torchao .*pip install -e '\.\[edge\]'"):
         load()
@@ -198,19 +250,20 @@ def test_qat_config_is_checked(tmp_path, monkeypatch):
 def test_trainer_switches_fake_quantization_on_at_the_start_step(tmp_path):
     """One set of runs on prepared shards (the same global order on any rank count), with layer
     sharing, document masking, selective AC, gradient accumulation and validation every 4 steps;
-    QAT from step 4 of 8. 2 gloo ranks equal 1; a run folder trained 3 steps without QAT, switched
-    on and killed after step 7 (its newest checkpoint step 6), then resumed, equals the
-    uninterrupted run step for step; the validation loss is the quantized model's."""
+    QAT from step 4 of 8, the embedding table fake-quantized too (int8 per row). 2 gloo ranks equal
+    1; a run folder trained 3 steps without QAT, switched on and killed after step 7 (its newest
+    checkpoint step 6), then resumed, equals the uninterrupted run step for step; the validation
+    loss is the quantized model's, table included: the export's quantization."""
     from test_train import prepare_shards
 
     shards = prepare_shards(tmp_path, n_docs=300, val_fraction=0.1)
     common = {"model.layer_sharing": "true", "data.doc_mask": "true", "activation_checkpoint.mode": "selective",
               "training.global_batch_size": 8, "training.local_batch_size": 2, "checkpoint.interval": 2,
               "data.val_path": shards / "val", "data.val_interval": 4, "data.val_sequences": 8}
-    qat = {"qat.enable": "true", "qat.start_step": 4}
+    qat = {"qat.enable": "true", "qat.start_step": 4, "qat.embedding_quantize": "8,0"}
     straight, two, switched = tmp_path / "straight", tmp_path / "two", tmp_path / "switched"
     out = run_trainer(base_args(shards, straight, steps=8, **common, **qat))
-    assert "step 4: fake quantization on (8da4w (group size 32))" in out
+    assert "step 4: fake quantization on (8da4w (group size 32); the embedding table int8 per row)" in out
     run_trainer(base_args(shards, two, steps=8, **common, **qat), nproc=2)
     run_trainer(base_args(shards, switched, steps=8, **common, **{"training.stop_at_step": 3}))
     run_trainer(base_args(shards, switched, steps=8, **common, **qat, **{"training.stop_at_step": 7}))
@@ -231,11 +284,12 @@ def test_trainer_switches_fake_quantization_on_at_the_start_step(tmp_path):
     # export does: fake quantization was on in the in-loop validation.
     from mobilellm_train.checkpoint import load_model_from_checkpoint
     from mobilellm_train.data.loader import build_val_batches
-    from mobilellm_train.evaluation.loading import trained_scheme
+    from mobilellm_train.evaluation.loading import trained_embedding, trained_scheme
 
     for run, metrics in ((straight, a), (two, b)):
         step = str(run / "checkpoints" / "step-8")
         model = load_model_from_checkpoint(step)
+        apply_embedding_ptq(model, EmbeddingScheme(8, 0))
         apply_ptq(model, "8da4w", 32)
         total = count = 0.0
         with torch.no_grad():
@@ -245,9 +299,10 @@ def test_trainer_switches_fake_quantization_on_at_the_start_step(tmp_path):
                 count += n
         assert total / count == pytest.approx(metrics[8]["val_loss"], rel=1e-5), run
         # The checkpoint says what its weights were trained for.
-        assert trained_scheme(step) == ("8da4w", 32, 4)
+        assert trained_scheme(step) == ("8da4w", 32, 4) and trained_embedding(step) == EmbeddingScheme(8, 0)
     with open(straight / "config.toml") as f:
-        assert C.parse_effective_config(f.read()).qat == C.QATConfig(enable=True, start_step=4)
+        assert C.parse_effective_config(f.read()).qat == C.QATConfig(enable=True, start_step=4,
+                                                                     embedding_quantize="8,0")
 
 
 def save_qat_step(model, path, step, record, tokenizer=""):
@@ -275,16 +330,20 @@ def test_tools_quantize_as_the_program_and_export_refuses_another_scheme(tmp_pat
     from conftest import make_corpus
     from mobilellm_train import export
     from mobilellm_train.evaluation import cli as eval_cli
-    from mobilellm_train.evaluation.loading import trained_scheme
+    from mobilellm_train.evaluation.loading import trained_embedding, trained_scheme
     from mobilellm_train.generate import generate, main as generate_main
 
     tokenizer = train_tiny_tokenizer(tmp_path)
     model = init_model(replace(ARGS, vocab_size=64), seed=6)
-    step = save_qat_step(model, tmp_path / "run" / "checkpoints" / "step-20", 20, QATRecord("8da4w", 32, 11), tokenizer)
-    early = save_qat_step(model, tmp_path / "early", 10, QATRecord("8da4w", 32, 11))
+    record = QATRecord("8da4w", 32, 11, "8,0")
+    step = save_qat_step(model, tmp_path / "run" / "checkpoints" / "step-20", 20, record, tokenizer)
+    early = save_qat_step(model, tmp_path / "early", 10, record)
     plain = save_qat_step(model, tmp_path / "plain", 20, None)
-    assert trained_scheme(step) == ("8da4w", 32, 11)
+    linear_only = save_qat_step(model, tmp_path / "linear", 20, QATRecord("8da4w", 32, 11))  # as before the table
+    assert trained_scheme(step) == ("8da4w", 32, 11) and trained_embedding(step) == EmbeddingScheme(8, 0)
     assert trained_scheme(early) is None and trained_scheme(plain) is None  # before the start; no QAT
+    assert trained_embedding(early) is None and trained_embedding(plain) is None
+    assert trained_scheme(linear_only) == ("8da4w", 32, 11) and trained_embedding(linear_only) is None
 
     def export_error(*argv):
         with pytest.raises(SystemExit) as e:
@@ -297,20 +356,28 @@ def test_tools_quantize_as_the_program_and_export_refuses_another_scheme(tmp_pat
     assert "pass --quantize 8da4w --group-size 32; or pass --force" in err
     assert "no quantization is not what" in export_error()
     assert "8da8w is not what" in export_error("--quantize", "8da8w")
+    err = export_error("--quantize", "8da4w")
+    assert ("embedding table was trained for 8,0 (int8 per row) by QAT; an fp32 table is not what it was trained "
+            "for: pass --embedding-quantize 8,0; or pass --force") in err
+    err = export_error("--quantize", "8da4w", "--embedding-quantize", "4,32")
+    assert "--embedding-quantize 4,32 (int4 in groups of 32) is not what it was trained for" in err
+    assert "BITS 8 or 4" in export_error("--quantize", "8da4w", "--embedding-quantize", "16,0")
     assert not os.path.exists(tmp_path / "m.pte")
 
-    # eval --quantize: the row and the --out record name the quantization; the perplexity is the
-    # quantized model's.
+    # eval --quantize --embedding-quantize: the row and the --out record name the quantization; the
+    # perplexity is the quantized model's, its table looked up as the program's.
     corpus = make_corpus(tmp_path / "data", n_docs=40)
     out = tmp_path / "eval.json"
     eval_cli.main(["--checkpoint", step, "--tasks", "tokens", "--token-data", corpus, "--seq-len", "16",
-                   "--max-windows", "8", "--quantize", "8da4w", "--out", str(out)])
+                   "--max-windows", "8", "--quantize", "8da4w", "--embedding-quantize", "8,0", "--out", str(out)])
     (name, record), = json.loads(out.read_text())["models"].items()
-    assert name == "run/step-20 8da4w-g32" and record["quantize"] == {"scheme": "8da4w", "group_size": 32}
+    assert name == "run/step-20 8da4w-g32 E8,0"
+    assert record["quantize"] == {"scheme": "8da4w", "group_size": 32, "embedding": "8,0"}
     assert f"{name}: tokens perplexity" in capsys.readouterr().out
     from mobilellm_train.evaluation.perplexity import pack_windows, token_documents
 
     quantized = copy.deepcopy(model)
+    apply_embedding_ptq(quantized, EmbeddingScheme(8, 0))
     apply_ptq(quantized, "8da4w", 32)
     windows = pack_windows(token_documents(corpus, 64), 17, 8)
     with torch.no_grad():
@@ -318,7 +385,8 @@ def test_tools_quantize_as_the_program_and_export_refuses_another_scheme(tmp_pat
     assert record["perplexity"]["tokens"]["mean_nll"] == pytest.approx(nll, rel=1e-5)
 
     # generate --quantize samples from the quantized model (greedy: what the program generates).
-    generate_main(["--checkpoint", step, "--prompt", "the dog", "--max-new-tokens", "6", "--quantize", "8da4w"])
+    generate_main(["--checkpoint", step, "--prompt", "the dog", "--max-new-tokens", "6", "--quantize", "8da4w",
+                   "--embedding-quantize", "8,0"])
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     prompt = [1] + sp.encode("the dog")
     (expected,) = generate(quantized, prompt, 6, eos_id=2, vocab_limit=sp.vocab_size())

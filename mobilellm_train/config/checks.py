@@ -163,7 +163,13 @@ def check_checkpoint(cfg: Config) -> None:
 def check_qat(q: QATConfig, m, steps: int) -> None:
     if not q.enable:
         return
-    from mobilellm_train.quantization import QuantizationError, group_size_problem, require_torchao
+    from mobilellm_train.quantization import (
+        QuantizationError,
+        embedding_scheme_problem,
+        group_size_problem,
+        parse_embedding_scheme,
+        require_torchao,
+    )
 
     check(q.start_step >= 0, f"qat.start_step must be >= 0 (got {q.start_step})")
     check(q.start_step <= steps, f"qat.start_step {q.start_step} is beyond the run's {steps} steps: no step would "
@@ -171,6 +177,12 @@ def check_qat(q: QATConfig, m, steps: int) -> None:
     # The widths of the linear layers: dim into wqkv and w13, q_dim (= dim) into wo, ffn_dim into w2, dim
     # into the output layer.
     problem = group_size_problem([m.dim, m.ffn_dim], q.scheme, q.group_size, "qat.group_size")
+    check(not problem, problem)
+    try:
+        embedding = parse_embedding_scheme(q.embedding_quantize, "qat.embedding_quantize")
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from None
+    problem = embedding_scheme_problem(m.dim, embedding, "qat.embedding_quantize") if embedding else ""
     check(not problem, problem)
     try:
         require_torchao("qat.enable")

@@ -228,6 +228,9 @@ class QATConfig:
     dynamic activations, int4 weights in groups) or 8da8w (int8 per-channel weights)."""
     group_size: int = 32
     """8da4w: input columns per int4 weight scale, as mobilellm-export --group-size (32: the export's)."""
+    embedding_quantize: str = "none"
+    """The embedding table trained fake-quantized too (weight-only), as mobilellm-export
+    --embedding-quantize stores it: "8,0" (int8 per row), "4,32" (int4 in groups of 32), "none"."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mobilellm_train.evaluation.tasks import TASKS, TaskDataError, check_task_files
-from mobilellm_train.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, short_name
+from mobilellm_train.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, parse_embedding_scheme, short_name
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +173,8 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, tasks: list[s
         check_token_data_tokenizer(checkpoint, args.tokenizer, args.token_data)
     layer_sharing = {"auto": None, "true": True, "false": False}[args.layer_sharing]
     model = load_model(checkpoint, device=device, layer_sharing=layer_sharing, verify=args.verify, weights=weights)
-    quantized = apply_program_quantization(model, checkpoint, args.quantize, args.group_size)
+    quantized = apply_program_quantization(model, checkpoint, args.quantize, args.group_size,
+                                           parse_embedding_scheme(args.embedding_quantize))
     tokenizer = load_tokenizer(checkpoint, args.tokenizer) if tasks != ["tokens"] else None
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer.path, tokenizer.vocab_size, model.args.vocab_size)
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mobilellm-export --quantize does (8da4w, 8da8w; docs/QUANTIZATION.md)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"8da4w weight group size (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--embedding-quantize", default="none", metavar="BITS[,GROUP]",
+                   help="score the model with its embedding table as mobilellm-export --embedding-quantize "
+                        "stores it (8,0: int8 per row; 4,32: int4 in groups of 32; none: fp32)")
     p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (older harness versions)")
     p.add_argument("--layer-sharing", choices=("auto", "true", "false"), default="auto",
                    help="HF folders: read layers 2i, 2i+1 as one shared block (auto: from config.json or the weights)")
@@ -277,8 +281,11 @@ def main(argv: list[str] | None = None) -> None:
             default_name(c) + ("" if w == "model" else f" ({w})") for c, w in zip(args.checkpoint, weights)]
         if len(names) != len(args.checkpoint):
             raise UsageError(f"--names has {len(names)} names for {len(args.checkpoint)} checkpoints")
+        embedding = parse_embedding_scheme(args.embedding_quantize)
         if args.quantize != "none":  # what is scored is named in every row
             names = [f"{n} {short_name(args.quantize, args.group_size)}" for n in names]
+        if embedding is not None:
+            names = [f"{n} E{embedding}" for n in names]
         if len(set(names)) != len(names):
             raise UsageError(f"two rows would have the same name ({', '.join(names)}); give --names")
         if args.batch_size < 1 or min(args.ppl_batch_size, args.limit, args.max_windows, args.seq_len) < 0:

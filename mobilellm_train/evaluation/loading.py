@@ -8,8 +8,8 @@
 The tokenizer is a SentencePiece `tokenizer.model` read with sentencepiece (identical ids to
 transformers' LlamaTokenizer), or, for an HF folder that only has `tokenizer.json`, the folder's
 tokenizer through transformers. A step of a quantization-aware training run also says which
-scheme its weights were trained for (`trained_scheme`), which export, eval and generate check
-their --quantize against.
+scheme its weights were trained for (`trained_scheme`, and `trained_embedding` for the table),
+which export, eval and generate check their --quantize and --embedding-quantize against.
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from mobilellm_train.checkpoint import (
 )
 from mobilellm_train.hf import is_hf_folder, load_hf_checkpoint
 from mobilellm_train.model import MobileLLM
-from mobilellm_train.quantization import QATRecord, apply_ptq, describe, short_name
+from mobilellm_train.quantization import (
+    EmbeddingScheme,
+    QATRecord,
+    apply_embedding_ptq,
+    apply_ptq,
+    describe,
+    parse_embedding_scheme,
+    short_name,
+)
 
 logger = logging.getLogger("mobilellm_train")
 
@@ -241,6 +249,29 @@ def trained_scheme(checkpoint: str) -> tuple[str, int, int] | None:
     return record.scheme, record.group_size, record.start_step
 
 
+def trained_embedding(checkpoint: str) -> EmbeddingScheme | None:
+    """The embedding scheme a DCP step folder's table was trained for by QAT (qat.embedding_quantize),
+    under trained_scheme's conditions; None when its table was not fake-quantized."""
+    if not is_complete(checkpoint):
+        return None
+    record, step = read_qat_record(checkpoint)
+    if record is None or step < max(record.start_step, 1):
+        return None
+    return parse_embedding_scheme(record.embedding, f"{checkpoint}: the QAT record's embedding scheme")
+
+
+def embedding_mismatch(checkpoint: str, embedding: EmbeddingScheme | None) -> str:
+    """Why looking the table of `checkpoint` up as `embedding` (None: fp32) is not what QAT trained
+    it for, or "" when it is, or when its table was not trained fake-quantized (any scheme then
+    quantizes it after training, as --quantize does the linear layers of a run without QAT)."""
+    trained = trained_embedding(checkpoint)
+    if trained is None or trained == embedding:
+        return ""
+    asked = "an fp32 table" if embedding is None else f"--embedding-quantize {embedding} ({embedding.describe()})"
+    return (f"{checkpoint}'s embedding table was trained for {trained} ({trained.describe()}) by QAT; {asked} is not "
+            f"what it was trained for: pass --embedding-quantize {trained}")
+
+
 def scheme_mismatch(checkpoint: str, scheme: str, group_size: int) -> str:
     """Why quantizing the weights of `checkpoint` with `scheme` and `group_size` ("none": not at
     all) is not what QAT trained them for, or "" when it is (or when they had no QAT)."""
@@ -256,14 +287,25 @@ def scheme_mismatch(checkpoint: str, scheme: str, group_size: int) -> str:
             + (f" --group-size {want_group}" if want_scheme == "8da4w" else ""))
 
 
-def apply_program_quantization(model: MobileLLM, checkpoint: str, scheme: str, group_size: int) -> dict | None:
-    """Quantize `model` in place as the ExecuTorch program of `--quantize scheme` is (the export's
-    own quantization, quantization.apply_ptq, run eagerly), warning when QAT trained `checkpoint`
-    for another scheme; returns what a results record says of it (None: full precision)."""
-    if scheme == "none":
+def apply_program_quantization(model: MobileLLM, checkpoint: str, scheme: str, group_size: int,
+                               embedding: EmbeddingScheme | None = None) -> dict | None:
+    """Quantize `model` in place as the ExecuTorch program of `--quantize scheme
+    --embedding-quantize embedding` is (the export's own quantization, quantization.apply_ptq and
+    apply_embedding_ptq, run eagerly: the table is looked up with the program's values), warning
+    when QAT trained `checkpoint` for another scheme; returns what a results record says of it
+    (None: full precision)."""
+    if scheme == "none" and embedding is None:
         return None
     mismatch = scheme_mismatch(checkpoint, scheme, group_size)
     if mismatch:
-        logger.warning("%s; using %s as asked", mismatch, short_name(scheme, group_size))
+        logger.warning("%s; using %s as asked", mismatch, "no quantization" if scheme == "none"
+                       else short_name(scheme, group_size))
+    mismatch = embedding_mismatch(checkpoint, embedding)
+    if mismatch:
+        logger.warning("%s; using %s as asked", mismatch, embedding or "an fp32 table")
+    apply_embedding_ptq(model, embedding)
     apply_ptq(model, scheme, group_size)
-    return {"scheme": scheme, "group_size": group_size if scheme == "8da4w" else None}
+    record = {"scheme": scheme, "group_size": group_size if scheme == "8da4w" else None}
+    if embedding is not None:
+        record["embedding"] = str(embedding)
+    return record

@@ -1,7 +1,7 @@
 """Quantization-aware training in the loop: fake quantization on from qat.start_step.
 
 build.build_model made the linear layers torchao's fake-quantized ones (quantization.apply_qat),
-with fake quantization off; `before_step` turns it on for every step from qat.start_step, so
+and with qat.embedding_quantize the embedding (apply_embedding_qat), with fake quantization off; `before_step` turns it on for every step from qat.start_step, so
 whether a step trains fake-quantized is a function of its number alone: a resumed run, a spike
 rewind and a run folder switched to QAT mid-way all do what an uninterrupted run does. The
 validation and zero-shot evaluations after a step see the model as that step trained it, so
@@ -31,9 +31,12 @@ class QATSwitch:
         self.start_step = max(cfg.start_step, 1)  # 0 and 1 both mean the run's first step
         self.on = False
         if self.enabled:
-            from mobilellm_train.quantization import describe
+            from mobilellm_train.quantization import describe, parse_embedding_scheme
 
             self.scheme = describe(cfg.scheme, cfg.group_size)
+            embedding = parse_embedding_scheme(cfg.embedding_quantize, "qat.embedding_quantize")
+            if embedding is not None:
+                self.scheme += f"; the embedding table {embedding.describe()}"
             when = "already on" if resumed_step >= self.start_step else f"from step {self.start_step}"
             logger.info("quantization-aware training: every linear layer fake-quantized as %s, %s",
                         self.scheme, when)
