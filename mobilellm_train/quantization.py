@@ -8,9 +8,10 @@
 
 Each is torchao's `Int8DynamicActivationIntxWeightConfig` with its granularity (`linear_config`).
 `apply_ptq` quantizes every nn.Linear with it (torchao's `quantize_`, the export's quantization);
-`apply_qat` swaps them for torchao's fake-quantized linear layers, whose fake quantizers torchao
-derives from the same config (`QATConfig(base_config, step="prepare")`), so the fake-quantized
-model computes what the quantized one computes. torchao's own convert step of such a model is
+`apply_qat` swaps them for torchao's fake-quantized linear layers, whose fake quantizers are
+those torchao derives from the same config (`qat_config`), so the fake-quantized model computes
+what the quantized one computes. 8da4w's group scales are bfloat16, as the program stores them
+(`weight_scale_dtype`). torchao's own convert step of such a model is
 `apply_ptq` of its weights: the module swap back to nn.Linear, then the same config.
 
 The tied output layer is a linear layer and is quantized by the linear scheme (PTQ: on its own
@@ -98,8 +99,41 @@ def linear_config(scheme: str, group_size: int = DEFAULT_GROUP_SIZE):
         raise QuantizationError(f"unknown scheme {scheme!r}: choose one of {', '.join(LINEAR_SCHEMES)}")
     return Int8DynamicActivationIntxWeightConfig(
         weight_dtype=weight_dtype, weight_granularity=granularity,
+        weight_scale_dtype=weight_scale_dtype(scheme),
         intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm.AFFINE,
     )
+
+
+def weight_scale_dtype(scheme: str):
+    """The dtype the phone multiplies a scheme's weights by: XNNPACK stores the scales of its
+    blockwise (per-group) int4 weights as bfloat16 (ExecuTorch's XNNPACK serializer casts them), and
+    per-channel scales as float32. A group scale is therefore chosen in bfloat16 here, before the
+    weights are quantized against it, so that what eager evaluation, QAT and the program compute is
+    one thing: with float32 scales the 8da4w program's logits were up to 0.03 off the eager
+    quantized model's (a tiny model's greedy output could part from eager's at a near tie); with
+    bfloat16 ones, 2e-6 (tests/test_edge.py)."""
+    import torch
+
+    return torch.bfloat16 if scheme == "8da4w" else None
+
+
+def qat_config(scheme: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """torchao's QAT prepare config of a linear scheme: the fake quantizers torchao derives from
+    `linear_config` (int8 per-token asymmetric activations; symmetric weights at the scheme's
+    granularity), the weights' scales in the scheme's `weight_scale_dtype` as its quantization
+    chooses them (torchao's own derivation refuses a scale dtype, so it is written out here and
+    tests/test_qat.py holds the two equal)."""
+    import torch
+
+    with _quiet_import():
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    base = linear_config(scheme, group_size)
+    # scale_precision None: the scale in the dtype of what is quantized, as torchao's derivation.
+    activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False, scale_precision=None)
+    weight = IntxFakeQuantizeConfig(dtype=base.weight_dtype, granularity=base.weight_granularity,
+                                    mapping_type=base.weight_mapping_type, scale_precision=base.weight_scale_dtype)
+    return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
 
 
 def describe(scheme: str, group_size: int) -> str:
@@ -161,14 +195,13 @@ def apply_qat(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZ
     QAT prepare step), keeping a tied output layer on the embedding's Parameter. Fake quantization
     starts off: turn it on with set_fake_quantization. Works on a meta-device model, before any
     wrapping (see build.build_model)."""
-    config = _checked_config(model, scheme, group_size, key, "quantization-aware training")
+    _checked_config(model, scheme, group_size, key, "quantization-aware training")
     output, embedding = getattr(model, "output", None), getattr(model, "tok_embeddings", None)
     tied = output is not None and embedding is not None and output.weight is embedding.weight
     with _quiet_import():
         from torchao.quantization import quantize_
-        from torchao.quantization.qat import QATConfig
 
-        quantize_(model, QATConfig(config, step="prepare"), filter_fn=_is_linear)
+        quantize_(model, qat_config(scheme, group_size), filter_fn=_is_linear)
     if tied:
         # The output layer keeps computing from the embedding's table: one Parameter trained by
         # both uses, as without QAT (from_linear makes a new one on the meta device).
@@ -216,9 +249,26 @@ class QATRecord:
         return {"record": json.dumps(record, sort_keys=True)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        data = json.loads(state_dict["record"])
-        self.scheme, self.group_size, self.start_step = data["scheme"], int(data["group_size"]), int(data["start_step"])
-        self.embedding = str(data.get("embedding", ""))
+        """Read back from a step folder that may come from elsewhere: a record that is not this
+        shape is a CheckpointError, not a value the export would act on."""
+        from mobilellm_train.errors import CheckpointError, parse_json
+
+        try:
+            data = parse_json(state_dict["record"])
+            scheme, group_size, start_step = data["scheme"], data["group_size"], data["start_step"]
+            embedding = data.get("embedding", "")
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"the step's QAT record is not readable ({e!r:.200}); the checkpoint is damaged") from None
+        if scheme not in LINEAR_SCHEMES or any(type(v) is not int or v < 0 for v in (group_size, start_step)):
+            raise CheckpointError(f"the step's QAT record {data!r:.200} names no scheme of this version "
+                                  f"({', '.join(LINEAR_SCHEMES)}) with a group size and start step")
+        try:
+            parse_embedding_scheme(embedding if isinstance(embedding, str) else "?")
+        except QuantizationError:
+            raise CheckpointError(f"the step's QAT record {data!r:.200} names an embedding scheme this version does "
+                                  "not know (8,GROUP or 4,GROUP)") from None
+        self.scheme, self.group_size, self.start_step = scheme, group_size, start_step
+        self.embedding = embedding
 
 
 # The embedding scheme (ExecuTorch's Llama recipe's -E): see the module docstring.

@@ -209,7 +209,7 @@ def test_8da4w_program_runs_the_fake_quantized_model(programs, trained):
         want, fp32 = fake_quantized(tokens[None])[0], trained(tokens[None])[0]
     got = last_logits(program.forward, tokens, [(i, i + 1) for i in range(30)])
     gap = (got - want).abs().max().item()
-    assert gap < 0.1 and gap < 0.25 * (fp32 - want).abs().max().item(), gap
+    assert gap < 1e-4 and (fp32 - want).abs().max() > 0.1, gap  # bf16 group scales: the program computes eager's numbers
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
     for prompt in ([7, 38, 0, 3, 18], [1, 2, 3]):
         assert edge.generate_pte(program, prompt, max_new_tokens=25) == generate(quantized, prompt, max_new_tokens=25)

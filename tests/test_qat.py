@@ -16,6 +16,7 @@ Skipped without torchao: pip install -e '.[edge]'.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -76,6 +77,17 @@ def test_fake_quantized_model_computes_the_converted_models_numbers(scheme):
     apply_ptq(ptq, scheme, 32)
     assert ptq.output.weight is not ptq.tok_embeddings.weight
     assert torch.equal(ptq.tok_embeddings.weight, model.tok_embeddings.weight)
+    # qat_config writes out the fake quantizers torchao derives from linear_config, but for the
+    # weight scales' dtype (bfloat16 groups, as the program stores them), which torchao's own
+    # derivation refuses.
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    from mobilellm_train.quantization import qat_config, weight_scale_dtype
+
+    ours, base = qat_config(scheme, 32), dataclasses.replace(linear_config(scheme, 32), weight_scale_dtype=None)
+    activation, weight = _infer_fake_quantize_configs(base)
+    weight.scale_precision = weight_scale_dtype(scheme)
+    assert (ours.activation_config, ours.weight_config) == (activation, weight)
     # torchao's own convert step of the fake-quantized model is that same quantization.
     converted = copy.deepcopy(fq)
     converted.output.weight = torch.nn.Parameter(converted.output.weight.detach().clone())
@@ -391,3 +403,19 @@ def test_tools_quantize_as_the_program_and_export_refuses_another_scheme(tmp_pat
     prompt = [1] + sp.encode("the dog")
     (expected,) = generate(quantized, prompt, 6, eos_id=2, vocab_limit=sp.vocab_size())
     assert capsys.readouterr().out.strip().splitlines() == ["=== prompt 1 ===", sp.decode(prompt + expected)]
+
+
+def test_a_crafted_qat_record_is_a_checkpoint_error():
+    """The record the export acts on comes from a step folder that may come from elsewhere."""
+    from mobilellm_train.errors import CheckpointError
+    from mobilellm_train.quantization import QATRecord
+
+    good = QATRecord("8da4w", 32, 500)
+    record = QATRecord()
+    record.load_state_dict(good.state_dict())
+    assert (record.scheme, record.group_size, record.start_step) == ("8da4w", 32, 500)
+    for text in ("[" * 100_000, "{", "[]", '{"scheme": "8da4w"}', '{"scheme": "8da2w", "group_size": 32, "start_step": 0}',
+                 '{"scheme": "8da4w", "group_size": "32", "start_step": 0}',
+                 '{"scheme": "8da4w", "group_size": 32, "start_step": -1}'):
+        with pytest.raises(CheckpointError, match="QAT record"):
+            QATRecord().load_state_dict({"record": text})

@@ -22,11 +22,11 @@ import torch
 from mobilellm_train.checkpoint import (
     TOKENIZER_FILE,
     CheckpointError,
-    TrainState,
     checked_load,
     is_complete,
     load_model_from_checkpoint,
     read_metadata,
+    read_train_state,
 )
 from mobilellm_train.hf import is_hf_folder, load_hf_checkpoint
 from mobilellm_train.model import MobileLLM
@@ -229,12 +229,12 @@ def read_qat_record(step_folder: str) -> tuple[QATRecord | None, int]:
     """(the QAT record of a complete DCP step folder, None when its run had no QAT; its step),
     read through the checkpoint's safe loader like the train state."""
     stored = read_metadata(step_folder).state_dict_metadata
-    state, record = TrainState(), QATRecord()
-    states = {"train_state": state}
-    if f"{QATRecord.KEY}.record" in stored:
-        states[QATRecord.KEY] = record
-    checked_load(states, step_folder)
-    return (record if QATRecord.KEY in states else None), state.step
+    step = read_train_state(step_folder).step
+    if f"{QATRecord.KEY}.record" not in stored:
+        return None, step
+    record = QATRecord()
+    checked_load({QATRecord.KEY: record}, step_folder)
+    return record, step
 
 
 def trained_scheme(checkpoint: str) -> tuple[str, int, int] | None:
