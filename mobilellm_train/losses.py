@@ -84,6 +84,21 @@ def _loss_and_dlogits_compiled():
     return torch.compile(_loss_and_dlogits_fusable, dynamic=False)
 
 
+def add_chunk_gradients(dlogits: torch.Tensor | None, h: torch.Tensor, w: torch.Tensor, start: int,
+                        grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """The backward of one chunk's logits (h @ w.T), done in forward while the chunk exists: its
+    rows of the hidden states' gradient written into `grad_hidden`, its share of the weight's
+    gradient added to `grad_weight` (fp32; either None when not needed). Shared by the
+    cross-entropy here and the distillation loss (distill/kd_loss.py)."""
+    if grad_hidden is not None:
+        torch.mm(dlogits, w, out=grad_hidden[start:start + h.shape[0]])
+    if grad_weight is not None:
+        if grad_weight.dtype == dlogits.dtype:
+            grad_weight.addmm_(dlogits.T, h)
+        else:
+            grad_weight += (dlogits.T @ h).float()
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, ignore_index, compile_chunk, z_loss):
@@ -116,13 +131,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             loss_sum += chunk_loss
             if z_loss:
                 z_sum += chunk_z
-            if need_grad_hidden:
-                torch.mm(dlogits, w, out=grad_hidden[start:start + chunk_size])
-            if need_grad_weight:
-                if grad_weight.dtype == dlogits.dtype:
-                    grad_weight.addmm_(dlogits.T, h)
-                else:
-                    grad_weight += (dlogits.T @ h).float()
+            add_chunk_gradients(dlogits, h, w, start, grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         if not z_loss:

@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mobilellm_train.losses import add_chunk_gradients
+
 
 class TopKTargets:
     """The teacher's K most likely tokens per position: `ids` [N, K] (int64) and their
@@ -134,13 +136,7 @@ class _ChunkedDistillation(torch.autograd.Function):
                 del logits
                 sums[0] += ce
                 sums[1] += kd
-                if need_grad_hidden:
-                    torch.mm(dlogits, w, out=grad_hidden[start:start + chunk_size])
-                if need_grad_weight:
-                    if grad_weight.dtype == dlogits.dtype:
-                        grad_weight.addmm_(dlogits.T, h)
-                    else:
-                        grad_weight += (dlogits.T @ h).float()
+                add_chunk_gradients(dlogits, h, w, start, grad_hidden, grad_weight)
                 del dlogits  # before the next chunk's logits, not after them
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
