@@ -49,6 +49,16 @@ def corpus(tmp_path):
     return make_corpus(tmp_path / "data")
 
 
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group for in-process DCP saves and loads."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def base_args(data_path, dump_folder, steps=20, **overrides):
     args = TINY_MODEL + [
         "--data.path", str(data_path), "--job.dump_folder", str(dump_folder),

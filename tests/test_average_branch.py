@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import train_tiny_tokenizer
 from mobilellm_train import checkpoint as C
@@ -22,13 +21,6 @@ from mobilellm_train.optim import build_optimizer
 from mobilellm_train.step import train_step
 
 ARGS = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def run_parts(args=ARGS, seed=0, optimizer_cfg=OptimizerConfig(lr=1e-2), groups=None):

@@ -22,7 +22,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
@@ -330,13 +329,6 @@ def test_metrics_append_never_leaves_half_a_line(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left on device: appending to .*metrics.jsonl"):
             append_line(f, '{"step": 2, "loss": 1.0}\n')
     assert path.read_text() == '{"step": 1}\n'
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def tiny_states(seed=0):

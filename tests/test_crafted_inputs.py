@@ -22,7 +22,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import ROOT, TINY_MODEL, init_model, make_corpus, subprocess_env
 from mobilellm_train import checkpoint as C
@@ -33,13 +32,6 @@ from mobilellm_train.model import MobileLLM, ModelArgs
 
 ARGS = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 MEMBER = "torch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import ROOT, base_args, make_corpus, read_metrics, run_trainer, subprocess_env, wait_for_step
 from mobilellm_train import checkpoint as C
@@ -65,13 +64,6 @@ def test_update_follows_the_formula_skips_and_swaps_exactly():
     off = EMA(model, decay=0.0)
     off.update(torch.tensor(False))
     assert not off.enabled and off.state_dict() == {}
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def ema_states(model, decay):

@@ -205,15 +205,6 @@ def test_a_huge_document_is_cut_at_line_ends_into_documents(tmp_path, tokenizer,
 # 2. The config a checkpoint records (the resume's log of it: test_user_paths).
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_checkpoint_from_before_the_config_record_resumes(tmp_path, one_rank_group):
     """A checkpoint whose train state has no `config` (written before it was recorded) resumes;
     the run keeps its own config for the checkpoints it writes, and says what the loaded one held."""
