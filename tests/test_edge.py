@@ -16,6 +16,7 @@ no fp32 table of the vocabulary's size is left in it.
 Skipped when ExecuTorch is not importable: install the edge extra (pip install -e '.[edge]').
 """
 
+import contextlib
 import io
 import json
 import logging
@@ -71,6 +72,23 @@ def trained():
     return model.eval()
 
 
+@contextlib.contextmanager
+def log_records_at_info():
+    """The log records the root logger passes at INFO while inside (a StringIO), as a command that
+    sets up logging at INFO would print them; the root's handlers and level restored after."""
+    records = io.StringIO()
+    handler = logging.StreamHandler(records)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory, trained):
     """fp32 programs of the trained tied model and of an LS model, an 8da4w program, and two with
@@ -81,15 +99,9 @@ def programs(tmp_path_factory, trained):
     paths = {}
     # What the exports print, at the file-descriptor level (the libraries write from C++ too), and
     # the log records a command that sets up logging at INFO (mobilellm-export) would print.
-    records = io.StringIO()
-    handler = logging.StreamHandler(records)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(folder / "stderr.txt", "w+") as captured:
+    with log_records_at_info() as records, open(folder / "stderr.txt", "w+") as captured:
         os.dup2(captured.fileno(), 2)
         try:
             # The two with a quantized table take one token a call: half the export's time, and
@@ -106,8 +118,6 @@ def programs(tmp_path_factory, trained):
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            root.removeHandler(handler)
-            root.setLevel(level)
         captured.seek(0)
         stderr = captured.read()
     return {"paths": paths, "ls_model": ls_model, "stderr": stderr + records.getvalue()}
@@ -406,13 +416,7 @@ def test_export_prints_no_library_noise(programs):
 def test_the_libraries_log_records_of_noise_are_dropped_and_others_kept():
     """The records torchao and ExecuTorch log while importing and lowering (issue 32), as a command
     that set up logging at INFO would print them: dropped inside maybe_quiet_native_noise only."""
-    records = io.StringIO()
-    handler = logging.StreamHandler(records)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with log_records_at_info() as records:
         with edge.maybe_quiet_native_noise():
             logging.getLogger("torchao.kernel.intmm").warning(
                 "Warning: Detected no triton, on systems without Triton certain kernels will not work")
@@ -421,10 +425,8 @@ def test_the_libraries_log_records_of_noise_are_dropped_and_others_kept():
             logging.info("Copying constant nodes p_layers_0_w and creating p_layers_0_w_copy_0")
             logging.getLogger("mobilellm_train").warning("a warning of ours")
         logging.info("Copying constant nodes outside the block")
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
     assert records.getvalue() == "a warning of ours\nCopying constant nodes outside the block\n"
+    root = logging.getLogger()
     assert not any(isinstance(f, edge_model._NoiseFilter) for h in root.handlers for f in h.filters)
 
 
