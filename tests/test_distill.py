@@ -270,6 +270,7 @@ def test_a_teacher_or_cache_of_another_vocabulary_or_tokenizer_is_refused(tmp_pa
     (["--distill.alpha", "0.5"], "needs exactly one of distill.teacher"),
     (["--distill.alpha", "0.5", "--distill.teacher", "/nonexistent"], "distill.teacher: /nonexistent is not a folder"),
     (["--distill.temperature", "0"], "distill.temperature must be positive"),
+    (["--distill.alpha", "0.5", "--training.z_loss", "1e-4"], "training.z_loss 0.0001 with distillation"),
 ])
 def test_config_refuses_impossible_distillation(tmp_path, overrides, says):
     with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):

@@ -413,9 +413,13 @@ def test_a_crafted_qat_record_is_a_checkpoint_error():
     good = QATRecord("8da4w", 32, 500)
     record = QATRecord()
     record.load_state_dict(good.state_dict())
-    assert (record.scheme, record.group_size, record.start_step) == ("8da4w", 32, 500)
+    assert (record.scheme, record.group_size, record.start_step, record.embedding) == ("8da4w", 32, 500, "")
+    record.load_state_dict(QATRecord("8da4w", 32, 500, "4,32").state_dict())
+    assert record.embedding == "4,32"
     for text in ("[" * 100_000, "{", "[]", '{"scheme": "8da4w"}', '{"scheme": "8da2w", "group_size": 32, "start_step": 0}',
                  '{"scheme": "8da4w", "group_size": "32", "start_step": 0}',
-                 '{"scheme": "8da4w", "group_size": 32, "start_step": -1}'):
+                 '{"scheme": "8da4w", "group_size": 32, "start_step": -1}',
+                 '{"scheme": "8da4w", "group_size": 32, "start_step": 0, "embedding": "3,0"}',
+                 '{"scheme": "8da4w", "group_size": 32, "start_step": 0, "embedding": 8}'):
         with pytest.raises(CheckpointError, match="QAT record"):
             QATRecord().load_state_dict({"record": text})
