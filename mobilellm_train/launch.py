@@ -74,8 +74,13 @@ def report_one_line_error(line: str) -> None:
 
 def one_line_errors(failures: dict) -> list[str] | None:
     """The distinct one-line errors of the failed ranks, the root cause (the earliest) last; None
-    unless the root cause is one (a crash keeps torchrun's report)."""
-    ordered = sorted(failures.values(), key=lambda f: (f.timestamp, f.local_rank), reverse=True)
+    unless the root cause is one (a crash keeps torchrun's report).
+
+    Timestamps are whole seconds: a rank torchrun stopped because another failed has no error
+    file and the time torchrun noticed, usually the same second as the failure that caused it.
+    Within a second a failure that wrote its error file is therefore the earlier one."""
+    ordered = sorted(failures.values(), key=lambda f: (f.timestamp, not os.path.isfile(f.error_file), f.local_rank),
+                     reverse=True)
     lines = [f.error_file_data.get(ONE_LINE_ERROR) if isinstance(f.error_file_data, dict) else None
              for f in ordered]
     if not ordered or not isinstance(lines[-1], str):

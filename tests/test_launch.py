@@ -172,3 +172,23 @@ def test_slurm_script_ranks_follow_the_allocation(tmp_path, allocation, ranks):
     # The stop file the script removed before starting is the ranks' to keep (not stale).
     stop_file = tmp_path / ".mobilellm-stop-4242"
     assert f"--job.stop_file {stop_file}" in srun and f"fresh stop file {stop_file}" in srun
+
+
+def test_one_line_error_is_the_root_cause_over_a_rank_stopped_in_the_same_second(tmp_path, monkeypatch):
+    """Rank 1 refuses the config and writes its line; torchrun then stops rank 0, which leaves no
+    error file. Timestamps are whole seconds, so both often carry the same one: the rank that wrote
+    its error is the root cause, and the launcher prints its line instead of torchrun's block."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from mobilellm_train.launch import one_line_errors, report_one_line_error
+
+    line = "config error: data.sources: /data is an unfinished mobilellm-prepare output"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "1.json"))
+    report_one_line_error(line)
+    refused = ProcessFailure(local_rank=1, pid=11, exitcode=2, error_file=str(tmp_path / "1.json"))
+    stopped = ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file=str(tmp_path / "0.json"))
+    stopped.timestamp = refused.timestamp
+    assert one_line_errors({0: stopped, 1: refused}) == [line]
+    # A rank that crashed a second earlier, leaving no error file, stays the root cause.
+    stopped.timestamp = refused.timestamp - 1
+    assert one_line_errors({0: stopped, 1: refused}) is None
